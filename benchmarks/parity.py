@@ -1,0 +1,96 @@
+"""python -m benchmarks.parity --model PKG [--reference CKPT] IMAGE... [--json]
+
+Runs eager PyTorch and the runtime side by side on the same images and prints:
+- exact_caption_match: fraction of images whose tokens are identical;
+- teacher_forced_top1: the reference's captions fed to the runtime's decoder graph
+  in one pass; fraction of positions where both pick the same next token;
+- max_abs_logit_diff: the largest |logit| difference over those positions.
+Without --reference the checkpoint is found from what the manifest records.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from export.reference import Reference, checkpoint_for
+from export.train import DEFAULT_CHECKPOINT
+from runtime import Captioner, ImageError
+from runtime.caption import expand
+from runtime.preprocess import load_pixels
+from runtime.search import initial_state, reorder
+
+
+def teacher_forced(captioner: Captioner, ref: Reference, pixels: np.ndarray, ref_pixels, tokens: list[list[int]]):
+    """Top-1 agreement and max |logit diff| along the reference's own captions."""
+    bos = ref.special["bos_id"]
+    agree, total, worst = 0, 0, 0.0
+    ort_state = initial_state(*captioner.encode(pixels))
+    ref_state = initial_state(*ref.cross(ref_pixels))
+    for i, seq in enumerate(tokens):
+        ids, row = np.array([[bos, *seq]], dtype=np.int64), np.array([i])
+        ort_logits = captioner.graph_step(ids, *reorder(ort_state, row)[1:])[0]
+        ref_logits = ref.graph_step(ids, *reorder(ref_state, row)[1:])[0]
+        agree += int((ort_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
+        total += ids.shape[1]
+        worst = max(worst, float(np.abs(ort_logits - ref_logits).max()))
+    return agree / total, worst
+
+
+def run(model: Path, reference: Path | None, images: list[str], num_beams: int = 1, max_new_tokens: int | None = None):
+    captioner = Captioner(model)
+    manifest = captioner.manifest.data
+    ref = Reference(reference or checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)
+    cfg = captioner.generation_config(max_new_tokens, num_beams)
+    usable, pixels = [], []
+    for image in images:
+        try:
+            pixels.append(load_pixels(image, manifest["preprocess"]))
+            usable.append(image)
+        except ImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+    if not usable:
+        raise SystemExit("error: no usable images")
+    pixels = np.stack(pixels)
+    ours = [t for i in range(len(usable)) for t in captioner.generate(pixels[i : i + 1], cfg)]
+    theirs = [t for img in usable for t in ref.generate([img], cfg.max_new_tokens, cfg.num_beams, cfg.length_penalty)]
+    top1, diff = teacher_forced(captioner, ref, pixels, ref.pixels(usable), theirs)
+    mismatches = [{"image": str(img), "runtime": captioner.tokenizer.decode(a), "reference": ref.tokenizer.decode(b)}
+                  for img, a, b in zip(usable, ours, theirs) if a != b]
+    return {
+        "images": len(usable),
+        "exact_caption_match": 1 - len(mismatches) / len(usable),
+        "teacher_forced_top1": top1,
+        "max_abs_logit_diff": diff,
+        "num_beams": cfg.num_beams,
+        "precision": manifest["precision"],
+        "mismatches": mismatches,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument("--model", type=Path, required=True, help="model package folder")
+    parser.add_argument("--reference", type=Path, default=None, help="training checkpoint (.pt)")
+    parser.add_argument("--beams", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = run(args.model, args.reference, expand(args.images), args.beams, args.max_tokens)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"images {result['images']}  exact caption match {result['exact_caption_match']:.1%}  "
+              f"teacher-forced top-1 {result['teacher_forced_top1']:.2%}  "
+              f"max |logit diff| {result['max_abs_logit_diff']:.2e}  (beams {result['num_beams']})")
+        for m in result["mismatches"]:
+            print(f"  {m['image']}: runtime {m['runtime']!r} vs reference {m['reference']!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""python -m export {train,package} ... : the heavy side (torch, torchvision, onnx)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .train import DEFAULT_CHECKPOINT, TrainConfig
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train the concept decoder on generated data (deterministic)")
+    tr.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
+    tr.add_argument("--steps", type=int, default=TrainConfig.steps)
+    tr.add_argument("--seed", type=int, default=TrainConfig.seed)
+    pk = sub.add_parser("package", help="export the trained captioner to an ONNX model package")
+    pk.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    pk.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        from .train import train
+
+        train(TrainConfig(steps=args.steps, seed=args.seed), args.out)
+    else:
+        from .onnx_export import export_package
+
+        export_package(args.checkpoint, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

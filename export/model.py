@@ -1,0 +1,150 @@
+"""The reference captioner in PyTorch: EfficientNet-Lite0 -> top-k concept tokens ->
+a GPT-2-style decoder with cross-attention and an explicit KV cache.
+
+Everything the runtime runs is traced from here, and parity is measured against it.
+Caches are plain stacked tensors, shaped (layers, batch, heads, length, head_dim),
+so the same `step` serves prefill (zero-length past) and decoding.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoder import NUM_CLASSES, EfficientNetLite0
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 256
+    max_positions: int = 40
+    top_k: int = 5
+    num_classes: int = NUM_CLASSES
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    b, t, d = x.shape
+    return x.view(b, t, n_head, d // n_head).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, t, dh = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * dh)
+
+
+class Block(nn.Module):
+    """Pre-LN block: causal self-attention, cross-attention to memory, MLP."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        d, self.n_head = cfg.n_embd, cfg.n_head
+        self.ln_1, self.ln_2, self.ln_3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_qkv = nn.Linear(d, 3 * d)
+        self.self_proj = nn.Linear(d, d)
+        self.cross_q = nn.Linear(d, d)
+        self.cross_kv = nn.Linear(d, 2 * d)  # applied once per image, in the vision graph
+        self.cross_proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+
+    def forward(self, x, past_k, past_v, cross_k, cross_v, mask):
+        q, k, v = (split_heads(t, self.n_head) for t in self.self_qkv(self.ln_1(x)).chunk(3, dim=-1))
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        x = x + self.self_proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        q = split_heads(self.cross_q(self.ln_2(x)), self.n_head)
+        x = x + self.cross_proj(merge_heads(F.scaled_dot_product_attention(q, cross_k, cross_v)))
+        x = x + self.mlp(self.ln_3(x))
+        return x, k, v
+
+
+class ConceptDecoder(nn.Module):
+    """Concept tokens (class ids + probabilities) -> memory -> text, one step at a time."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.n_embd
+        self.class_emb = nn.Embedding(cfg.num_classes, d)
+        self.rank_emb = nn.Embedding(cfg.top_k, d)
+        self.prob_proj = nn.Linear(3, d)
+        self.ln_mem = nn.LayerNorm(d)
+        self.wte = nn.Embedding(cfg.vocab_size, d)
+        self.wpe = nn.Embedding(cfg.max_positions, d)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.apply(self._init)
+        for block in self.blocks:  # GPT-2's scaled init of the residual projections
+            for proj in (block.self_proj, block.cross_proj, block.mlp[2]):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(3 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def memory(self, class_ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """(B, K) ids and probabilities -> (B, K, D). Probability enters on three
+        scales so that both 0.9 vs 0.5 and 0.02 vs 0.002 stay distinguishable."""
+        feats = torch.stack([probs, probs.sqrt(), torch.log(probs.clamp_min(1e-4)) / math.log(1e4) + 1], dim=-1)
+        ranks = self.rank_emb.weight[: class_ids.shape[1]]
+        return self.ln_mem(self.class_emb(class_ids) + self.prob_proj(feats) + ranks)
+
+    def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer cross-attention K/V, stacked: 2 x (L, B, H, K, Dh)."""
+        kv = [block.cross_kv(memory).chunk(2, dim=-1) for block in self.blocks]
+        keys = torch.stack([split_heads(k, self.cfg.n_head) for k, _ in kv])
+        values = torch.stack([split_heads(v, self.cfg.n_head) for _, v in kv])
+        return keys, values
+
+    def step(self, input_ids, past_key, past_value, cross_key, cross_value):
+        """input_ids (B, T) + caches -> logits (B, T, V), present key/value (L, B, H, P+T, Dh)."""
+        past, t = past_key.shape[3], input_ids.shape[1]
+        positions = torch.arange(t, device=input_ids.device) + past
+        # Query i sits at absolute position past + i and sees keys 0 .. past + i.
+        mask = torch.arange(past + t, device=input_ids.device)[None, :] <= positions[:, None]
+        x = self.wte(input_ids) + self.wpe(positions)
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block(x, past_key[i], past_value[i], cross_key[i], cross_value[i], mask)
+            keys.append(k)
+            values.append(v)
+        logits = self.ln_f(x) @ self.wte.weight.T  # tied LM head
+        return logits, torch.stack(keys), torch.stack(values)
+
+    def empty_past(self, batch: int, dtype=torch.float32) -> torch.Tensor:
+        c = self.cfg
+        return torch.zeros(c.n_layer, batch, c.n_head, 0, c.head_dim, dtype=dtype)
+
+    def forward(self, class_ids, probs, input_ids):
+        """Teacher-forced logits for training: the same step with an empty cache."""
+        cross = self.cross_kv(self.memory(class_ids, probs))
+        past = self.empty_past(input_ids.shape[0])
+        return self.step(input_ids, past, past, *cross)[0]
+
+
+class Captioner(nn.Module):
+    """pixels -> (top-k ids, probs) -> cross K/V; `decoder.step` does the rest."""
+
+    def __init__(self, encoder: EfficientNetLite0, decoder: ConceptDecoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def concepts(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs, ids = self.encoder(pixels).softmax(dim=-1).topk(self.decoder.cfg.top_k, dim=-1)
+        return ids, probs
+
+    def vision(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.cross_kv(self.decoder.memory(*self.concepts(pixels)))

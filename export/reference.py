@@ -1,0 +1,65 @@
+"""The eager PyTorch reference: the trained captioner run step by step by PyTorch,
+through the same search functions the runtime uses, so parity isolates the graphs
+and the preprocessing (torchvision here, Pillow + numpy in the runtime)."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.search import beam_search, cached, greedy, initial_state
+
+from .encoder import load_pretrained
+from .model import Captioner
+from .preprocess import reference_pixels
+
+
+def torch_graph_step(decoder):
+    """Adapt `ConceptDecoder.step` to the `GraphStep` signature (numpy in, numpy out)."""
+
+    @torch.inference_mode()
+    def step(input_ids, past_key, past_value, cross_key, cross_value):
+        args = (torch.from_numpy(np.ascontiguousarray(a)) for a in (input_ids, past_key, past_value, cross_key, cross_value))
+        return tuple(t.numpy() for t in decoder.step(*args))
+
+    return step
+
+
+class Reference:
+    """Eager PyTorch captioner, configured from a model package's manifest."""
+
+    def __init__(self, checkpoint: Path, manifest: dict):
+        from .train import load_decoder
+
+        decoder, self.tokenizer, _ = load_decoder(checkpoint)
+        self.model = Captioner(load_pretrained(), decoder).eval()
+        self.spec = manifest["preprocess"]
+        self.special = manifest["tokenizer"]
+        self.graph_step = torch_graph_step(decoder)
+
+    def pixels(self, images) -> torch.Tensor:
+        return torch.stack([reference_pixels(i, self.spec) for i in images])
+
+    @torch.inference_mode()
+    def cross(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(t.numpy() for t in self.model.vision(pixels))
+
+    def generate(self, images, max_new_tokens: int, num_beams: int = 1, length_penalty: float = 1.0):
+        state = initial_state(*self.cross(self.pixels(images)))
+        prompt = np.full((len(images), 1), self.special["bos_id"], dtype=np.int64)
+        step, eos = cached(self.graph_step), self.special["eos_id"]
+        if num_beams == 1:
+            return greedy(step, state, prompt, eos, max_new_tokens)
+        return beam_search(step, state, prompt, eos, max_new_tokens, num_beams, length_penalty)
+
+
+def checkpoint_for(manifest: dict, search_dir: Path) -> Path:
+    """The training checkpoint a package was exported from, found by its recorded SHA-256."""
+    from runtime.manifest import sha256
+
+    want = manifest["source"]["decoder_checkpoint"]
+    path = search_dir / want["file"]
+    if not path.is_file() or sha256(path) != want["sha256"]:
+        raise FileNotFoundError(f"checkpoint {want['file']} (sha256 {want['sha256'][:12]}...) not found in {search_dir}; "
+                                "pass --reference")
+    return path

@@ -1,0 +1,74 @@
+"""python -m runtime.caption IMAGE [IMAGE ...]: one caption per image.
+
+Exit status: 0 when every image was captioned, 1 when any failed (the others are
+still printed), 2 for usage errors (bad option, unusable model package or provider).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .engine import DEFAULT_MODEL, Captioner
+from .manifest import PackageError
+from .providers import CHOICES, ProviderError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def expand(paths: list[str]) -> list[str]:
+    """A folder stands for the images directly inside it, sorted by name."""
+    out = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            out += sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        else:
+            out.append(p)
+    return out
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m runtime.caption", description="Caption images on the edge.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model package folder (default: bundled)")
+    parser.add_argument("--provider", choices=CHOICES, default="auto")
+    parser.add_argument("--beams", type=int, default=None, help="beam width (default: the model's, greedy)")
+    parser.add_argument("--length-penalty", type=float, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        captioner = Captioner(args.model, provider=args.provider, threads=args.threads)
+        cfg = dict(max_new_tokens=args.max_tokens, num_beams=args.beams, length_penalty=args.length_penalty)
+        captioner.generation_config(**cfg)  # reject bad options before any image is read
+    except (PackageError, ProviderError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if captioner.provider_note:
+        print(captioner.provider_note, file=sys.stderr)
+    images, failed = expand(args.images), 0
+    for start in range(0, len(images), args.batch_size):
+        for c in captioner.caption(images[start : start + args.batch_size], batch_size=args.batch_size, **cfg):
+            failed += c.error is not None
+            if args.json:
+                record = {"image": c.image, "error": c.error} if c.error else \
+                    {"image": c.image, "caption": c.text, "tokens": c.tokens, "ms": round(c.ms, 2)}
+                print(json.dumps(record), flush=True)
+            elif c.error:
+                print(f"error: {c.error}", file=sys.stderr, flush=True)
+            else:
+                print(f"{c.image}: {c.text}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

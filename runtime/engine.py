@@ -1,0 +1,124 @@
+"""The Python API: load a model package once, caption paths, PIL images or arrays.
+
+    from runtime import Captioner
+    cap = Captioner()                      # the bundled default model
+    print(cap.caption("photo.jpg").text)
+    for c in cap.caption(["a.jpg", "b.png"], num_beams=4): print(c.image, c.text or c.error)
+
+A Captioner holds no per-call state, and ONNX Runtime sessions may be run from
+several threads at once, so one instance can serve many threads.
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from . import providers as prov
+from .manifest import load_manifest
+from .preprocess import ImageError, load_pixels
+from .search import beam_search, cached, greedy, initial_state
+
+DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
+
+
+@dataclass
+class Caption:
+    image: str
+    text: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    ms: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int
+    num_beams: int = 1
+    length_penalty: float = 1.0
+
+
+class Captioner:
+    def __init__(self, model: str | Path | None = None, provider: str = "auto", threads: int | None = None,
+                 verify: bool = True):
+        self.manifest = load_manifest(model or DEFAULT_MODEL, verify=verify)
+        names, self.provider_note = prov.resolve(provider)
+        package_hash = self.manifest.data["files"][self.manifest.graph("decoder")["file"]]["sha256"]
+        options = [prov.provider_options(n, package_hash, self.manifest.data["precision"]) for n in names]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.vision, self.decoder = (
+            ort.InferenceSession(str(self.manifest.path(self.manifest.graph(role)["file"])), opts,
+                                 providers=list(zip(names, options)))
+            for role in ("vision", "decoder"))
+        self.provider_note = prov.check_session(self.decoder, names, provider != "auto") or self.provider_note
+        self.provider = prov.LABELS[self.decoder.get_providers()[0]]
+        self.tokenizer = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer["file"])))
+        self.defaults = GenerationConfig(**self.manifest.generation)
+        self._vision_inputs = self.manifest.input_names("vision")
+        self._decoder_inputs = self.manifest.input_names("decoder")
+
+    def graph_step(self, input_ids, past_key, past_value, cross_key, cross_value):
+        """The decoder-step graph as a `GraphStep` (see runtime.search)."""
+        feeds = (input_ids, past_key, past_value, cross_key, cross_value)
+        return tuple(self.decoder.run(None, dict(zip(self._decoder_inputs, feeds))))
+
+    def encode(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3, H, W) -> cross-attention K/V, once per image."""
+        key, value = self.vision.run(None, {self._vision_inputs[0]: pixels})
+        return key, value
+
+    def generation_config(self, max_new_tokens=None, num_beams=None, length_penalty=None) -> GenerationConfig:
+        d = self.defaults
+        cfg = GenerationConfig(max_new_tokens or d.max_new_tokens, num_beams or d.num_beams,
+                               d.length_penalty if length_penalty is None else length_penalty)
+        if not 1 <= cfg.max_new_tokens <= self.manifest.max_positions:
+            raise ValueError(f"max tokens must be between 1 and {self.manifest.max_positions} for this model")
+        if cfg.num_beams < 1:
+            raise ValueError("beams must be at least 1")
+        return cfg
+
+    def generate(self, pixels: np.ndarray, cfg: GenerationConfig) -> list[list[int]]:
+        state = initial_state(*self.encode(pixels))
+        prompt = np.full((pixels.shape[0], 1), self.manifest.tokenizer["bos_id"], dtype=np.int64)
+        eos, step = self.manifest.tokenizer["eos_id"], cached(self.graph_step)
+        if cfg.num_beams == 1:
+            return greedy(step, state, prompt, eos, cfg.max_new_tokens)
+        return beam_search(step, state, prompt, eos, cfg.max_new_tokens, cfg.num_beams, cfg.length_penalty)
+
+    def caption(self, images, max_new_tokens=None, num_beams=None, length_penalty=None, batch_size: int = 8):
+        """One image -> Caption (raises ImageError); a list -> list of Caption, where a
+        bad image gets `error` set and the others are still captioned."""
+        cfg = self.generation_config(max_new_tokens, num_beams, length_penalty)
+        if not isinstance(images, (list, tuple)):
+            result = self._caption_batch([images], cfg)[0]
+            if result.error:
+                raise ImageError(result.error)
+            return result
+        results = []
+        for start in range(0, len(images), batch_size):
+            results += self._caption_batch(images[start : start + batch_size], cfg)
+        return results
+
+    def _caption_batch(self, images, cfg: GenerationConfig) -> list[Caption]:
+        start = time.perf_counter()
+        results, pixels = [], []
+        for image in images:
+            results.append(Caption(image=str(image) if isinstance(image, (str, Path)) else type(image).__name__))
+            try:
+                pixels.append(load_pixels(image, self.manifest.preprocess))
+            except ImageError as e:
+                results[-1].error = str(e)
+        ok = [r for r in results if r.error is None]
+        if ok:
+            tokens = self.generate(np.stack(pixels), cfg)
+            ms = (time.perf_counter() - start) * 1000 / len(ok)
+            for r, t in zip(ok, tokens):
+                r.tokens, r.text, r.ms = t, self.tokenizer.decode(t), ms
+        return results

@@ -1,0 +1,162 @@
+"""Decoding as small pure functions over one decoder step.
+
+A `GraphStep` is the decoder-step graph itself, whoever runs it (ONNX Runtime here,
+eager PyTorch in the reference):
+    (input_ids (N, T), past_key, past_value, cross_key, cross_value)
+        -> logits (N, T, V), present_key, present_value
+with caches shaped (layers, N, heads, length, head_dim). `cached` and `uncached`
+turn it into a `Step` over a `State`; greedy and beam search only see `Step`, so
+the same search runs over ONNX Runtime and over the eager reference, and the
+with-cache and without-cache paths differ in nothing else.
+"""
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+
+class State(NamedTuple):
+    tokens: np.ndarray  # (N, P) int64: every token fed so far
+    key: np.ndarray  # (L, N, H, P, Dh) self-attention cache; stays empty when uncached
+    value: np.ndarray
+    cross_key: np.ndarray  # (L, N, H, M, Dh): computed once per image by the vision graph
+    cross_value: np.ndarray
+
+
+GraphStep = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+Step = Callable[[State, np.ndarray], tuple[np.ndarray, State]]
+
+
+def initial_state(cross_key: np.ndarray, cross_value: np.ndarray) -> State:
+    """Zero-length past: the first step (prefill) runs the same graph as every other."""
+    layers, n, heads, _, head_dim = cross_key.shape
+    empty = np.zeros((layers, n, heads, 0, head_dim), dtype=cross_key.dtype)
+    return State(np.zeros((n, 0), dtype=np.int64), empty, empty, cross_key, cross_value)
+
+
+def cached(graph_step: GraphStep) -> Step:
+    def step(state: State, ids: np.ndarray) -> tuple[np.ndarray, State]:
+        logits, key, value = graph_step(ids, state.key, state.value, state.cross_key, state.cross_value)
+        tokens = np.concatenate([state.tokens, ids], axis=1)
+        return logits[:, -1], state._replace(tokens=tokens, key=key, value=value)
+
+    return step
+
+
+def uncached(graph_step: GraphStep) -> Step:
+    """Recompute the whole prefix every step: the reference the KV cache must equal."""
+
+    def step(state: State, ids: np.ndarray) -> tuple[np.ndarray, State]:
+        tokens = np.concatenate([state.tokens, ids], axis=1)
+        logits, _, _ = graph_step(tokens, state.key, state.value, state.cross_key, state.cross_value)
+        return logits[:, -1], state._replace(tokens=tokens)
+
+    return step
+
+
+def reorder(state: State, rows: np.ndarray) -> State:
+    """Select/duplicate batch rows (beam expansion and reordering)."""
+    return State(state.tokens[rows], state.key[:, rows], state.value[:, rows],
+                 state.cross_key[:, rows], state.cross_value[:, rows])
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def prefill(step: Step, state: State, prompt: np.ndarray) -> tuple[np.ndarray, State]:
+    """Feed the prompt (N, T) in one call; returns the last position's logits."""
+    return step(state, prompt)
+
+
+def pick_next_token(logits: np.ndarray) -> np.ndarray:
+    """Greedy choice; argmax takes the first of equal maxima, like torch.argmax."""
+    return logits.argmax(axis=-1)
+
+
+def decode_one_token(step: Step, state: State, tokens: np.ndarray) -> tuple[np.ndarray, State]:
+    return step(state, tokens[:, None])
+
+
+def until_eos(row, eos_id: int) -> list[int]:
+    row = [int(t) for t in row]
+    return row[: row.index(eos_id)] if eos_id in row else row
+
+
+def greedy(step: Step, state: State, prompt: np.ndarray, eos_id: int, max_new_tokens: int) -> list[list[int]]:
+    """Batched greedy decoding; rows that reach EOS keep feeding EOS until all are done."""
+    logits, state = prefill(step, state, prompt)
+    out = np.full((prompt.shape[0], max_new_tokens), eos_id, dtype=np.int64)
+    done = np.zeros(prompt.shape[0], dtype=bool)
+    for t in range(max_new_tokens):
+        token = np.where(done, eos_id, pick_next_token(logits))
+        out[:, t] = token
+        done |= token == eos_id
+        if done.all() or t == max_new_tokens - 1:
+            break
+        logits, state = decode_one_token(step, state, token)
+    return [until_eos(row, eos_id) for row in out]
+
+
+class Hypotheses:
+    """The best `size` finished beams of one image, scored sum(logp) / length**penalty."""
+
+    def __init__(self, size: int, length_penalty: float):
+        self.size, self.length_penalty, self.items = size, length_penalty, []
+
+    def add(self, tokens: list[int], sum_logprobs: float, length: int) -> None:
+        self.items.append((sum_logprobs / length**self.length_penalty, tokens))
+        self.items.sort(key=lambda item: -item[0])
+        del self.items[self.size :]
+
+    def is_done(self, best_running: float, length: int) -> bool:
+        """No running beam can still beat the worst kept hypothesis."""
+        full = len(self.items) == self.size
+        return full and self.items[-1][0] >= best_running / length**self.length_penalty
+
+    def best(self) -> list[int]:
+        return self.items[0][1]
+
+
+def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, max_new_tokens: int,
+                num_beams: int, length_penalty: float = 1.0) -> list[list[int]]:
+    """Batched beam search. Rows are image-major (image b's beams are b*K .. b*K+K-1);
+    a finished image keeps its rows (fed EOS) until every image is done."""
+    n, k = prompt.shape[0], num_beams
+    rows = np.repeat(np.arange(n), k)
+    state, ids = reorder(state, rows), prompt[rows]
+    scores = np.tile(np.array([0.0] + [-np.inf] * (k - 1), dtype=np.float32), n)
+    generated = np.zeros((n * k, 0), dtype=np.int64)
+    hyps = [Hypotheses(k, length_penalty) for _ in range(n)]
+    done = np.zeros(n, dtype=bool)
+    logits, state = prefill(step, state, ids)
+    for t in range(max_new_tokens):
+        vocab = logits.shape[-1]
+        flat = (log_softmax(logits) + scores[:, None]).reshape(n, k * vocab)
+        # 2K candidates guarantee K that are not EOS (at most one EOS per beam).
+        top = np.argpartition(-flat, 2 * k, axis=1)[:, : 2 * k]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(flat, top, 1), 1, kind="stable"), 1)
+        src, tok = np.arange(n * k), np.full(n * k, eos_id, dtype=np.int64)
+        for b in np.flatnonzero(~done):
+            chosen = []
+            for rank, c in enumerate(top[b]):
+                beam, token = divmod(int(c), vocab)
+                if token == eos_id:
+                    if rank < k:
+                        hyps[b].add(generated[b * k + beam].tolist(), float(flat[b, c]), t + 1)
+                    continue
+                chosen.append((b * k + beam, token, flat[b, c]))
+                if len(chosen) == k:
+                    break
+            for j, (row, token, score) in enumerate(chosen):
+                src[b * k + j], tok[b * k + j], scores[b * k + j] = row, token, score
+            done[b] = hyps[b].is_done(float(chosen[0][2]), t + 1)
+        generated = np.concatenate([generated[src], tok[:, None]], axis=1)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        logits, state = decode_one_token(step, reorder(state, src), tok)
+    for b in np.flatnonzero(~done):  # out of tokens: running beams compete too
+        for j in range(k):
+            hyps[b].add(generated[b * k + j].tolist(), float(scores[b * k + j]), max_new_tokens)
+    return [until_eos(h.best(), eos_id) for h in hyps]

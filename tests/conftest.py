@@ -1,0 +1,78 @@
+"""Shared fixtures: the bundled default package, the eager reference, real photos
+(scikit-image's bundled data) and generated images, written to disk like user files."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from runtime import DEFAULT_MODEL, Captioner
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _photos():
+    from skimage import data
+
+    return {
+        "chelsea": data.chelsea(),
+        "coffee": data.coffee(),
+        "astronaut": data.astronaut(),
+        "rocket": data.rocket(),
+        "motorcycle": data.stereo_motorcycle()[0],
+        "camera": data.camera(),  # grayscale
+    }
+
+
+def _generated(rng: np.random.Generator):
+    """Images unlike anything in training: noise, gradients, shapes, odd sizes."""
+    images = {"noise": rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)}
+    y, x = np.mgrid[0:300, 0:200]
+    images["gradient"] = np.stack([x * 255 // 199, y * 255 // 299, (x + y) % 256], -1).astype(np.uint8)
+    shapes = Image.new("RGB", (500, 260), (30, 120, 200))
+    draw = ImageDraw.Draw(shapes)
+    draw.ellipse((40, 40, 220, 220), fill=(250, 200, 0))
+    draw.rectangle((280, 60, 460, 200), fill=(200, 30, 30))
+    images["shapes"] = np.asarray(shapes)
+    images["stripes"] = np.kron((np.indices((8, 8)).sum(0) % 2 * 255).astype(np.uint8), np.ones((29, 37), np.uint8))
+    return images
+
+
+@pytest.fixture(scope="session")
+def photo_paths(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    paths = {}
+    for name, array in _photos().items():
+        paths[name] = folder / f"{name}.jpg"
+        Image.fromarray(array).save(paths[name], quality=95)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def generated_paths(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("generated")
+    paths = {}
+    for name, array in _generated(np.random.default_rng(0)).items():
+        paths[name] = folder / f"{name}.png"
+        Image.fromarray(array).save(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def image_paths(photo_paths, generated_paths) -> list[Path]:
+    return list(photo_paths.values()) + list(generated_paths.values())
+
+
+@pytest.fixture(scope="session")
+def captioner() -> Captioner:
+    return Captioner(DEFAULT_MODEL, provider="cpu")
+
+
+@pytest.fixture(scope="session")
+def reference(captioner):
+    from export.reference import Reference, checkpoint_for
+    from export.train import DEFAULT_CHECKPOINT
+
+    manifest = captioner.manifest.data
+    return Reference(checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)

@@ -1,0 +1,91 @@
+"""`python -m runtime.caption` as a user runs it: outputs, exit codes, one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import onnxruntime as ort
+import pytest
+
+from conftest import ROOT
+
+
+def caption(*args):
+    return subprocess.run([sys.executable, "-m", "runtime.caption", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_one_photo(photo_paths):
+    r = caption(photo_paths["chelsea"])
+    assert r.returncode == 0, r.stderr
+    path, text = r.stdout.strip().split(": ", 1)
+    assert path == str(photo_paths["chelsea"]) and "cat" in text.split()
+
+
+def test_json_batch_with_bad_files_keeps_the_good_ones(photo_paths, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(photo_paths["coffee"], folder / "b.jpg")
+    shutil.copy(photo_paths["chelsea"], folder / "a.jpg")
+    (folder / "notes.txt").write_text("not an image, and not picked up from a folder")
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("plain text")
+    r = caption(photo_paths["rocket"], tmp_path / "missing.jpg", fake, folder, "--json", "--batch-size", "2")
+    assert r.returncode == 1
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["image"] for rec in records] == [str(photo_paths["rocket"]), str(tmp_path / "missing.jpg"), str(fake),
+                                                 str(folder / "a.jpg"), str(folder / "b.jpg")]
+    good = [rec for rec in records if "caption" in rec]
+    assert len(good) == 3 and all(set(rec) == {"image", "caption", "tokens", "ms"} for rec in good)
+    assert "no such file" in records[1]["error"] and "not an image" in records[2]["error"]
+    assert "Traceback" not in r.stderr
+
+
+def test_errors_in_text_mode_are_one_line_on_stderr(photo_paths, tmp_path):
+    r = caption(photo_paths["coffee"], tmp_path / "missing.jpg")
+    assert r.returncode == 1
+    assert r.stdout.count("\n") == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {tmp_path / 'missing.jpg'}: no such file"]
+
+
+def test_beams_and_max_tokens(photo_paths):
+    r = caption(photo_paths["chelsea"], "--beams", "4", "--max-tokens", "4", "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert 1 <= len(json.loads(r.stdout)["tokens"]) <= 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-tokens", "0"], "max tokens must be between 1 and"),
+    (["--beams", "0"], "beams must be at least 1"),
+    (["--model", "/nonexistent/pkg"], "no manifest.json"),
+])
+def test_usage_errors_exit_2(photo_paths, args, message):
+    r = caption(photo_paths["chelsea"], *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif("TensorrtExecutionProvider" in ort.get_available_providers(), reason="TensorRT present")
+def test_unavailable_explicit_provider_exits_2(photo_paths):
+    r = caption(photo_paths["chelsea"], "--provider", "tensorrt")
+    assert r.returncode == 2 and "provider tensorrt is not available" in r.stderr
+
+
+def test_runs_without_torch_or_transformers(photo_paths):
+    """Import of torch/transformers is made impossible, then the CLI captions."""
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from runtime.caption import main
+rc = main([{str(photo_paths['chelsea'])!r}, '--json'])
+assert not {{'torch', 'transformers', 'torchvision'}} & set(sys.modules), sorted(sys.modules)
+sys.exit(rc)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "cat" in json.loads(r.stdout)["caption"]

@@ -1,0 +1,105 @@
+"""Model packages: the bundled one is complete and honest; broken ones are refused
+with a one-line reason before ONNX Runtime reads any graph."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from export.train import DEFAULT_CHECKPOINT
+from runtime import DEFAULT_MODEL, Captioner, PackageError
+from runtime.manifest import MANIFEST, load_manifest, sha256
+
+
+def test_default_package_is_complete_and_small():
+    m = load_manifest(DEFAULT_MODEL)
+    files = {p.name for p in DEFAULT_MODEL.iterdir()}
+    assert files == set(m.data["files"]) | {MANIFEST}
+    assert {"vision.onnx.data", "decoder.onnx.data", "tokenizer.json"} <= files
+    assert sum((DEFAULT_MODEL / f).stat().st_size for f in files) < 40 * 2**20
+    assert m.input_names("decoder") == ["input_ids", "past_key", "past_value", "cross_key", "cross_value"]
+    assert m.preprocess["crop"] == [224, 224]
+    for key in ("torch", "onnx", "onnxruntime"):
+        assert key in m.data["source"]["versions"]
+
+
+def test_default_package_was_exported_from_the_committed_checkpoint():
+    recorded = load_manifest(DEFAULT_MODEL).data["source"]["decoder_checkpoint"]
+    assert recorded["sha256"] == sha256(DEFAULT_CHECKPOINT)
+
+
+@pytest.fixture
+def package(tmp_path):
+    """A private copy of the default package (hard links; files to tamper are copied)."""
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    for f in DEFAULT_MODEL.iterdir():
+        os.link(f, folder / f.name)
+    return folder
+
+
+def rewrite_manifest(folder, change):
+    path = folder / MANIFEST
+    data = json.loads(path.read_text())
+    change(data)
+    path.unlink()  # break the hard link
+    path.write_text(json.dumps(data))
+
+
+def refused(folder, match):
+    with pytest.raises(PackageError, match=match) as e:
+        Captioner(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_swapped_external_data_is_refused(package):
+    data = package / "decoder.onnx.data"
+    content = bytearray(data.read_bytes())
+    data.unlink()
+    content[1000] ^= 0xFF
+    data.write_bytes(bytes(content))
+    refused(package, "decoder.onnx.data does not match its SHA-256")
+
+
+def test_missing_graph_is_refused(package):
+    (package / "vision.onnx").unlink()
+    refused(package, "vision.onnx is missing")
+
+
+def test_truncated_graph_is_refused(package):
+    graph = package / "decoder.onnx"
+    content = graph.read_bytes()
+    graph.unlink()
+    graph.write_bytes(content[: len(content) // 2])
+    refused(package, "decoder.onnx does not match")
+
+
+def test_unknown_format_version_is_refused(package):
+    rewrite_manifest(package, lambda d: d.update(format_version=99))
+    refused(package, "format version 99 is not supported")
+
+
+def test_missing_field_is_refused(package):
+    rewrite_manifest(package, lambda d: d.pop("preprocess"))
+    refused(package, "missing preprocess")
+
+
+def test_path_outside_the_package_is_refused(package):
+    def escape(d):
+        d["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
+
+    rewrite_manifest(package, escape)
+    refused(package, "not a plain file name")
+
+
+def test_symlink_inside_the_package_is_refused(package, tmp_path):
+    outside = tmp_path / "outside.json"
+    shutil.copy(package / "tokenizer.json", outside)
+    (package / "tokenizer.json").unlink()
+    (package / "tokenizer.json").symlink_to(outside)
+    refused(package, "tokenizer.json is missing or not a regular file")
+
+
+def test_not_a_package(tmp_path):
+    refused(tmp_path, "no manifest.json")

@@ -1,0 +1,68 @@
+"""FP32 runtime vs eager PyTorch, token for token, on real photos and generated images."""
+
+import numpy as np
+import pytest
+
+from runtime.preprocess import load_pixels
+from runtime.search import beam_search, greedy, initial_state, uncached
+
+
+def runtime_tokens(captioner, paths, num_beams=1):
+    pixels = np.stack([load_pixels(p, captioner.manifest.preprocess) for p in paths])
+    return captioner.generate(pixels, captioner.generation_config(num_beams=num_beams))
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_runtime_equals_eager_pytorch(captioner, reference, image_paths, num_beams):
+    max_new = captioner.defaults.max_new_tokens
+    for path in image_paths:
+        want = reference.generate([path], max_new, num_beams)[0]
+        got = runtime_tokens(captioner, [path], num_beams)[0]
+        assert got == want, f"{path.name}: {captioner.tokenizer.decode(got)!r} != {reference.tokenizer.decode(want)!r}"
+        assert want, f"{path.name}: empty caption"
+
+
+def test_teacher_forced_logits_match(captioner, reference, photo_paths):
+    from benchmarks.parity import run
+
+    result = run(captioner.manifest.root, None, [str(p) for p in photo_paths.values()])
+    assert result["exact_caption_match"] == 1.0
+    assert result["teacher_forced_top1"] == 1.0
+    assert result["max_abs_logit_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_kv_cache_equals_recomputing_the_prefix(captioner, image_paths, num_beams):
+    pixels = np.stack([load_pixels(p, captioner.manifest.preprocess) for p in image_paths])
+    cfg = captioner.generation_config(num_beams=num_beams)
+    prompt = np.full((len(image_paths), 1), captioner.manifest.tokenizer["bos_id"], dtype=np.int64)
+    state, eos = initial_state(*captioner.encode(pixels)), captioner.manifest.tokenizer["eos_id"]
+    step = uncached(captioner.graph_step)
+    if num_beams == 1:
+        without_cache = greedy(step, state, prompt, eos, cfg.max_new_tokens)
+    else:
+        without_cache = beam_search(step, state, prompt, eos, cfg.max_new_tokens, num_beams, cfg.length_penalty)
+    assert captioner.generate(pixels, cfg) == without_cache
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_batch_equals_one_by_one(captioner, image_paths, num_beams):
+    batched = runtime_tokens(captioner, image_paths, num_beams)
+    single = [runtime_tokens(captioner, [p], num_beams)[0] for p in image_paths]
+    assert batched == single
+    assert len({len(t) for t in single}) > 1, "captions of different lengths exercise ragged finishing"
+
+
+def test_default_model_says_true_things(captioner, photo_paths):
+    cat = captioner.caption(photo_paths["chelsea"]).text
+    coffee = captioner.caption(photo_paths["coffee"]).text
+    assert "cat" in cat.split(), cat
+    assert {"espresso", "coffee", "cup"} & set(coffee.replace(",", " ").split()), coffee
+    rocket = captioner.caption(photo_paths["rocket"]).text
+    assert "missile" in rocket or "projectile" in rocket or "space shuttle" in rocket, rocket
+
+
+def test_beam_search_respects_max_tokens(captioner, photo_paths):
+    for beams in (1, 4):
+        c = captioner.caption(photo_paths["chelsea"], max_new_tokens=3, num_beams=beams)
+        assert 1 <= len(c.tokens) <= 3

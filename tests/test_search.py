@@ -1,0 +1,108 @@
+"""Greedy and beam search on a toy decoder whose logits depend on the whole prefix,
+checked against exhaustive search and against their own batched/unbatched runs."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from runtime.search import beam_search, cached, greedy, initial_state, log_softmax, uncached
+
+VOCAB, EOS, BOS = 4, 0, 3
+
+
+def toy_graph_step(seed: int):
+    """A GraphStep whose next-token logits are a fixed random function of (image, prefix).
+    It needs the full prefix, so it runs under `uncached` (past tensors stay empty)."""
+    table = np.random.default_rng(seed).normal(scale=2.0, size=(4096, VOCAB)).astype(np.float32)
+
+    def step(input_ids, past_key, past_value, cross_key, cross_value):
+        image = cross_key[0, :, 0, 0, 0].astype(np.int64)
+        rows = [hash((int(i), *map(int, ids))) % len(table) for i, ids in zip(image, input_ids)]
+        logits = np.zeros((len(rows), input_ids.shape[1], VOCAB), np.float32)
+        logits[:, -1] = table[rows]
+        return logits, past_key, past_value
+
+    return step
+
+
+def toy_state(images):
+    cross = np.asarray(images, np.float32).reshape(1, -1, 1, 1, 1)
+    return initial_state(cross, cross)
+
+
+def toy_logprobs(step, image, prefix):
+    ids = np.array([[BOS, *prefix]], dtype=np.int64)
+    state = toy_state([image])
+    return log_softmax(step(ids, state.key, state.value, state.cross_key, state.cross_value)[0][0, -1])
+
+
+def exhaustive_best(step, image, max_new, length_penalty):
+    """Every sequence that ends at EOS or runs out of tokens, scored like beam search."""
+    best = (-np.inf, None)
+    for n in range(1, max_new + 1):
+        for seq in itertools.product(range(1, VOCAB), repeat=n):
+            seqs = [list(seq[: n - 1]) + [EOS]] if n <= max_new else []
+            seqs += [list(seq)] if n == max_new else []
+            for s in seqs:
+                total = sum(toy_logprobs(step, image, s[:i])[s[i]] for i in range(len(s)))
+                score = total / len(s) ** length_penalty
+                tokens = s[:-1] if s[-1] == EOS else s
+                best = max(best, (score, tokens), key=lambda b: b[0])
+    return best[1]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_wide_beam_search_is_exhaustive(length_penalty):
+    step = toy_graph_step(1)
+    for image in range(6):
+        # 3 non-EOS tokens, 3 steps: 36 beams never prune anything.
+        got = beam_search(uncached(step), toy_state([image]), np.array([[BOS]]), EOS, 3, 36, length_penalty)[0]
+        assert got == exhaustive_best(step, image, 3, length_penalty)
+
+
+def test_greedy_takes_the_argmax_path_and_stops_at_eos():
+    step = toy_graph_step(2)
+    for image in range(8):
+        got = greedy(uncached(step), toy_state([image]), np.array([[BOS]]), EOS, 6)[0]
+        prefix = []
+        while len(prefix) < 6:
+            nxt = int(toy_logprobs(step, image, prefix).argmax())
+            if nxt == EOS:
+                break
+            prefix.append(nxt)
+        assert got == prefix
+
+
+@pytest.mark.parametrize("beams", [1, 2, 4])
+def test_batched_search_equals_one_image_at_a_time(beams):
+    """Ragged finishing: images end at different steps, rows of finished ones idle."""
+    step, images = uncached(toy_graph_step(3)), list(range(7))
+    prompt = np.full((len(images), 1), BOS)
+
+    def search(state, p):
+        if beams == 1:
+            return greedy(step, state, p, EOS, 8)
+        return beam_search(step, state, p, EOS, 8, beams, 1.0)
+
+    batched = search(toy_state(images), prompt)
+    single = [search(toy_state([i]), prompt[:1])[0] for i in images]
+    assert batched == single
+    assert len({len(t) for t in single}) > 1, "the toy should finish at different lengths"
+
+
+def test_cached_and_uncached_feed_the_graph_differently():
+    """`cached` feeds one new token against the past; `uncached` the whole prefix."""
+    seen = []
+
+    def spy(input_ids, past_key, past_value, cross_key, cross_value):
+        seen.append((input_ids.shape[1], past_key.shape[3]))
+        layers, n, heads, past, dim = past_key.shape
+        present = np.zeros((layers, n, heads, past + input_ids.shape[1], dim), np.float32)
+        return np.tile(np.float32([0, 1, 0, 0]), (n, input_ids.shape[1], 1)), present, present
+
+    greedy(cached(spy), toy_state([0]), np.array([[BOS]]), EOS, 3)
+    assert seen == [(1, 0), (1, 1), (1, 2)]
+    seen.clear()
+    greedy(uncached(spy), toy_state([0]), np.array([[BOS]]), EOS, 3)
+    assert seen == [(1, 0), (2, 0), (3, 0)]
