@@ -10,7 +10,7 @@ several threads at once, so one instance can serve many threads.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +75,8 @@ class Captioner:
         return key, value
 
     def generation_config(self, max_new_tokens=None, num_beams=None, length_penalty=None) -> GenerationConfig:
-        d = self.defaults
-        cfg = GenerationConfig(max_new_tokens or d.max_new_tokens, num_beams or d.num_beams,
-                               d.length_penalty if length_penalty is None else length_penalty)
+        given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
+        cfg = replace(self.defaults, **{k: v for k, v in given.items() if v is not None})
         if not 1 <= cfg.max_new_tokens <= self.manifest.max_positions:
             raise ValueError(f"max tokens must be between 1 and {self.manifest.max_positions} for this model")
         if cfg.num_beams < 1:
