@@ -7,7 +7,6 @@ Both are checked with onnx.checker and against eager PyTorch in ONNX Runtime at
 shapes other than the export examples before anything is written to `out`.
 """
 
-import hashlib
 import json
 import platform
 import shutil
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST
+from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256
 
 from .encoder import IMAGE_SIZE, load_pretrained, pretrained_weights_path
 from .model import Captioner
@@ -54,14 +53,6 @@ class DecoderStepGraph(nn.Module):
 
     def forward(self, input_ids, past_key, past_value, cross_key, cross_value):
         return self.decoder.step(input_ids, past_key, past_value, cross_key, cross_value)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_graph(module, args, names, dynamic_shapes, path: Path) -> None:

@@ -17,14 +17,14 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 
 
 def expand(paths: list[str]) -> list[str]:
-    """A folder stands for the images directly inside it, sorted by name."""
+    """A folder stands for the images directly inside it, sorted by name; a folder
+    without any stays in the list, so that it is reported as a failed input."""
     out = []
     for p in paths:
         path = Path(p)
-        if path.is_dir():
-            out += sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        else:
-            out.append(p)
+        found = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()) \
+            if path.is_dir() else []
+        out += found or [p]
     return out
 
 

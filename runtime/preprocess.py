@@ -31,7 +31,7 @@ def open_image(source) -> Image.Image:
         except FileNotFoundError:
             raise ImageError(f"{path}: no such file") from None
         except IsADirectoryError:
-            raise ImageError(f"{path}: is a directory") from None
+            raise ImageError(f"{path}: is a directory with no images") from None
         except PermissionError:
             raise ImageError(f"{path}: permission denied") from None
         except UnidentifiedImageError:

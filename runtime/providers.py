@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 ORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 CHOICES = ("auto", *ORT_NAMES)
-LABELS = {v: k.upper() if k == "cpu" else {"tensorrt": "TensorRT", "cuda": "CUDA"}[k] for k, v in ORT_NAMES.items()}
+LABELS = {"TensorrtExecutionProvider": "TensorRT", "CUDAExecutionProvider": "CUDA", "CPUExecutionProvider": "CPU"}
 
 
 class ProviderError(Exception):

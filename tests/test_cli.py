@@ -31,14 +31,17 @@ def test_json_batch_with_bad_files_keeps_the_good_ones(photo_paths, tmp_path):
     (folder / "notes.txt").write_text("not an image, and not picked up from a folder")
     fake = tmp_path / "fake.jpg"
     fake.write_text("plain text")
-    r = caption(photo_paths["rocket"], tmp_path / "missing.jpg", fake, folder, "--json", "--batch-size", "2")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = caption(photo_paths["rocket"], tmp_path / "missing.jpg", fake, folder, empty, "--json", "--batch-size", "2")
     assert r.returncode == 1
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert [rec["image"] for rec in records] == [str(photo_paths["rocket"]), str(tmp_path / "missing.jpg"), str(fake),
-                                                 str(folder / "a.jpg"), str(folder / "b.jpg")]
+                                                 str(folder / "a.jpg"), str(folder / "b.jpg"), str(empty)]
     good = [rec for rec in records if "caption" in rec]
     assert len(good) == 3 and all(set(rec) == {"image", "caption", "tokens", "ms"} for rec in good)
     assert "no such file" in records[1]["error"] and "not an image" in records[2]["error"]
+    assert "is a directory with no images" in records[5]["error"]
     assert "Traceback" not in r.stderr
 
 

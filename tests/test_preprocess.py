@@ -67,5 +67,5 @@ def test_truncated_jpeg(photo_paths, tmp_path):
 def test_missing_and_directory(tmp_path):
     with pytest.raises(ImageError, match="no such file"):
         open_image(tmp_path / "nope.jpg")
-    with pytest.raises(ImageError, match="is a directory"):
+    with pytest.raises(ImageError, match="is a directory with no images"):
         open_image(tmp_path)
