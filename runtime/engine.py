@@ -51,6 +51,9 @@ class Captioner:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # Two sessions run alternately; idle pool threads spinning after one session's run
+        # steal the cores the next one needs (2x slower per caption on a 2-core box).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
         self.vision, self.decoder = (

@@ -1,0 +1,30 @@
+"""The report scripts run and say what they claim (numbers themselves are not asserted:
+speed belongs in benchmarks, and this machine is noisy)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_latency_quick_reports_both_variants(tmp_path):
+    out = tmp_path / "latency.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--quick", "--json", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"eager PyTorch", "runtime FP32"}
+    for r in results.values():
+        assert 0 < r["vision_ms_median"] and 0 < r["ms_per_token_median"] < r["caption_ms_median"]
+        assert r["caption_ms_median"] <= r["caption_ms_p90"]
+
+
+def test_parity_cli_json_interface(photo_paths):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.parity", "--model", "runtime/models/default",
+                        str(photo_paths["chelsea"]), str(photo_paths["coffee"]), "--beams", "4", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert {"images", "exact_caption_match", "teacher_forced_top1", "max_abs_logit_diff"} <= set(result)
+    assert result["images"] == 2 and result["exact_caption_match"] == 1.0 and result["mismatches"] == []
