@@ -1,8 +1,9 @@
 """Reference preprocessing with torchvision, built from the manifest's `preprocess`
 record: what the runtime's Pillow + numpy pipeline must reproduce exactly."""
 
-from PIL import Image, ImageOps
 from torchvision import transforms as T
+
+from runtime.preprocess import open_image
 
 # EfficientNet-Lite0's own training preprocessing: (x - 127) / 128 on 0..255 pixels.
 EFFICIENTNET_LITE0 = {
@@ -27,7 +28,7 @@ def reference_transform(spec: dict):
     ])
 
 
-def reference_pixels(path_or_image, spec: dict):
-    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
-    image = ImageOps.exif_transpose(image).convert("RGB")
-    return reference_transform(spec)(image)
+def reference_pixels(source, spec: dict):
+    """Decoding policy (formats, limits, EXIF, modes) is the runtime's own; what is
+    reimplemented independently here is the numeric pipeline."""
+    return reference_transform(spec)(open_image(source))

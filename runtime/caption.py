@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .engine import DEFAULT_MODEL, Captioner
 from .manifest import PackageError
+from .preprocess import DEFAULT_MAX_PIXELS
 from .providers import CHOICES, ProviderError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
@@ -37,6 +38,8 @@ def parse_args(argv):
     parser.add_argument("--length-penalty", type=float, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse larger images before decoding them (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser.parse_args(argv)
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError("batch size must be at least 1")
-        captioner = Captioner(args.model, provider=args.provider, threads=args.threads)
+        captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels)
         cfg = dict(max_new_tokens=args.max_tokens, num_beams=args.beams, length_penalty=args.length_penalty)
         captioner.generation_config(**cfg)  # reject bad options before any image is read
     except (PackageError, ProviderError, ValueError) as e:

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from . import providers as prov
 from .manifest import load_manifest
-from .preprocess import ImageError, load_pixels
+from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels
 from .search import beam_search, cached, greedy, initial_state
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
@@ -43,8 +43,9 @@ class GenerationConfig:
 
 class Captioner:
     def __init__(self, model: str | Path | None = None, provider: str = "auto", threads: int | None = None,
-                 verify: bool = True):
-        self.manifest = load_manifest(model or DEFAULT_MODEL, verify=verify)
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.manifest = load_manifest(model or DEFAULT_MODEL)
+        self.max_pixels = max_pixels
         names, self.provider_note = prov.resolve(provider)
         package_hash = self.manifest.data["files"][self.manifest.graph("decoder")["file"]]["sha256"]
         options = [prov.provider_options(n, package_hash, self.manifest.data["precision"]) for n in names]
@@ -114,7 +115,7 @@ class Captioner:
         for image in images:
             results.append(Caption(image=str(image) if isinstance(image, (str, Path)) else type(image).__name__))
             try:
-                pixels.append(load_pixels(image, self.manifest.preprocess))
+                pixels.append(load_pixels(image, self.manifest.preprocess, self.max_pixels))
             except ImageError as e:
                 results[-1].error = str(e)
         ok = [r for r in results if r.error is None]

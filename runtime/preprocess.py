@@ -1,47 +1,76 @@
-"""Image loading and preprocessing with Pillow + numpy, bit-identical to the export
-side's torchvision reference (resize shorter side, centre crop, rescale, normalise)."""
+"""Image loading and preprocessing with Pillow + numpy.
+
+Decoding is a trust boundary: only an explicit list of formats is opened, the pixel
+count is checked from the header before any pixel is decoded, and anything a decoder
+raises becomes one `ImageError` line naming the file. Resize, crop and normalisation
+are bit-identical to the export side's torchvision reference."""
 
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 # Pillow opens only these; anything else (PDF, SVG, EPS, FITS...) is refused up front.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+DEFAULT_MAX_PIXELS = 40_000_000  # any camera photo; a decompression bomb is refused unread
+MAX_ASPECT = 50  # beyond this the shorter side resized to 256 makes a huge, meaningless strip
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageError(Exception):
     """An input that is not a usable image; the message is one line naming the cause."""
 
 
-def open_image(source) -> Image.Image:
-    """A path, PIL image or HxW[x3] uint8 array -> upright RGB PIL image."""
+def decode(path: Path, max_pixels: int) -> Image.Image:
+    try:
+        image = Image.open(path, formats=ALLOWED_FORMATS)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory with no images") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path}: declares more pixels than the limit of {max_pixels}") from None
+    except Exception as e:  # Pillow's "cannot identify image file" and friends
+        if "cannot identify" in str(e):
+            raise ImageError(f"{path}: not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
+        raise ImageError(f"{path}: cannot open image: {type(e).__name__}: {e}") from None
+    check_size(image, max_pixels, str(path))
+    try:
+        image.load()  # the first frame of an animation
+    except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, zlib.error, ...
+        raise ImageError(f"{path}: cannot decode image: {type(e).__name__}: {e}".replace("\n", " ")) from None
+    return image
+
+
+def check_size(image: Image.Image, max_pixels: int, name: str) -> None:
+    w, h = image.size
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} is {w * h} pixels, over the limit of {max_pixels}")
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageError(f"{name}: {w}x{h} has an aspect ratio beyond {MAX_ASPECT}:1")
+
+
+def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A path, PIL image or HxW[x3|x4] uint8 array -> upright RGB PIL image."""
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (3, 4)):
             raise ImageError(f"array of dtype {source.dtype} and shape {source.shape}: expected uint8 HxW, HxWx3 or HxWx4")
         image = Image.fromarray(source)
+        check_size(image, max_pixels, "array")
     elif isinstance(source, Image.Image):
         image = source
+        check_size(image, max_pixels, "image")
     else:
-        path = Path(source)
-        try:
-            image = Image.open(path, formats=ALLOWED_FORMATS)
-            image.load()
-        except FileNotFoundError:
-            raise ImageError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise ImageError(f"{path}: is a directory with no images") from None
-        except PermissionError:
-            raise ImageError(f"{path}: permission denied") from None
-        except UnidentifiedImageError:
-            raise ImageError(f"{path}: not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ImageError(f"{path}: cannot decode image: {e}") from None
+        image = decode(Path(source), max_pixels)
     try:
+        if image.mode in SIXTEEN_BIT:  # 16-bit grayscale: keep the top 8 bits (convert() would clip)
+            image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8), "L")
         return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ImageError(f"cannot convert image to RGB: {e}") from None
+    except Exception as e:
+        raise ImageError(f"cannot convert image to RGB: {type(e).__name__}: {e}") from None
 
 
 def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
@@ -63,5 +92,5 @@ def to_pixels(image: Image.Image, spec: dict) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def load_pixels(source, spec: dict) -> np.ndarray:
-    return to_pixels(open_image(source), spec)
+def load_pixels(source, spec: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    return to_pixels(open_image(source, max_pixels), spec)
