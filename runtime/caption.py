@@ -7,6 +7,7 @@ still printed), 2 for usage errors (bad option, unusable model package or provid
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .engine import DEFAULT_MODEL, Captioner
@@ -47,6 +48,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Hostile files make Pillow warn (bogus TIFF tags, huge headers) in multi-line form;
+    # the one-line error per failed image is the CLI's whole report.
+    warnings.filterwarnings("ignore", module="PIL")
     try:
         if args.batch_size < 1:
             raise ValueError("batch size must be at least 1")

@@ -96,3 +96,45 @@ def test_symlink_inside_the_package_is_refused(package, tmp_path):
 
 def test_not_a_package(tmp_path):
     refused(tmp_path, "no manifest.json")
+
+
+def retarget_external_data(package, location):
+    """Point one decoder weight at `location`, and re-hash so only the graph vetting can object."""
+    import onnx
+
+    graph = package / "decoder.onnx"
+    model = onnx.load(str(graph), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
+    onnx.save(model, str(graph))
+
+    def rehash(d):
+        d["files"]["decoder.onnx"] = {"sha256": sha256(graph), "bytes": graph.stat().st_size}
+
+    rewrite_manifest(package, rehash)
+
+
+def test_external_data_outside_the_package_is_refused(package):
+    retarget_external_data(package, "../../etc/passwd")
+    refused(package, "decoder.onnx reads external data from '../../etc/passwd', which is not a file of the package")
+
+
+def test_external_data_in_an_unlisted_file_is_refused(package):
+    shutil.copy(package / "decoder.onnx.data", package / "other.data")
+    retarget_external_data(package, "other.data")
+    refused(package, "reads external data from 'other.data'")
+
+
+def test_declared_inputs_must_match_the_graph(package):
+    def rename(d):
+        d["graphs"]["decoder"]["inputs"][0]["name"] = "token_ids"
+
+    rewrite_manifest(package, rename)
+    refused(package, r"decoder.onnx takes inputs \['input_ids', .*the manifest declares \['token_ids'")
+
+
+def test_malformed_manifest_values_are_one_line_errors(package):
+    rewrite_manifest(package, lambda d: d["tokenizer"].update(eos_id="2"))
+    refused(package, "tokenizer.eos_id has the wrong type")
