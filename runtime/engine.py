@@ -18,11 +18,12 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from . import providers as prov
-from .manifest import load_manifest
+from .manifest import SCHEMA, PackageError, load_manifest
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels
 from .search import beam_search, cached, greedy, initial_state
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
+GENERATION_KEYS = tuple(SCHEMA["generation"])
 
 
 @dataclass
@@ -57,16 +58,23 @@ class Captioner:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
-        self.vision, self.decoder = (
-            ort.InferenceSession(str(self.manifest.path(self.manifest.graph(role)["file"])), opts,
-                                 providers=list(zip(names, options)))
-            for role in ("vision", "decoder"))
+        self.vision, self.decoder = (self._session(role, opts, list(zip(names, options))) for role in ("vision", "decoder"))
         self.provider_note = prov.check_session(self.decoder, names, provider != "auto") or self.provider_note
         self.provider = prov.LABELS[self.decoder.get_providers()[0]]
-        self.tokenizer = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer["file"])))
-        self.defaults = GenerationConfig(**self.manifest.generation)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer["file"])))
+        except Exception as e:
+            raise PackageError(f"{self.manifest.root}: unusable tokenizer: {str(e).splitlines()[0]}") from None
+        self.defaults = GenerationConfig(**{k: self.manifest.generation[k] for k in GENERATION_KEYS})
         self._vision_inputs = self.manifest.input_names("vision")
         self._decoder_inputs = self.manifest.input_names("decoder")
+
+    def _session(self, role: str, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+        path = self.manifest.path(self.manifest.graph(role)["file"])
+        try:
+            return ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # a vetted file ONNX Runtime still rejects: one line, not a traceback
+            raise PackageError(f"{path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
 
     def graph_step(self, input_ids, past_key, past_value, cross_key, cross_value):
         """The decoder-step graph as a `GraphStep` (see runtime.search)."""

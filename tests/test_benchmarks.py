@@ -28,3 +28,14 @@ def test_parity_cli_json_interface(photo_paths):
     result = json.loads(r.stdout)
     assert {"images", "exact_caption_match", "teacher_forced_top1", "max_abs_logit_diff"} <= set(result)
     assert result["images"] == 2 and result["exact_caption_match"] == 1.0 and result["mismatches"] == []
+
+
+def test_soak_records_rss_at_each_checkpoint(tmp_path):
+    out = tmp_path / "soak.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--images", "60", "--every", "20", "--json", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert [s["images"] for s in result["samples"]] == [20, 40, 60]
+    assert result["failed_as_expected"] == 1  # image 49 is truncated on purpose
+    assert all(s["rss_mib"] > 0 for s in result["samples"])

@@ -138,3 +138,24 @@ def test_declared_inputs_must_match_the_graph(package):
 def test_malformed_manifest_values_are_one_line_errors(package):
     rewrite_manifest(package, lambda d: d["tokenizer"].update(eos_id="2"))
     refused(package, "tokenizer.eos_id has the wrong type")
+
+
+def test_graph_onnx_runtime_rejects_is_a_one_line_error(package):
+    """Structurally valid protobuf, hashes re-signed, but not a model ONNX Runtime can run."""
+    import onnx
+
+    graph = package / "vision.onnx"
+    model = onnx.load(str(graph), load_external_data=False)
+    model.graph.node[0].op_type = "NoSuchOp"
+    onnx.save(model, str(graph))
+    rewrite_manifest(package, lambda d: d["files"].update(
+        {"vision.onnx": {"sha256": sha256(graph), "bytes": graph.stat().st_size}}))
+    refused(package, "vision.onnx: ONNX Runtime cannot load it")
+
+
+def test_broken_tokenizer_is_a_one_line_error(package):
+    tok = package / "tokenizer.json"
+    tok.write_text("{not json")
+    rewrite_manifest(package, lambda d: d["files"].update(
+        {"tokenizer.json": {"sha256": sha256(tok), "bytes": tok.stat().st_size}}))
+    refused(package, "unusable tokenizer")
