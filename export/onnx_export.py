@@ -147,6 +147,9 @@ def export_package(checkpoint: Path, out: Path) -> None:
             "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
                       for p in sorted(folder.iterdir())},
             "graphs": {"vision": graph_io(folder / "vision.onnx"), "decoder": graph_io(folder / "decoder.onnx")},
+            # Ranges of the graphs' symbolic dims: TensorRT profiles are built from these.
+            "dims": {"batch": {"min": 1, "max": None}, "seq": {"min": 1, "max": cfg.max_positions},
+                     "past": {"min": 0, "max": cfg.max_positions - 1}},
             "decoder": {"layers": cfg.n_layer, "heads": cfg.n_head, "head_dim": cfg.head_dim,
                         "memory_tokens": cfg.top_k, "vocab_size": cfg.vocab_size, "max_positions": cfg.max_positions},
             "preprocess": EFFICIENTNET_LITE0,

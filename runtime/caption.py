@@ -6,6 +6,7 @@ still printed), 2 for usage errors (bad option, unusable model package or provid
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ def parse_args(argv):
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse larger images before decoding them (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--max-batch", type=int, default=8, help="TensorRT profile bound on images x beams")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser.parse_args(argv)
 
@@ -51,17 +53,19 @@ def main(argv=None) -> int:
     # Hostile files make Pillow warn (bogus TIFF tags, huge headers) in multi-line form;
     # the one-line error per failed image is the CLI's whole report.
     warnings.filterwarnings("ignore", module="PIL")
+    logging.basicConfig(format="%(message)s")  # e.g. "building TensorRT engine, once", before the wait
     try:
         if args.batch_size < 1:
             raise ValueError("batch size must be at least 1")
-        captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels)
+        captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels,
+                              max_batch=args.max_batch)
         cfg = dict(max_new_tokens=args.max_tokens, num_beams=args.beams, length_penalty=args.length_penalty)
         captioner.generation_config(**cfg)  # reject bad options before any image is read
     except (PackageError, ProviderError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if captioner.provider_note:
-        print(captioner.provider_note, file=sys.stderr)
+    for note in captioner.notes:
+        print(note, file=sys.stderr)
     images, failed = expand(args.images), 0
     for start in range(0, len(images), args.batch_size):
         for c in captioner.caption(images[start : start + args.batch_size], batch_size=args.batch_size, **cfg):

@@ -9,6 +9,7 @@ A Captioner holds no per-call state, and ONNX Runtime sessions may be run from
 several threads at once, so one instance can serve many threads.
 """
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,12 +19,20 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from . import providers as prov
+from .providers import ProviderError
 from .manifest import SCHEMA, PackageError, load_manifest
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels
 from .search import beam_search, cached, greedy, initial_state
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
 GENERATION_KEYS = tuple(SCHEMA["generation"])
+ROLES = ("vision", "decoder")
+log = logging.getLogger("edgecap")
+
+
+class _LoadError(Exception):
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
 
 
 @dataclass
@@ -42,14 +51,36 @@ class GenerationConfig:
     length_penalty: float = 1.0
 
 
+class DeviceTensor:
+    """An OrtValue left on the execution device, shaped like the numpy arrays the search
+    functions take: the KV cache stays on the GPU between steps. Only beam reordering
+    (`tensor[:, rows]`) takes a trip through host memory."""
+
+    DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+    def __init__(self, value: ort.OrtValue):
+        self.value = value
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape())
+
+    @property
+    def dtype(self):
+        return np.dtype(self.DTYPES[self.value.data_type()])
+
+    def __getitem__(self, index) -> "DeviceTensor":
+        host = np.ascontiguousarray(self.value.numpy()[index])
+        return DeviceTensor(ort.OrtValue.ortvalue_from_numpy(host, self.value.device_name(), 0))
+
+
 class Captioner:
     def __init__(self, model: str | Path | None = None, provider: str = "auto", threads: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_batch: int = 8, io_binding: bool | None = None):
+        """`max_batch` bounds images x beams per forward pass for TensorRT's profiles;
+        `io_binding` keeps caches on the device (default: on for CUDA and TensorRT)."""
         self.manifest = load_manifest(model or DEFAULT_MODEL)
         self.max_pixels = max_pixels
-        names, self.provider_note = prov.resolve(provider)
-        package_hash = self.manifest.data["files"][self.manifest.graph("decoder")["file"]]["sha256"]
-        options = [prov.provider_options(n, package_hash, self.manifest.data["precision"]) for n in names]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -58,33 +89,77 @@ class Captioner:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
-        self.vision, self.decoder = (self._session(role, opts, list(zip(names, options))) for role in ("vision", "decoder"))
-        self.provider_note = prov.check_session(self.decoder, names, provider != "auto") or self.provider_note
+        names, note = prov.resolve(provider)
+        (self.vision, self.decoder), fallbacks = self._load(names, provider != "auto", opts, max_batch)
+        self.notes = [n for n in (note, *fallbacks) if n]
         self.provider = prov.LABELS[self.decoder.get_providers()[0]]
+        on_gpu = self.provider != "CPU"
+        self.device = ("cuda" if on_gpu else "cpu") if (on_gpu if io_binding is None else io_binding) else None
         try:
             self.tokenizer = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer["file"])))
         except Exception as e:
             raise PackageError(f"{self.manifest.root}: unusable tokenizer: {str(e).splitlines()[0]}") from None
         self.defaults = GenerationConfig(**{k: self.manifest.generation[k] for k in GENERATION_KEYS})
-        self._vision_inputs = self.manifest.input_names("vision")
-        self._decoder_inputs = self.manifest.input_names("decoder")
+        self._vision_io = (self.manifest.input_names("vision"), [o["name"] for o in self.manifest.graph("vision")["outputs"]])
+        self._decoder_io = (self.manifest.input_names("decoder"), [o["name"] for o in self.manifest.graph("decoder")["outputs"]])
+
+    def _load(self, names: list[str], explicit: bool, opts, max_batch: int):
+        """Both sessions on the first provider that initialises: an explicit provider that
+        fails is an error; `auto` moves down the list, one line per provider that failed."""
+        notes = []
+        while True:
+            if names[0] == prov.ORT_NAMES["tensorrt"] and (build := prov.engine_note(self.manifest)):
+                log.warning(build)
+            try:
+                sessions = tuple(self._session(role, opts, [(n, prov.provider_options(n, self.manifest, role, max_batch))
+                                                            for n in names]) for role in ROLES)
+            except _LoadError as e:
+                if names[0] == prov.ORT_NAMES["cpu"]:
+                    raise PackageError(f"{e.path}: ONNX Runtime cannot load it: {e.reason}") from None
+                failed = prov.LABELS[names[0]]
+                if explicit:
+                    raise ProviderError(f"{failed} failed to initialise: {e.reason}") from None
+                notes.append(f"provider: {failed} failed to initialise ({e.reason}); falling back to {prov.LABELS[names[1]]}")
+                names = names[1:]
+                continue
+            return sessions, [*notes, prov.check_session(sessions[1], names, explicit)]
 
     def _session(self, role: str, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
         path = self.manifest.path(self.manifest.graph(role)["file"])
         try:
             return ort.InferenceSession(str(path), opts, providers=providers)
-        except Exception as e:  # a vetted file ONNX Runtime still rejects: one line, not a traceback
-            raise PackageError(f"{path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
+        except Exception as e:
+            raise _LoadError(path, (str(e).splitlines() or [type(e).__name__])[0]) from None
 
     def graph_step(self, input_ids, past_key, past_value, cross_key, cross_value):
         """The decoder-step graph as a `GraphStep` (see runtime.search)."""
         feeds = (input_ids, past_key, past_value, cross_key, cross_value)
-        return tuple(self.decoder.run(None, dict(zip(self._decoder_inputs, feeds))))
+        if self.device is None:
+            return tuple(self.decoder.run(None, dict(zip(self._decoder_io[0], feeds))))
+        logits, present_key, present_value = self._run_bound(self.decoder, self._decoder_io, feeds, host_outputs=1)
+        return logits.numpy(), DeviceTensor(present_key), DeviceTensor(present_value)
 
-    def encode(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 3, H, W) -> cross-attention K/V, once per image."""
-        key, value = self.vision.run(None, {self._vision_inputs[0]: pixels})
-        return key, value
+    def _run_bound(self, session, io, feeds, host_outputs: int):
+        """Run with IO binding: device-resident inputs stay put; the first `host_outputs`
+        outputs come back to host memory, the rest stay on the device."""
+        binding = session.io_binding()
+        for name, value in zip(io[0], feeds):
+            if isinstance(value, DeviceTensor):
+                binding.bind_ortvalue_input(name, value.value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for i, name in enumerate(io[1]):
+            binding.bind_output(name, "cpu" if i < host_outputs else self.device)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def encode(self, pixels: np.ndarray):
+        """(N, 3, H, W) -> cross-attention K/V, once per image (left on the device with IO binding)."""
+        if self.device is None:
+            key, value = self.vision.run(None, {self._vision_io[0][0]: pixels})
+            return key, value
+        key, value = self._run_bound(self.vision, self._vision_io, [pixels], host_outputs=0)
+        return DeviceTensor(key), DeviceTensor(value)
 
     def generation_config(self, max_new_tokens=None, num_beams=None, length_penalty=None) -> GenerationConfig:
         given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}

@@ -15,7 +15,7 @@ from .onnx_graph import ProtoError, graph_facts
 FORMAT = "edgecap-model-package"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-REQUIRED = ("format", "format_version", "precision", "files", "graphs", "decoder", "preprocess", "tokenizer",
+REQUIRED = ("format", "format_version", "precision", "files", "graphs", "dims", "decoder", "preprocess", "tokenizer",
             "generation")
 
 
@@ -96,6 +96,12 @@ def check_schema(root: Path, data: dict) -> None:
         graph = data["graphs"][role]
         if not isinstance(graph["file"], str) or not all(isinstance(i["name"], str) for i in graph["inputs"]):
             raise PackageError(f"{root}: manifest entry for the {role} graph is malformed")
+    for name, dim in data["dims"].items():
+        if not isinstance(dim["min"], int) or not (dim["max"] is None or isinstance(dim["max"], int)):
+            raise PackageError(f"{root}: manifest dims.{name} is malformed")
+    symbols = {d for role in GRAPHS for i in data["graphs"][role]["inputs"] for d in i["shape"] if isinstance(d, str)}
+    if symbols - set(data["dims"]):
+        raise PackageError(f"{root}: manifest dims do not cover {', '.join(sorted(symbols - set(data['dims'])))}")
     for name, meta in data["files"].items():
         if not isinstance(meta["sha256"], str) or not isinstance(meta["bytes"], int):
             raise PackageError(f"{root}: manifest entry for {name} is malformed")
@@ -117,13 +123,13 @@ def check_graphs(root: Path, data: dict) -> None:
     for role in GRAPHS:
         graph = data["graphs"][role]
         try:
-            inputs, locations = graph_facts(root / graph["file"])
+            facts = graph_facts(root / graph["file"])
         except ProtoError as e:
             raise PackageError(f"{root}: {graph['file']} is not a valid ONNX model ({e})") from None
         declared = [i["name"] for i in graph["inputs"]]
-        if inputs != declared:
-            raise PackageError(f"{root}: {graph['file']} takes inputs {inputs}, the manifest declares {declared}")
-        for location in locations:
+        if facts.inputs != declared:
+            raise PackageError(f"{root}: {graph['file']} takes inputs {facts.inputs}, the manifest declares {declared}")
+        for location in facts.locations:
             if location not in data["files"] or Path(location).name != location:
                 raise PackageError(f"{root}: {graph['file']} reads external data from {location!r}, "
                                    "which is not a file of the package")

@@ -6,9 +6,12 @@ after session creation, from what the session really uses.
 """
 
 import hashlib
+import os
 from pathlib import Path
 
 import onnxruntime as ort
+
+from .gpu import gpu, tensorrt_version
 
 ORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 CHOICES = ("auto", *ORT_NAMES)
@@ -19,19 +22,50 @@ class ProviderError(Exception):
     """An explicitly requested provider that cannot be used (a usage error, exit 2)."""
 
 
-def cache_dir(package_hash: str) -> Path:
-    """TensorRT engines are only valid for one model and one onnxruntime build."""
-    key = hashlib.sha256(f"{package_hash}:{ort.__version__}".encode()).hexdigest()[:16]
-    return Path.home() / ".cache" / "edgecap" / "tensorrt" / key
+def cache_dir(manifest) -> Path:
+    """Engines and timing caches are only valid for these graphs, this onnxruntime, this
+    TensorRT and this GPU: all of them key the folder, so a stale engine is never reused."""
+    graphs = [manifest.data["files"][manifest.graph(role)["file"]]["sha256"] for role in ("vision", "decoder")]
+    device = gpu() or {}
+    key = ":".join([*graphs, ort.__version__, tensorrt_version() or "trt?", device.get("compute_capability", "sm?")])
+    root = Path(os.environ.get("EDGECAP_CACHE_DIR", Path.home() / ".cache" / "edgecap"))
+    return root / "tensorrt" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def provider_options(name: str, package_hash: str, precision: str) -> dict:
-    if name == "TensorrtExecutionProvider":
-        cache = str(cache_dir(package_hash))
+def profile_shapes(manifest, role: str, max_batch: int) -> dict[str, str]:
+    """TensorRT optimisation profile covering every shape the package allows, so no
+    engine is rebuilt mid-caption: symbolic dims span the manifest's `dims` ranges
+    (batch up to `max_batch`), optimised for batch 1, one new token, half-full cache."""
+    dims = manifest.data["dims"]
+    bounds = {name: (d["min"], d["max"] if d["max"] is not None else max_batch) for name, d in dims.items()}
+    opt = {name: lo if name != "past" else (lo + hi) // 2 for name, (lo, hi) in bounds.items()}
+
+    def shapes(pick):
+        return ",".join(f"{i['name']}:" + "x".join(str(d if isinstance(d, int) else pick(d)) for d in i["shape"])
+                        for i in manifest.graph(role)["inputs"])
+
+    return {"trt_profile_min_shapes": shapes(lambda d: bounds[d][0]),
+            "trt_profile_opt_shapes": shapes(lambda d: opt[d]),
+            "trt_profile_max_shapes": shapes(lambda d: bounds[d][1])}
+
+
+def provider_options(name: str, manifest, role: str, max_batch: int) -> dict:
+    if name == ORT_NAMES["tensorrt"]:
+        cache = str(cache_dir(manifest))
+        precision = manifest.data["precision"]
         return {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
                 "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
-                "trt_fp16_enable": precision == "fp16"}
+                "trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8",
+                "trt_layer_norm_fp32_fallback": True,  # LayerNorm overflows in FP16 decoders
+                **profile_shapes(manifest, role, max_batch)}
     return {}
+
+
+def engine_note(manifest) -> str | None:
+    folder = cache_dir(manifest)
+    if folder.is_dir() and any(folder.iterdir()):
+        return None
+    return f"building TensorRT engine, once (cached in {folder})"
 
 
 def resolve(choice: str, available: list[str] | None = None) -> tuple[list[str], str | None]:

@@ -1,8 +1,15 @@
-"""Provider choice and fallback, with the provider lists a GPU/Jetson build would report."""
+"""Provider choice, fallback and TensorRT/CUDA settings, proven on CPU with the provider
+lists and failures a GPU or Jetson build would produce."""
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 
 from runtime import Captioner, ProviderError
+from runtime import providers as prov
+from runtime.manifest import load_manifest
+from runtime.onnx_graph import graph_facts, tensorrt_problems
+from runtime.preprocess import load_pixels
 from runtime.providers import ORT_NAMES, provider_options, resolve
 
 CPU, CUDA, TRT = ORT_NAMES["cpu"], ORT_NAMES["cuda"], ORT_NAMES["tensorrt"]
@@ -32,15 +39,116 @@ def test_unknown_provider():
         resolve("npu", [CPU])
 
 
-def test_tensorrt_options_cache_engines_per_model_and_precision():
-    a = provider_options(TRT, "a" * 64, "fp32")
-    b = provider_options(TRT, "b" * 64, "fp16")
-    assert a["trt_engine_cache_enable"] and a["trt_engine_cache_path"] != b["trt_engine_cache_path"]
-    assert not a["trt_fp16_enable"] and b["trt_fp16_enable"]
-    assert provider_options(CPU, "a" * 64, "fp32") == {}
+@pytest.fixture(scope="module")
+def manifest(captioner):
+    return captioner.manifest
 
 
-def test_auto_on_this_machine_runs(captioner):
-    """Whatever this build offers, `auto` ends on a provider that captions."""
-    auto = Captioner(captioner.manifest.root, provider="auto")
-    assert auto.provider in ("TensorRT", "CUDA", "CPU")
+def test_tensorrt_profiles_cover_the_package_limits(manifest):
+    decoder = provider_options(TRT, manifest, "decoder", max_batch=8)
+    assert decoder["trt_profile_min_shapes"] == ("input_ids:1x1,past_key:3x1x4x0x64,past_value:3x1x4x0x64,"
+                                                 "cross_key:3x1x4x5x64,cross_value:3x1x4x5x64")
+    assert decoder["trt_profile_max_shapes"] == ("input_ids:8x40,past_key:3x8x4x39x64,past_value:3x8x4x39x64,"
+                                                 "cross_key:3x8x4x5x64,cross_value:3x8x4x5x64")
+    assert decoder["trt_profile_opt_shapes"].startswith("input_ids:1x1,past_key:3x1x4x19x64")
+    vision = provider_options(TRT, manifest, "vision", max_batch=4)
+    assert (vision["trt_profile_min_shapes"], vision["trt_profile_max_shapes"]) == \
+        ("pixel_values:1x3x224x224", "pixel_values:4x3x224x224")
+
+
+def test_tensorrt_precision_flags_follow_the_package(manifest):
+    options = provider_options(TRT, manifest, "decoder", 8)
+    assert options["trt_fp16_enable"] is False and options["trt_int8_enable"] is False
+    assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
+    assert options["trt_layer_norm_fp32_fallback"]
+    fp16 = type(manifest)(manifest.root, {**manifest.data, "precision": "fp16"})
+    assert provider_options(TRT, fp16, "decoder", 8)["trt_fp16_enable"] is True
+    assert provider_options(CPU, manifest, "decoder", 8) == {}
+
+
+def test_engine_cache_is_keyed_by_graphs_runtime_tensorrt_and_gpu(manifest, monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGECAP_CACHE_DIR", str(tmp_path))
+    base = prov.cache_dir(manifest)
+    assert base.parent == tmp_path / "tensorrt"
+    changed = {**manifest.data, "files": {**manifest.data["files"], "decoder.onnx": {"sha256": "0" * 64, "bytes": 1}}}
+    assert prov.cache_dir(type(manifest)(manifest.root, changed)) != base
+    monkeypatch.setattr(prov.ort, "__version__", "0.0.0")
+    assert prov.cache_dir(manifest) != base
+    monkeypatch.undo()
+    monkeypatch.setenv("EDGECAP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(prov, "tensorrt_version", lambda: "10.3.0")
+    assert prov.cache_dir(manifest) != base
+    monkeypatch.setattr(prov, "gpu", lambda: {"name": "Orin", "compute_capability": "8.7", "cuda_runtime": "12.6"})
+    orin = prov.cache_dir(manifest)
+    monkeypatch.setattr(prov, "gpu", lambda: {"name": "H100", "compute_capability": "9.0", "cuda_runtime": "12.6"})
+    assert prov.cache_dir(manifest) != orin
+    assert prov.engine_note(manifest).startswith("building TensorRT engine, once")
+
+
+class FailingGPUSessions:
+    """onnxruntime-gpu on a box whose CUDA/TensorRT libraries are missing: the providers
+    are listed as available, and creating a session on them raises."""
+
+    def __init__(self, monkeypatch):
+        real = ort.InferenceSession
+        monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
+
+        def session(path, opts, providers):
+            first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+            if first in (TRT, CUDA):
+                raise RuntimeError(f"{first} init failed: libcudart.so.12: cannot open shared object file\ndetails")
+            return real(path, opts, providers=providers)
+
+        monkeypatch.setattr(ort, "InferenceSession", session)
+
+
+def test_auto_falls_back_one_line_per_failed_provider(manifest, monkeypatch, photo_paths, tmp_path, captioner):
+    monkeypatch.setenv("EDGECAP_CACHE_DIR", str(tmp_path))
+    FailingGPUSessions(monkeypatch)
+    cap = Captioner(manifest.root, provider="auto")
+    assert cap.provider == "CPU"
+    assert cap.notes == [
+        "provider: TensorRT failed to initialise (TensorrtExecutionProvider init failed: libcudart.so.12: "
+        "cannot open shared object file); falling back to CUDA",
+        "provider: CUDA failed to initialise (CUDAExecutionProvider init failed: libcudart.so.12: "
+        "cannot open shared object file); falling back to CPU"]
+    assert cap.caption(photo_paths["chelsea"]).tokens == captioner.caption(photo_paths["chelsea"]).tokens
+
+
+@pytest.mark.parametrize("choice, label", [("tensorrt", "TensorRT"), ("cuda", "CUDA")])
+def test_explicit_provider_that_fails_to_initialise_is_an_error(manifest, monkeypatch, tmp_path, choice, label):
+    monkeypatch.setenv("EDGECAP_CACHE_DIR", str(tmp_path))
+    FailingGPUSessions(monkeypatch)
+    with pytest.raises(ProviderError, match=f"{label} failed to initialise: .*cannot open shared object file$"):
+        Captioner(manifest.root, provider=choice)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_io_binding_keeps_the_same_tokens(captioner, image_paths, num_beams):
+    """The CUDA path (caches bound as device OrtValues between steps), run on CPU memory."""
+    bound = Captioner(captioner.manifest.root, provider="cpu", io_binding=True)
+    assert bound.device == "cpu" and captioner.device is None
+    pixels = np.stack([load_pixels(p, captioner.manifest.preprocess) for p in image_paths])
+    cfg = captioner.generation_config(num_beams=num_beams)
+    assert bound.generate(pixels, cfg) == captioner.generate(pixels, cfg)
+
+
+def test_graphs_are_fit_for_tensorrt_and_cuda_graphs(manifest):
+    """No If/Loop/Scan, only ops TensorRT's parser takes, every input shape declared."""
+    for role in ("vision", "decoder"):
+        facts = graph_facts(manifest.path(manifest.graph(role)["file"]))
+        assert tensorrt_problems(facts) == [], role
+        assert {"Conv", "MatMul"} & facts.ops
+
+
+def test_hygiene_check_catches_control_flow_and_custom_ops():
+    from runtime.onnx_graph import GraphFacts
+
+    facts = GraphFacts(["x"], {"x": None}, [], {"If", "MatMul", "com.microsoft::MatMulNBits"})
+    assert tensorrt_problems(facts) == ["control flow op If", "op com.microsoft::MatMulNBits not supported by TensorRT",
+                                        "input x has no declared shape"]
+
+
+def test_auto_on_this_machine_runs(manifest):
+    assert Captioner(manifest.root, provider="auto").provider in ("TensorRT", "CUDA", "CPU")
+    assert load_manifest(manifest.root).data["dims"]["past"] == {"min": 0, "max": 39}

@@ -1,0 +1,49 @@
+"""What the machine's CUDA and TensorRT libraries say about themselves, read with ctypes
+(no CUDA Python packages needed). Every function answers None where a library or a GPU
+is missing, so the same code runs on a CPU-only box."""
+
+import ctypes
+import ctypes.util
+
+
+def _load(*names):
+    for name in names:
+        try:
+            return ctypes.CDLL(ctypes.util.find_library(name) or f"lib{name}.so")
+        except OSError:
+            continue
+    return None
+
+
+def cuda_runtime():
+    return _load("cudart", "cudart.so.12", "cudart.so.11.0")
+
+
+def tensorrt_version() -> str | None:
+    lib = _load("nvinfer", "nvinfer.so.10", "nvinfer.so.8")
+    if lib is None:
+        return None
+    v = lib.getInferLibVersion()  # major*1000 + minor*100 + patch (TensorRT 8/9); 10: major*10000 + ...
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}" if v >= 100000 else f"{v // 1000}.{v // 100 % 10}.{v % 100}"
+
+
+def cudnn_version() -> str | None:
+    lib = _load("cudnn", "cudnn.so.9", "cudnn.so.8")
+    return None if lib is None else str(lib.cudnnGetVersion())
+
+
+def gpu() -> dict | None:
+    """{"name", "compute_capability", "cuda_runtime"} of device 0, or None."""
+    lib = cuda_runtime()
+    if lib is None:
+        return None
+    count, major, minor, runtime = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    if lib.cudaGetDeviceCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return None
+    lib.cudaDeviceGetAttribute(ctypes.byref(major), 75, 0)  # cudaDevAttrComputeCapabilityMajor
+    lib.cudaDeviceGetAttribute(ctypes.byref(minor), 76, 0)  # cudaDevAttrComputeCapabilityMinor
+    lib.cudaRuntimeGetVersion(ctypes.byref(runtime))
+    props = ctypes.create_string_buffer(4096)  # cudaDeviceProp starts with char name[256]
+    name = props.raw[:256].split(b"\0")[0].decode() if lib.cudaGetDeviceProperties(props, 0) == 0 else "unknown"
+    return {"name": name, "compute_capability": f"{major.value}.{minor.value}",
+            "cuda_runtime": f"{runtime.value // 1000}.{runtime.value % 1000 // 10}"}
