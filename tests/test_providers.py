@@ -152,3 +152,22 @@ def test_hygiene_check_catches_control_flow_and_custom_ops():
 def test_auto_on_this_machine_runs(manifest):
     assert Captioner(manifest.root, provider="auto").provider in ("TensorRT", "CUDA", "CPU")
     assert load_manifest(manifest.root).data["dims"]["past"] == {"min": 0, "max": 39}
+
+
+def test_doctor_reports_the_package_and_the_provider_choice():
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "runtime.doctor", "--json"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert facts["model"]["tensorrt_ready"] == "vision ok, decoder ok"
+    assert facts["auto_provider"] in ("TensorRT", "CUDA", "CPU") and "CPU" in facts["providers_available"]
+    assert facts["onnxruntime"].startswith(ort.__version__)
+    bad = subprocess.run([sys.executable, "-m", "runtime.doctor", "--model", "/nonexistent"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 1 and "problem: /nonexistent: no manifest.json" in bad.stdout
