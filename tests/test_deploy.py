@@ -38,3 +38,20 @@ def test_non_root_with_cache_volume_and_caption_entrypoint():
     assert users and users[-1] not in ("root", "0")
     assert re.search(r'^VOLUME \["/cache"\]', DOCKERFILE, re.M) and "EDGECAP_CACHE_DIR=/cache" in DOCKERFILE
     assert re.search(r'^ENTRYPOINT \["python", "-m", "runtime.caption"\]', DOCKERFILE, re.M)
+
+
+def test_wheel_carries_everything_the_runtime_reads(tmp_path):
+    """What the installed runtime opens must be in the wheel, not only in the checkout."""
+    import zipfile
+
+    # A clean copy: a stale build/ folder in the checkout would hide a missing package-data entry.
+    src = shutil.copytree(ROOT, tmp_path / "src", ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
+    runtime_files = {str(p.relative_to(ROOT)) for p in (ROOT / "runtime").rglob("*")
+                     if p.is_file() and "__pycache__" not in p.parts}
+    assert runtime_files <= names, sorted(runtime_files - names)
+    assert not any(n.startswith(("export/", "benchmarks/", "tests/")) for n in names)
