@@ -15,7 +15,8 @@ dim_param=2; NodeProto op_type=4, domain=7.
 from dataclasses import dataclass
 from pathlib import Path
 
-TENSORRT_OPS = frozenset((Path(__file__).parent / "tensorrt_ops.txt").read_text().split("\n", 3)[3].split())
+TENSORRT_OPS = frozenset(op for line in (Path(__file__).parent / "tensorrt_ops.txt").read_text().splitlines()
+                         if not line.startswith("#") for op in line.split())
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 
