@@ -11,6 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import onnxruntime as ort
+
 from .engine import DEFAULT_MODEL, Captioner
 from .manifest import PackageError
 from .preprocess import DEFAULT_MAX_PIXELS
@@ -54,6 +56,7 @@ def main(argv=None) -> int:
     # the one-line error per failed image is the CLI's whole report.
     warnings.filterwarnings("ignore", module="PIL")
     logging.basicConfig(format="%(message)s")  # e.g. "building TensorRT engine, once", before the wait
+    ort.set_default_logger_severity(4)  # provider failures come as our one-line notes; doctor shows the detail
     try:
         if args.batch_size < 1:
             raise ValueError("batch size must be at least 1")

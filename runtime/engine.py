@@ -10,6 +10,7 @@ several threads at once, so one instance can serve many threads.
 """
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from . import providers as prov
+from .gpu import tensorrt_version
 from .providers import ProviderError
 from .manifest import SCHEMA, PackageError, load_manifest
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels
@@ -108,7 +110,7 @@ class Captioner:
         fails is an error; `auto` moves down the list, one line per provider that failed."""
         notes = []
         while True:
-            if names[0] == prov.ORT_NAMES["tensorrt"] and (build := prov.engine_note(self.manifest)):
+            if names[0] == prov.ORT_NAMES["tensorrt"] and tensorrt_version() and (build := prov.engine_note(self.manifest)):
                 log.warning(build)
             try:
                 sessions = tuple(self._session(role, opts, [(n, prov.provider_options(n, self.manifest, role, max_batch))
@@ -127,9 +129,13 @@ class Captioner:
     def _session(self, role: str, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
         path = self.manifest.path(self.manifest.graph(role)["file"])
         try:
-            return ort.InferenceSession(str(path), opts, providers=providers)
+            # onnxruntime's own fallback prints to stdout (it would corrupt --json) and hides the
+            # reason; ours says in one line which provider failed and why.
+            return ort.InferenceSession(str(path), opts, providers=providers, enable_fallback=0)
         except Exception as e:
-            raise _LoadError(path, (str(e).splitlines() or [type(e).__name__])[0]) from None
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            # "/onnxruntime_src/...cc:729 void f(Args&) Please install ..." -> "Please install ..."
+            raise _LoadError(path, re.sub(r"^\S+\.cc:\d+ [^)]*\)\s*", "", reason)) from None
 
     def graph_step(self, input_ids, past_key, past_value, cross_key, cross_value):
         """The decoder-step graph as a `GraphStep` (see runtime.search)."""

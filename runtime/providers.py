@@ -92,7 +92,8 @@ def check_session(session: ort.InferenceSession, requested: list[str], explicit:
     used = session.get_providers()
     if requested[0] in used:
         return None
-    msg = f"{LABELS[requested[0]]} failed to initialise (missing libraries?); running on {LABELS.get(used[0], used[0])}"
+    label, fallback = LABELS[requested[0]], LABELS.get(used[0], used[0])
     if explicit:
-        raise ProviderError(msg)
-    return f"provider: {msg}"
+        raise ProviderError(f"{label} failed to initialise (onnxruntime fell back to {fallback}); "
+                            "python -m runtime.doctor shows why")
+    return f"provider: {label} failed to initialise; running on {fallback} (python -m runtime.doctor shows why)"

@@ -93,11 +93,12 @@ class FailingGPUSessions:
         real = ort.InferenceSession
         monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
 
-        def session(path, opts, providers):
+        def session(path, opts, providers, **kwargs):
+            assert kwargs == {"enable_fallback": 0}, "onnxruntime's own fallback prints to stdout"
             first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
             if first in (TRT, CUDA):
                 raise RuntimeError(f"{first} init failed: libcudart.so.12: cannot open shared object file\ndetails")
-            return real(path, opts, providers=providers)
+            return real(path, opts, providers=providers, **kwargs)
 
         monkeypatch.setattr(ort, "InferenceSession", session)
 
