@@ -14,7 +14,7 @@ import onnxruntime as ort
 from . import providers as prov
 from .engine import DEFAULT_MODEL, Captioner
 from .gpu import cudnn_version, gpu, tensorrt_version
-from .manifest import PackageError
+from .manifest import GRAPHS, PackageError
 from .onnx_graph import graph_facts, tensorrt_problems
 
 
@@ -46,7 +46,7 @@ def report(model) -> tuple[dict, list[str]]:
     except (PackageError, prov.ProviderError) as e:
         return facts | {"model": str(model)}, problems + [str(e)]
     m = cap.manifest
-    hygiene = {role: tensorrt_problems(graph_facts(m.path(m.graph(role)["file"]))) for role in ("vision", "decoder")}
+    hygiene = {role: tensorrt_problems(graph_facts(m.path(m.graph(role)["file"]))) for role in GRAPHS}
     facts["model"] = {
         "path": str(m.root), "name": m.data.get("name"), "precision": m.data["precision"],
         "mib": round(sum(f["bytes"] for f in m.data["files"].values()) / 2**20, 1),

@@ -22,13 +22,12 @@ from tokenizers import Tokenizer
 from . import providers as prov
 from .gpu import tensorrt_version
 from .providers import ProviderError
-from .manifest import SCHEMA, PackageError, load_manifest
+from .manifest import GRAPHS, SCHEMA, PackageError, load_manifest
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels
 from .search import beam_search, cached, greedy, initial_state
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
 GENERATION_KEYS = tuple(SCHEMA["generation"])
-ROLES = ("vision", "decoder")
 log = logging.getLogger("edgecap")
 
 
@@ -95,8 +94,9 @@ class Captioner:
         (self.vision, self.decoder), fallbacks = self._load(names, provider != "auto", opts, max_batch)
         self.notes = [n for n in (note, *fallbacks) if n]
         self.provider = prov.LABELS[self.decoder.get_providers()[0]]
-        on_gpu = self.provider != "CPU"
-        self.device = ("cuda" if on_gpu else "cpu") if (on_gpu if io_binding is None else io_binding) else None
+        use_binding = self.provider != "CPU" if io_binding is None else io_binding
+        # Where bound caches live: GPU memory under CUDA/TensorRT; host memory when forced on CPU.
+        self.device = None if not use_binding else ("cpu" if self.provider == "CPU" else "cuda")
         try:
             self.tokenizer = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer["file"])))
         except Exception as e:
@@ -114,7 +114,7 @@ class Captioner:
                 log.warning(build)
             try:
                 sessions = tuple(self._session(role, opts, [(n, prov.provider_options(n, self.manifest, role, max_batch))
-                                                            for n in names]) for role in ROLES)
+                                                            for n in names]) for role in GRAPHS)
             except _LoadError as e:
                 if names[0] == prov.ORT_NAMES["cpu"]:
                     raise PackageError(f"{e.path}: ONNX Runtime cannot load it: {e.reason}") from None

@@ -12,6 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .gpu import gpu, tensorrt_version
+from .manifest import GRAPHS
 
 ORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 CHOICES = ("auto", *ORT_NAMES)
@@ -25,7 +26,7 @@ class ProviderError(Exception):
 def cache_dir(manifest) -> Path:
     """Engines and timing caches are only valid for these graphs, this onnxruntime, this
     TensorRT and this GPU: all of them key the folder, so a stale engine is never reused."""
-    graphs = [manifest.data["files"][manifest.graph(role)["file"]]["sha256"] for role in ("vision", "decoder")]
+    graphs = [manifest.data["files"][manifest.graph(role)["file"]]["sha256"] for role in GRAPHS]
     device = gpu() or {}
     key = ":".join([*graphs, ort.__version__, tensorrt_version() or "trt?", device.get("compute_capability", "sm?")])
     root = Path(os.environ.get("EDGECAP_CACHE_DIR", Path.home() / ".cache" / "edgecap"))
