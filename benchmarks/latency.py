@@ -33,7 +33,7 @@ def percentile(values, q):
 def measure(variants: dict, images: list, rounds: int) -> dict:
     """variants: name -> (vision_fn(image), caption_fn(image) -> tokens)."""
     samples = {name: {"vision_ms": [], "caption_ms": [], "ms_per_token": [], "tokens": []} for name in variants}
-    for name, (vision, caption) in variants.items():  # warm-up: allocations, thread pools, lazy init
+    for vision, caption in variants.values():  # warm-up: allocations, thread pools, lazy init
         vision(images[0])
         caption(images[0])
     for _ in range(rounds):

@@ -58,7 +58,7 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
     theirs = [t for img in usable for t in ref.generate([img], cfg.max_new_tokens, cfg.num_beams, cfg.length_penalty)]
     top1, diff = teacher_forced(captioner, ref, pixels, ref.pixels(usable), theirs)
     mismatches = [{"image": str(img), "runtime": captioner.tokenizer.decode(a), "reference": ref.tokenizer.decode(b)}
-                  for img, a, b in zip(usable, ours, theirs) if a != b]
+                  for img, a, b in zip(usable, ours, theirs, strict=True) if a != b]
     return {
         "images": len(usable),
         "exact_caption_match": 1 - len(mismatches) / len(usable),

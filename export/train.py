@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from runtime.search import cached, greedy, initial_state
 
-from .concepts import TOP_K, class_names, describe, sample_distribution, with_article
+from .concepts import class_names, describe, sample_distribution, with_article
 from .model import ConceptDecoder, DecoderConfig
 from .progress import Progress
 from .reference import torch_graph_step

@@ -211,6 +211,6 @@ class Captioner:
         if ok:
             tokens = self.generate(np.stack(pixels), cfg)
             ms = (time.perf_counter() - start) * 1000 / len(ok)
-            for r, t in zip(ok, tokens):
+            for r, t in zip(ok, tokens, strict=True):
                 r.tokens, r.text, r.ms = t, self.tokenizer.decode(t), ms
         return results

@@ -72,7 +72,7 @@ def cases(photo_paths, tmp_path_factory):
 def test_every_case_through_the_api(captioner, cases):
     paths = [p for p, _ in cases.values()]
     results = captioner.caption(paths)
-    for (name, (path, error)), result in zip(cases.items(), results):
+    for (name, (path, error)), result in zip(cases.items(), results, strict=True):
         assert result.image == str(path)
         if error is None:
             assert result.error is None and result.text, name
@@ -88,7 +88,7 @@ def test_every_case_through_the_cli(cases):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert [rec["image"] for rec in records] == paths
-    for (name, (_, error)), rec in zip(cases.items(), records):
+    for (name, (_, error)), rec in zip(cases.items(), records, strict=True):
         assert ("error" in rec) == (error is not None), (name, rec)
 
 
