@@ -1,16 +1,20 @@
-"""python -m benchmarks.parity --model PKG [--reference CKPT] IMAGE... [--json]
+"""python -m benchmarks.parity --model PKG [--reference CKPT] [IMAGE...] [--eval-set N] [--json]
 
 Runs eager PyTorch and the runtime side by side on the same images and prints:
 - exact_caption_match: fraction of images whose tokens are identical;
 - teacher_forced_top1: the reference's captions fed to the runtime's decoder graph
   in one pass; fraction of positions where both pick the same next token;
-- max_abs_logit_diff: the largest |logit| difference over those positions.
+- max_abs_logit_diff: the largest |logit| difference over those positions;
+- nan_or_inf, cache_agreement (the package's own greedy tokens with and without the
+  KV cache), size_mib per file: the fidelity report for reduced-precision packages.
 Without --reference the checkpoint is found from what the manifest records.
 """
 
 import argparse
 import json
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ from export.train import DEFAULT_CHECKPOINT
 from runtime import Captioner, ImageError
 from runtime.caption import expand
 from runtime.preprocess import load_pixels
-from runtime.search import initial_state, reorder
+from runtime.search import greedy, initial_state, reorder, uncached
 
 
 def teacher_forced(captioner: Captioner, ref: Reference, pixels: np.ndarray, ref_pixels, tokens: list[list[int]]):
@@ -35,8 +39,38 @@ def teacher_forced(captioner: Captioner, ref: Reference, pixels: np.ndarray, ref
         ref_logits = ref.graph_step(ids, *reorder(ref_state, row)[1:])[0]
         agree += int((ort_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
         total += ids.shape[1]
-        worst = max(worst, float(np.abs(ort_logits - ref_logits).max()))
+        worst = max(worst, float(np.abs(ort_logits - ref_logits).max()))  # NaN makes it NaN: reported
     return agree / total, worst
+
+
+def evaluation_images(n: int, folder: Path, seed: int = 0) -> list[str]:
+    """The fidelity set: 3/4 random crops (with flips) of scikit-image's photos, 1/4
+    generated images (noise, gradients). Nothing here was seen in training, which used
+    no images at all."""
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), *data.stereo_motorcycle()[:2],
+              data.hubble_deep_field(), data.immunohistochemistry(), data.retina(), data.camera(), data.coins(),
+              data.horse(), data.moon(), data.page(), data.text(), data.brick(), data.grass(), data.gravel(), data.cell()]
+    photos = [Image.fromarray(p if p.dtype == np.uint8 else (p * 255).astype(np.uint8)).convert("RGB") for p in photos]
+    rng, paths = np.random.default_rng(seed), []
+    for i in range(n):
+        if i % 4 == 3:
+            h, w = rng.integers(64, 400, 2)
+            image = Image.fromarray(np.cumsum(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), axis=i % 2).astype(np.uint8))
+        else:
+            image = photos[rng.integers(len(photos))]
+            w, h = image.size
+            s = rng.uniform(0.4, 1.0)
+            cw, ch = int(w * s), int(h * s)
+            x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+            image = image.crop((x0, y0, x0 + cw, y0 + ch))
+            if rng.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        paths.append(str(folder / f"eval{i:04d}.png"))
+        image.save(paths[-1])
+    return paths
 
 
 def run(model: Path, reference: Path | None, images: list[str], num_beams: int = 1, max_new_tokens: int | None = None):
@@ -55,6 +89,10 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
         raise SystemExit("error: no usable images")
     pixels = np.stack(pixels)
     ours = [t for i in range(len(usable)) for t in captioner.generate(pixels[i : i + 1], cfg)]
+    prompt = np.full((len(usable), 1), manifest["tokenizer"]["bos_id"], dtype=np.int64)
+    without_cache = greedy(uncached(captioner.graph_step), initial_state(*captioner.encode(pixels)), prompt,
+                           manifest["tokenizer"]["eos_id"], cfg.max_new_tokens)
+    with_cache = captioner.generate(pixels, replace(cfg, num_beams=1))
     theirs = [t for img in usable for t in ref.generate([img], cfg.max_new_tokens, cfg.num_beams, cfg.length_penalty)]
     top1, diff = teacher_forced(captioner, ref, pixels, ref.pixels(usable), theirs)
     mismatches = [{"image": str(img), "runtime": captioner.tokenizer.decode(a), "reference": ref.tokenizer.decode(b)}
@@ -64,6 +102,9 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
         "exact_caption_match": 1 - len(mismatches) / len(usable),
         "teacher_forced_top1": top1,
         "max_abs_logit_diff": diff,
+        "nan_or_inf": not np.isfinite(diff),
+        "cache_agreement": float(np.mean([a == b for a, b in zip(with_cache, without_cache, strict=True)])),
+        "size_mib": {name: round(f["bytes"] / 2**20, 2) for name, f in manifest["files"].items()},
         "num_beams": cfg.num_beams,
         "precision": manifest["precision"],
         "mismatches": mismatches,
@@ -73,20 +114,30 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument("images", nargs="*", metavar="IMAGE")
+    parser.add_argument("--eval-set", type=int, default=0, metavar="N",
+                        help="add N standard fidelity images (photo crops and generated ones)")
     parser.add_argument("--model", type=Path, required=True, help="model package folder")
     parser.add_argument("--reference", type=Path, default=None, help="training checkpoint (.pt)")
     parser.add_argument("--beams", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    result = run(args.model, args.reference, expand(args.images), args.beams, args.max_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        images = expand(args.images) + evaluation_images(args.eval_set, Path(tmp))
+        if not images:
+            parser.error("give images or --eval-set N")
+        result = run(args.model, args.reference, images, args.beams, args.max_tokens)
+        result["mismatches"] = [{**m, "image": Path(m["image"]).name} if m["image"].startswith(tmp) else m
+                                for m in result["mismatches"]]
     if args.json:
         print(json.dumps(result))
     else:
         print(f"images {result['images']}  exact caption match {result['exact_caption_match']:.1%}  "
               f"teacher-forced top-1 {result['teacher_forced_top1']:.2%}  "
-              f"max |logit diff| {result['max_abs_logit_diff']:.2e}  (beams {result['num_beams']})")
+              f"max |logit diff| {result['max_abs_logit_diff']:.2e}  cache agreement {result['cache_agreement']:.1%}  "
+              f"NaN/Inf {result['nan_or_inf']}  {result['precision']} {sum(result['size_mib'].values()):.1f} MiB  "
+              f"(beams {result['num_beams']})")
         for m in result["mismatches"]:
             print(f"  {m['image']}: runtime {m['runtime']!r} vs reference {m['reference']!r}")
     return 0

@@ -1,4 +1,4 @@
-"""python -m export {train,package} ... : the heavy side (torch, torchvision, onnx)."""
+"""python -m export {train,package,quantize} ... : the heavy side (torch, torchvision, onnx)."""
 
 import argparse
 import sys
@@ -17,16 +17,24 @@ def main(argv=None) -> int:
     pk = sub.add_parser("package", help="export the trained captioner to an ONNX model package")
     pk.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     pk.add_argument("--out", type=Path, required=True)
+    qz = sub.add_parser("quantize", help="a reduced-precision package from an fp32 one")
+    qz.add_argument("src", type=Path, help="fp32 model package")
+    qz.add_argument("--precision", choices=["fp16"], required=True)
+    qz.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
     if args.command == "train":
         from .train import train
 
         train(TrainConfig(steps=args.steps, seed=args.seed), args.out)
-    else:
+    elif args.command == "package":
         from .onnx_export import export_package
 
         export_package(args.checkpoint, args.out)
+    else:
+        from .quantize import quantize_package
+
+        quantize_package(args.src, args.precision, args.out)
     return 0
 
 

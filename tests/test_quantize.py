@@ -1,0 +1,43 @@
+"""Reduced-precision packages and their fidelity gate, on the trained default model,
+measured on 200 inputs it never saw (photo crops and generated images)."""
+
+import pytest
+
+from benchmarks.parity import evaluation_images, run
+from export.quantize import quantize_package
+from runtime import DEFAULT_MODEL, Captioner
+from runtime.manifest import load_manifest
+
+
+@pytest.fixture(scope="module")
+def fp16_package(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp16") / "pkg"
+    quantize_package(DEFAULT_MODEL, "fp16", out)
+    return out
+
+
+def test_fp16_package_is_complete_and_half_the_size(fp16_package):
+    fp16, fp32 = load_manifest(fp16_package).data, load_manifest(DEFAULT_MODEL).data
+    assert fp16["precision"] == "fp16" and fp16["source"]["quantization"]["from_files"] == fp32["files"]
+    size = lambda m: sum(f["bytes"] for f in m["files"].values())  # noqa: E731
+    assert size(fp16) < 0.55 * size(fp32)
+    for role in ("vision", "decoder"):  # FP32 at the boundary: the runtime and its KV cache are unchanged
+        assert fp16["graphs"][role]["inputs"] == fp32["graphs"][role]["inputs"]
+
+
+def test_fp16_gate_on_cpu(fp16_package, tmp_path):
+    """At least 98% identical captions vs FP32 eager, no NaN/Inf, cache == no cache."""
+    result = run(fp16_package, None, evaluation_images(200, tmp_path))
+    assert result["images"] == 200
+    assert result["exact_caption_match"] >= 0.98, result["mismatches"]
+    assert not result["nan_or_inf"]
+    assert result["cache_agreement"] == 1.0
+
+
+def test_fp16_runs_through_the_api(fp16_package, photo_paths):
+    assert "cat" in Captioner(fp16_package, provider="cpu").caption(photo_paths["chelsea"]).text.split()
+
+
+def test_only_fp32_packages_are_quantized(fp16_package, tmp_path):
+    with pytest.raises(SystemExit, match="is a fp16 package; start from an fp32 one"):
+        quantize_package(fp16_package, "fp16", tmp_path / "again")
