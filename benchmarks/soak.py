@@ -31,8 +31,8 @@ def rss_mib() -> float:
 
 
 def make_image(i: int, rng: np.random.Generator) -> bytes:
-    """Image i: smooth colour fields plus noise at a random size, in one of the modes;
-    every 50th is truncated, so the error path is soaked too."""
+    """Image i: smooth colour fields plus noise at a random size (a few beyond the aspect
+    limit), in one of the modes; every 50th is truncated, so the error path is soaked too."""
     h, w = int(rng.integers(16, 1200)), int(rng.integers(16, 1200))
     y, x = np.mgrid[0:h, 0:w]
     base = np.stack([(x * rng.integers(1, 4)) % 256, (y * rng.integers(1, 4)) % 256, (x + y) % 256], -1)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     verdict = "plateau" if result["trend_growth_after_200"] < 0.05 else "GROWING"
-    print(f"soak: {result['images']} images in {result['seconds']} s ({result['failed_as_expected']} broken on purpose), "
+    print(f"soak: {result['images']} images in {result['seconds']} s ({result['failed_as_expected']} refused: truncated or too elongated), "
           f"RSS {result['rss_at_200_mib']} MiB at 200, final {result['rss_final_mib']} MiB, "
           f"trend {result['trend_growth_after_200']:+.1%} ({verdict}), max {result['max_over_200']:+.1%} (noise)")
     return 0
