@@ -1,0 +1,49 @@
+"""pytest-benchmark suites for the hot functions (not part of the test run):
+
+    python -m pytest benchmarks/bench_hot.py --benchmark-enable --benchmark-columns=median,iqr,rounds
+
+Preprocessing, the vision graph, one decoder step with a half-full cache, and a whole
+caption at batch 1, greedy, on the bundled model and the default provider."""
+
+import numpy as np
+import pytest
+
+from runtime import DEFAULT_MODEL, Captioner
+from runtime.preprocess import load_pixels
+from runtime.search import cached, decode_one_token, initial_state, prefill
+
+SAMPLE = DEFAULT_MODEL.parent.parent / "samples" / "chelsea.jpg"
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    return Captioner(provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def pixels(captioner):
+    return load_pixels(SAMPLE, captioner.manifest.preprocess)[None]
+
+
+def test_preprocess(benchmark, captioner):
+    out = benchmark(load_pixels, SAMPLE, captioner.manifest.preprocess)
+    assert out.shape == (3, 224, 224)
+
+
+def test_vision_graph(benchmark, captioner, pixels):
+    key, _ = benchmark(captioner.encode, pixels)
+    assert key.shape[1] == 1
+
+
+def test_decode_one_token(benchmark, captioner, pixels):
+    step = cached(captioner.graph_step)
+    bos = captioner.manifest.tokenizer["bos_id"]
+    logits, state = prefill(step, initial_state(*captioner.encode(pixels)), np.array([[bos]]))
+    for _ in range(captioner.manifest.max_positions // 2):  # a half-full cache, like mid-caption
+        logits, state = decode_one_token(step, state, logits.argmax(-1))
+    out, _ = benchmark(decode_one_token, step, state, logits.argmax(-1))
+    assert out.shape == (1, captioner.tokenizer.get_vocab_size())
+
+
+def test_caption(benchmark, captioner):
+    assert "cat" in benchmark(captioner.caption, SAMPLE).text.split()
