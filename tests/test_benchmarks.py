@@ -13,8 +13,12 @@ def test_latency_quick_reports_both_variants(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--quick", "--json", str(out)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
-    results = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    results = report["results"]
     assert set(results) == {"eager PyTorch", "runtime FP32"}
+    process = report["meta"]["process"]  # memory, not speed: the lean process holds no torch
+    assert 0 < process["runtime_peak_rss_mib"] < process["eager_peak_rss_mib"]
+    assert process["runtime_cold_start_s"] > 0 and process["eager_cold_start_s"] > 0
     for r in results.values():
         assert 0 < r["vision_ms_median"] and 0 < r["ms_per_token_median"] < r["caption_ms_median"]
         assert r["caption_ms_median"] <= r["caption_ms_p90"]
