@@ -1,9 +1,11 @@
 """What the machine's CUDA and TensorRT libraries say about themselves, read with ctypes
 (no CUDA Python packages needed). Every function answers None where a library or a GPU
-is missing, so the same code runs on a CPU-only box."""
+is missing, so the same code runs on a CPU-only box. Answers are cached: they cannot
+change within a process, and each library lookup runs `ldconfig` (about 30 ms)."""
 
 import ctypes
 import ctypes.util
+from functools import cache
 
 
 def _load(*names):
@@ -19,6 +21,7 @@ def cuda_runtime():
     return _load("cudart", "cudart.so.12", "cudart.so.11.0")
 
 
+@cache
 def tensorrt_version() -> str | None:
     lib = _load("nvinfer", "nvinfer.so.10", "nvinfer.so.8")
     if lib is None:
@@ -27,11 +30,13 @@ def tensorrt_version() -> str | None:
     return f"{v // 10000}.{v // 100 % 100}.{v % 100}" if v >= 100000 else f"{v // 1000}.{v // 100 % 10}.{v % 100}"
 
 
+@cache
 def cudnn_version() -> str | None:
     lib = _load("cudnn", "cudnn.so.9", "cudnn.so.8")
     return None if lib is None else str(lib.cudnnGetVersion())
 
 
+@cache
 def gpu() -> dict | None:
     """{"name", "compute_capability", "cuda_runtime"} of device 0, or None."""
     lib = cuda_runtime()
