@@ -66,7 +66,8 @@ from runtime.manifest import load_manifest
 from runtime import DEFAULT_MODEL
 manifest = load_manifest(DEFAULT_MODEL).data
 ref = Reference(checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)
-print(ref.tokenizer.decode(ref.generate([sys.argv[1]], manifest["generation"]["max_new_tokens"])[0]))
+from runtime.search import GenerationConfig
+print(ref.decode(ref.generate([sys.argv[1]], GenerationConfig(manifest["generation"]["max_new_tokens"]))[0]))
 """
 # The child's own peak: VmHWM belongs to the exec'd address space. (ru_maxrss from wait4
 # would count the benchmark's own pages, torch included, from before the child's exec.)
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     images = sorted(SAMPLES.glob("*.jpg"))
     variants = {
         "eager PyTorch": (lambda i: ref.cross(ref.pixels([i])),
-                          lambda i: ref.generate([i], cfg.max_new_tokens)[0]),
+                          lambda i: ref.generate([i], cfg)[0]),
         "runtime FP32": (lambda i: captioner.encode(load_pixels(i, captioner.manifest.preprocess)[None]),
                          lambda i: captioner.caption(i).tokens),
     }

@@ -1,13 +1,14 @@
-"""python -m benchmarks.parity --model PKG [--reference CKPT] [IMAGE...] [--eval-set N] [--json]
+"""python -m benchmarks.parity --model PKG [--reference CKPT|HF_DIR] [IMAGE...] [--eval-set N] [--json]
 
-Runs eager PyTorch and the runtime side by side on the same images and prints:
+Runs eager PyTorch (for a Hugging Face package: transformers' own `generate` and image
+processor) and the runtime side by side on the same images and prints:
 - exact_caption_match: fraction of images whose tokens are identical;
 - teacher_forced_top1: the reference's captions fed to the runtime's decoder graph
   in one pass; fraction of positions where both pick the same next token;
 - max_abs_logit_diff: the largest |logit| difference over those positions;
 - nan_or_inf, cache_agreement (the package's own greedy tokens with and without the
   KV cache), size_mib per file: the fidelity report for reduced-precision packages.
-Without --reference the checkpoint is found from what the manifest records.
+Without --reference the bundled model's checkpoint is found from what the manifest records.
 """
 
 import argparse
@@ -27,16 +28,23 @@ from runtime.preprocess import load_pixels
 from runtime.search import greedy, initial_state, reorder, uncached
 
 
-def teacher_forced(captioner: Captioner, ref: Reference, pixels: np.ndarray, ref_pixels, tokens: list[list[int]]):
+def load_reference(reference: Path | None, manifest: dict):
+    """A Hugging Face folder, a training checkpoint, or (bundled model) the recorded checkpoint."""
+    if reference is not None and (reference / "config.json").is_file():
+        from export.hf import HFReference
+
+        return HFReference(reference, manifest)
+    return Reference(reference or checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)
+
+
+def teacher_forced(captioner: Captioner, ref, pixels: np.ndarray, ref_pixels, tokens: list[list[int]]):
     """Top-1 agreement and max |logit diff| along the reference's own captions."""
-    bos = ref.special["bos_id"]
     agree, total, worst = 0, 0, 0.0
     ort_state = initial_state(*captioner.encode(pixels))
-    ref_state = initial_state(*ref.cross(ref_pixels))
     for i, seq in enumerate(tokens):
-        ids, row = np.array([[bos, *seq]], dtype=np.int64), np.array([i])
+        ids, row = np.array([[*ref.prompt, *seq]], dtype=np.int64), np.array([i])
         ort_logits = captioner.graph_step(ids, *reorder(ort_state, row)[1:])[0]
-        ref_logits = ref.graph_step(ids, *reorder(ref_state, row)[1:])[0]
+        ref_logits = ref.logits(ref_pixels[i : i + 1], ids)
         agree += int((ort_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
         total += ids.shape[1]
         worst = max(worst, float(np.abs(ort_logits - ref_logits).max()))  # NaN makes it NaN: reported
@@ -76,7 +84,7 @@ def evaluation_images(n: int, folder: Path, seed: int = 0) -> list[str]:
 def run(model: Path, reference: Path | None, images: list[str], num_beams: int = 1, max_new_tokens: int | None = None):
     captioner = Captioner(model)
     manifest = captioner.manifest.data
-    ref = Reference(reference or checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)
+    ref = load_reference(reference, manifest)
     cfg = captioner.generation_config(max_new_tokens, num_beams)
     usable, pixels = [], []
     for image in images:
@@ -89,13 +97,13 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
         raise SystemExit("error: no usable images")
     pixels = np.stack(pixels)
     ours = [t for i in range(len(usable)) for t in captioner.generate(pixels[i : i + 1], cfg)]
-    prompt = np.full((len(usable), 1), manifest["tokenizer"]["bos_id"], dtype=np.int64)
+    prompt = np.tile(captioner.prompt, (len(usable), 1))
     without_cache = greedy(uncached(captioner.graph_step), initial_state(*captioner.encode(pixels)), prompt,
-                           manifest["tokenizer"]["eos_id"], cfg.max_new_tokens)
+                           manifest["tokenizer"]["eos_id"], replace(cfg, num_beams=1))
     with_cache = captioner.generate(pixels, replace(cfg, num_beams=1))
-    theirs = [t for img in usable for t in ref.generate([img], cfg.max_new_tokens, cfg.num_beams, cfg.length_penalty)]
+    theirs = [t for img in usable for t in ref.generate([img], cfg)]
     top1, diff = teacher_forced(captioner, ref, pixels, ref.pixels(usable), theirs)
-    mismatches = [{"image": str(img), "runtime": captioner.tokenizer.decode(a), "reference": ref.tokenizer.decode(b)}
+    mismatches = [{"image": str(img), "runtime": captioner.decode(a), "reference": ref.decode(b)}
                   for img, a, b in zip(usable, ours, theirs, strict=True) if a != b]
     return {
         "images": len(usable),
@@ -118,7 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-set", type=int, default=0, metavar="N",
                         help="add N standard fidelity images (photo crops and generated ones)")
     parser.add_argument("--model", type=Path, required=True, help="model package folder")
-    parser.add_argument("--reference", type=Path, default=None, help="training checkpoint (.pt)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="training checkpoint (.pt), or the Hugging Face folder the package was exported from")
     parser.add_argument("--beams", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--json", action="store_true")

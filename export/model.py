@@ -148,3 +148,6 @@ class Captioner(nn.Module):
 
     def vision(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decoder.cross_kv(self.decoder.memory(*self.concepts(pixels)))
+
+    def step(self, input_ids, past_key, past_value, cross_key, cross_value):
+        return self.decoder.step(input_ids, past_key, past_value, cross_key, cross_value)

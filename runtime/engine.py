@@ -12,7 +12,7 @@ several threads at once, so one instance can serve many threads.
 import logging
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +22,11 @@ from tokenizers import Tokenizer
 from . import providers as prov
 from .gpu import tensorrt_version
 from .providers import ProviderError
-from .manifest import GRAPHS, SCHEMA, PackageError, load_manifest
+from .manifest import GRAPHS, PackageError, load_manifest
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels
-from .search import beam_search, cached, greedy, initial_state
+from .search import GenerationConfig, cached, generate, initial_state
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
-GENERATION_KEYS = tuple(SCHEMA["generation"])
 log = logging.getLogger("edgecap")
 
 
@@ -45,11 +44,12 @@ class Caption:
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_new_tokens: int
-    num_beams: int = 1
-    length_penalty: float = 1.0
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization_spaces` rules."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
 
 
 class DeviceTensor:
@@ -101,7 +101,8 @@ class Captioner:
             self.tokenizer = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer["file"])))
         except Exception as e:
             raise PackageError(f"{self.manifest.root}: unusable tokenizer: {str(e).splitlines()[0]}") from None
-        self.defaults = GenerationConfig(**{k: self.manifest.generation[k] for k in GENERATION_KEYS})
+        self.defaults = GenerationConfig(**{f.name: self.manifest.generation[f.name] for f in fields(GenerationConfig)})
+        self.prompt = np.array(self.manifest.generation["prompt_ids"], dtype=np.int64)
         self._vision_io = (self.manifest.input_names("vision"), [o["name"] for o in self.manifest.graph("vision")["outputs"]])
         self._decoder_io = (self.manifest.input_names("decoder"), [o["name"] for o in self.manifest.graph("decoder")["outputs"]])
 
@@ -170,19 +171,24 @@ class Captioner:
     def generation_config(self, max_new_tokens=None, num_beams=None, length_penalty=None) -> GenerationConfig:
         given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
         cfg = replace(self.defaults, **{k: v for k, v in given.items() if v is not None})
-        if not 1 <= cfg.max_new_tokens <= self.manifest.max_positions:
-            raise ValueError(f"max tokens must be between 1 and {self.manifest.max_positions} for this model")
+        # The prompt takes positions too; the last generated token is never fed back.
+        limit = self.manifest.max_positions - len(self.prompt) + 1
+        if not 1 <= cfg.max_new_tokens <= limit:
+            raise ValueError(f"max tokens must be between 1 and {limit} for this model")
         if cfg.num_beams < 1:
             raise ValueError("beams must be at least 1")
         return cfg
 
     def generate(self, pixels: np.ndarray, cfg: GenerationConfig) -> list[list[int]]:
-        state = initial_state(*self.encode(pixels))
-        prompt = np.full((pixels.shape[0], 1), self.manifest.tokenizer["bos_id"], dtype=np.int64)
-        eos, step = self.manifest.tokenizer["eos_id"], cached(self.graph_step)
-        if cfg.num_beams == 1:
-            return greedy(step, state, prompt, eos, cfg.max_new_tokens)
-        return beam_search(step, state, prompt, eos, cfg.max_new_tokens, cfg.num_beams, cfg.length_penalty)
+        prompt = np.tile(self.prompt, (pixels.shape[0], 1))
+        return generate(cached(self.graph_step), initial_state(*self.encode(pixels)), prompt,
+                        self.manifest.tokenizer["eos_id"], cfg)
+
+    def decode(self, tokens: list[int]) -> str:
+        """Text as transformers' `decode(prompt + tokens, skip_special_tokens=True)` gives it:
+        a text prompt (BLIP's "a picture of") is part of the caption."""
+        text = self.tokenizer.decode([*self.manifest.generation["prompt_ids"], *tokens])
+        return clean_up_tokenization(text) if self.manifest.tokenizer["clean_up_spaces"] else text
 
     def caption(self, images, max_new_tokens=None, num_beams=None, length_penalty=None, batch_size: int = 8):
         """One image -> Caption (raises ImageError); a list -> list of Caption, where a
@@ -212,5 +218,5 @@ class Captioner:
             tokens = self.generate(np.stack(pixels), cfg)
             ms = (time.perf_counter() - start) * 1000 / len(ok)
             for r, t in zip(ok, tokens, strict=True):
-                r.tokens, r.text, r.ms = t, self.tokenizer.decode(t), ms
+                r.tokens, r.text, r.ms = t, self.decode(t), ms
         return results

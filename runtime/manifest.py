@@ -13,7 +13,7 @@ from pathlib import Path
 from .onnx_graph import ProtoError, graph_facts
 
 FORMAT = "edgecap-model-package"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prompt_ids, HF generation settings, exact-size resize
 MANIFEST = "manifest.json"
 REQUIRED = ("format", "format_version", "precision", "files", "graphs", "dims", "decoder", "preprocess", "tokenizer",
             "generation")
@@ -75,23 +75,35 @@ def package_file(root: Path, name: str) -> Path:
 # Every field the runtime reads, with its type: checked up front so that a malformed
 # manifest is one clear error, not a KeyError deep in session setup.
 SCHEMA = {
-    "preprocess": {"resize_shorter": int, "crop": list, "resample": str, "rescale": float, "mean": list, "std": list},
-    "tokenizer": {"file": str, "bos_id": int, "eos_id": int, "pad_id": int},
-    "generation": {"max_new_tokens": int, "num_beams": int, "length_penalty": (int, float)},
+    # resize: an int sets the shorter side (aspect kept), [h, w] an exact size, as torchvision's Resize.
+    # crop_offset: "round" is torchvision's CenterCrop, "floor" transformers' center_crop.
+    "preprocess": {"resize": (int, list), "crop": (list, type(None)), "crop_offset": str, "resample": str,
+                   "rescale": float, "mean": list, "std": list},
+    "tokenizer": {"file": str, "eos_id": int, "clean_up_spaces": bool},
+    "generation": {"prompt_ids": list, "max_new_tokens": int, "num_beams": int, "length_penalty": (int, float),
+                   "early_stopping": (bool, str), "no_repeat_ngram_size": int},
     "decoder": {"max_positions": int},
 }
 GRAPHS = ("vision", "decoder")
-RESAMPLE = ("bilinear", "bicubic")
+CHOICES = {("preprocess", "resample"): ("bilinear", "bicubic"), ("preprocess", "crop_offset"): ("round", "floor"),
+           ("generation", "early_stopping"): (True, False, "never")}
+
+
+def has_type(value, kind) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return bool in kinds if isinstance(value, bool) else isinstance(value, kinds)
 
 
 def check_schema(root: Path, data: dict) -> None:
     for section, keys in SCHEMA.items():
         for key, kind in keys.items():
             value = data[section][key]
-            if not isinstance(value, kind) or isinstance(value, bool):
+            if not has_type(value, kind) or value in ([], ""):
                 raise PackageError(f"{root}: manifest field {section}.{key} has the wrong type")
-    if data["preprocess"]["resample"] not in RESAMPLE:
-        raise PackageError(f"{root}: unknown resample {data['preprocess']['resample']!r}")
+            if (section, key) in CHOICES and value not in CHOICES[section, key]:
+                raise PackageError(f"{root}: manifest field {section}.{key} has an unknown value {value!r}")
+    if not all(has_type(i, int) for i in data["generation"]["prompt_ids"]):
+        raise PackageError(f"{root}: manifest field generation.prompt_ids must list token ids")
     for role in GRAPHS:
         graph = data["graphs"][role]
         if not isinstance(graph["file"], str) or not all(isinstance(i["name"], str) for i in graph["inputs"]):

@@ -77,20 +77,28 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise ImageError(f"cannot convert image to RGB: {type(e).__name__}: {e}") from None
 
 
-def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
-    """torchvision's Resize(int): shorter side to `shorter`, longer side truncated."""
+def resized_size(width: int, height: int, resize: int | list[int]) -> tuple[int, int]:
+    """(width, height) after torchvision's Resize(resize): an int sets the shorter side
+    (the longer one truncated, as transformers' shortest_edge does too), [h, w] is exact."""
+    if isinstance(resize, list):
+        return resize[1], resize[0]
     if width <= height:
-        return shorter, int(shorter * height / width)
-    return int(shorter * width / height), shorter
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def crop_offset(size: int, crop: int, rule: str) -> int:
+    return (size - crop) // 2 if rule == "floor" else int(round((size - crop) / 2.0))
 
 
 def to_pixels(image: Image.Image, spec: dict) -> np.ndarray:
     """RGB PIL image -> float32 (3, H, W) as the manifest's `preprocess` says."""
-    size = resized_size(*image.size, spec["resize_shorter"])
+    size = resized_size(*image.size, spec["resize"])
     image = image.resize(size, RESAMPLE[spec["resample"]])
-    crop_h, crop_w = spec["crop"]
-    top, left = int(round((size[1] - crop_h) / 2.0)), int(round((size[0] - crop_w) / 2.0))
-    image = image.crop((left, top, left + crop_w, top + crop_h))
+    if spec["crop"]:
+        crop_h, crop_w = spec["crop"]
+        top, left = crop_offset(size[1], crop_h, spec["crop_offset"]), crop_offset(size[0], crop_w, spec["crop_offset"])
+        image = image.crop((left, top, left + crop_w, top + crop_h))
     x = np.asarray(image, dtype=np.float32) / np.float32(round(1 / spec["rescale"]))
     x = (x - np.asarray(spec["mean"], dtype=np.float32)) / np.asarray(spec["std"], dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))

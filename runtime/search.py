@@ -10,9 +10,21 @@ the same search runs over ONNX Runtime and over the eager reference, and the
 with-cache and without-cache paths differ in nothing else.
 """
 
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Hugging Face `generate` semantics for the settings a package may carry."""
+
+    max_new_tokens: int
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never", as in transformers
+    no_repeat_ngram_size: int = 0
 
 
 class State(NamedTuple):
@@ -70,6 +82,20 @@ def prefill(step: Step, state: State, prompt: np.ndarray) -> tuple[np.ndarray, S
     return step(state, prompt)
 
 
+def ban_repeated_ngrams(scores: np.ndarray, tokens: np.ndarray, n: int) -> np.ndarray:
+    """transformers' NoRepeatNGramLogitsProcessor: a token that would complete an n-gram
+    already present in the row (prompt included) gets -inf."""
+    if n <= 0 or tokens.shape[1] + 1 < n:
+        return scores
+    scores = scores.copy()
+    for row, seq in enumerate(tokens.tolist()):
+        prefix = tuple(seq[len(seq) - n + 1 :])
+        for i in range(len(seq) - n + 1):
+            if tuple(seq[i : i + n - 1]) == prefix:
+                scores[row, seq[i + n - 1]] = -np.inf
+    return scores
+
+
 def pick_next_token(logits: np.ndarray) -> np.ndarray:
     """Greedy choice; argmax takes the first of equal maxima, like torch.argmax."""
     return logits.argmax(axis=-1)
@@ -84,26 +110,29 @@ def until_eos(row, eos_id: int) -> list[int]:
     return row[: row.index(eos_id)] if eos_id in row else row
 
 
-def greedy(step: Step, state: State, prompt: np.ndarray, eos_id: int, max_new_tokens: int) -> list[list[int]]:
+def greedy(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: GenerationConfig) -> list[list[int]]:
     """Batched greedy decoding; rows that reach EOS keep feeding EOS until all are done."""
     logits, state = prefill(step, state, prompt)
-    out = np.full((prompt.shape[0], max_new_tokens), eos_id, dtype=np.int64)
+    out = np.full((prompt.shape[0], cfg.max_new_tokens), eos_id, dtype=np.int64)
     done = np.zeros(prompt.shape[0], dtype=bool)
-    for t in range(max_new_tokens):
+    for t in range(cfg.max_new_tokens):
+        logits = ban_repeated_ngrams(logits, state.tokens, cfg.no_repeat_ngram_size)
         token = np.where(done, eos_id, pick_next_token(logits))
         out[:, t] = token
         done |= token == eos_id
-        if done.all() or t == max_new_tokens - 1:
+        if done.all() or t == cfg.max_new_tokens - 1:
             break
         logits, state = decode_one_token(step, state, token)
     return [until_eos(row, eos_id) for row in out]
 
 
 class Hypotheses:
-    """The best `size` finished beams of one image, scored sum(logp) / length**penalty."""
+    """The best `size` finished beams of one image, scored sum(logp) / length**penalty,
+    where length counts the generated tokens including EOS (as transformers does)."""
 
-    def __init__(self, size: int, length_penalty: float):
-        self.size, self.length_penalty, self.items = size, length_penalty, []
+    def __init__(self, size: int, cfg: GenerationConfig):
+        self.size, self.length_penalty, self.items = size, cfg.length_penalty, []
+        self.early_stopping, self.max_new_tokens = cfg.early_stopping, cfg.max_new_tokens
 
     def add(self, tokens: list[int], sum_logprobs: float, length: int) -> None:
         self.items.append((sum_logprobs / length**self.length_penalty, tokens))
@@ -111,29 +140,38 @@ class Hypotheses:
         del self.items[self.size :]
 
     def is_done(self, best_running: float, length: int) -> bool:
-        """No running beam can still beat the worst kept hypothesis."""
-        full = len(self.items) == self.size
-        return full and self.items[-1][0] >= best_running / length**self.length_penalty
+        """transformers' stopping rule: with early_stopping=True as soon as `size` beams have
+        finished; otherwise when the best running beam, scored at the current length (or,
+        for "never" with a positive penalty, at the longest possible), cannot beat the worst."""
+        if len(self.items) < self.size:
+            return False
+        if self.early_stopping is True:
+            return True
+        if self.early_stopping == "never" and self.length_penalty > 0:
+            length = self.max_new_tokens
+        return self.items[-1][0] >= best_running / length**self.length_penalty
 
     def best(self) -> list[int]:
         return self.items[0][1]
 
 
-def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, max_new_tokens: int,
-                num_beams: int, length_penalty: float = 1.0) -> list[list[int]]:
-    """Batched beam search. Rows are image-major (image b's beams are b*K .. b*K+K-1);
-    a finished image keeps its rows (fed EOS) until every image is done."""
-    n, k = prompt.shape[0], num_beams
+def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: GenerationConfig) -> list[list[int]]:
+    """Batched beam search, token for token what transformers' `generate` picks. Rows are
+    image-major (image b's beams are b*K .. b*K+K-1); a finished image keeps its rows
+    (fed EOS) until every image is done."""
+    n, k, max_new_tokens = prompt.shape[0], cfg.num_beams, cfg.max_new_tokens
     rows = np.repeat(np.arange(n), k)
     state, ids = reorder(state, rows), prompt[rows]
     scores = np.tile(np.array([0.0] + [-np.inf] * (k - 1), dtype=np.float32), n)
     generated = np.zeros((n * k, 0), dtype=np.int64)
-    hyps = [Hypotheses(k, length_penalty) for _ in range(n)]
+    hyps = [Hypotheses(k, cfg) for _ in range(n)]
     done = np.zeros(n, dtype=bool)
     logits, state = prefill(step, state, ids)
     for t in range(max_new_tokens):
         vocab = logits.shape[-1]
-        flat = (log_softmax(logits) + scores[:, None]).reshape(n, k * vocab)
+        # As in transformers, banned n-grams are masked after normalisation.
+        logprobs = ban_repeated_ngrams(log_softmax(logits), state.tokens, cfg.no_repeat_ngram_size)
+        flat = (logprobs + scores[:, None]).reshape(n, k * vocab)
         # 2K candidates guarantee K that are not EOS (at most one EOS per beam).
         top = np.argpartition(-flat, 2 * k, axis=1)[:, : 2 * k]
         top = np.take_along_axis(top, np.argsort(-np.take_along_axis(flat, top, 1), 1, kind="stable"), 1)
@@ -160,3 +198,10 @@ def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, max_n
         for j in range(k):
             hyps[b].add(generated[b * k + j].tolist(), float(scores[b * k + j]), max_new_tokens)
     return [until_eos(h.best(), eos_id) for h in hyps]
+
+
+def generate(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: GenerationConfig) -> list[list[int]]:
+    """Generated tokens per row (prompt and EOS excluded)."""
+    if cfg.num_beams == 1:
+        return greedy(step, state, prompt, eos_id, cfg)
+    return beam_search(step, state, prompt, eos_id, cfg)

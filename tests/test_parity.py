@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from runtime.preprocess import load_pixels
-from runtime.search import beam_search, greedy, initial_state, uncached
+from runtime.search import generate, initial_state, uncached
 
 
 def runtime_tokens(captioner, paths, num_beams=1):
@@ -14,11 +14,11 @@ def runtime_tokens(captioner, paths, num_beams=1):
 
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_runtime_equals_eager_pytorch(captioner, reference, image_paths, num_beams):
-    max_new = captioner.defaults.max_new_tokens
+    cfg = captioner.generation_config(num_beams=num_beams)
     for path in image_paths:
-        want = reference.generate([path], max_new, num_beams)[0]
+        want = reference.generate([path], cfg)[0]
         got = runtime_tokens(captioner, [path], num_beams)[0]
-        assert got == want, f"{path.name}: {captioner.tokenizer.decode(got)!r} != {reference.tokenizer.decode(want)!r}"
+        assert got == want, f"{path.name}: {captioner.decode(got)!r} != {reference.decode(want)!r}"
         assert want, f"{path.name}: empty caption"
 
 
@@ -35,14 +35,9 @@ def test_teacher_forced_logits_match(captioner, reference, photo_paths):
 def test_kv_cache_equals_recomputing_the_prefix(captioner, image_paths, num_beams):
     pixels = np.stack([load_pixels(p, captioner.manifest.preprocess) for p in image_paths])
     cfg = captioner.generation_config(num_beams=num_beams)
-    prompt = np.full((len(image_paths), 1), captioner.manifest.tokenizer["bos_id"], dtype=np.int64)
+    prompt = np.tile(captioner.prompt, (len(image_paths), 1))
     state, eos = initial_state(*captioner.encode(pixels)), captioner.manifest.tokenizer["eos_id"]
-    step = uncached(captioner.graph_step)
-    if num_beams == 1:
-        without_cache = greedy(step, state, prompt, eos, cfg.max_new_tokens)
-    else:
-        without_cache = beam_search(step, state, prompt, eos, cfg.max_new_tokens, num_beams, cfg.length_penalty)
-    assert captioner.generate(pixels, cfg) == without_cache
+    assert captioner.generate(pixels, cfg) == generate(uncached(captioner.graph_step), state, prompt, eos, cfg)
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])

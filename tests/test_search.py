@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from runtime.search import beam_search, cached, greedy, initial_state, log_softmax, uncached
+from runtime.search import GenerationConfig, beam_search, cached, generate, greedy, initial_state, log_softmax, uncached
 
 VOCAB, EOS, BOS = 4, 0, 3
 
@@ -57,14 +57,15 @@ def test_wide_beam_search_is_exhaustive(length_penalty):
     step = toy_graph_step(1)
     for image in range(6):
         # 3 non-EOS tokens, 3 steps: 36 beams never prune anything.
-        got = beam_search(uncached(step), toy_state([image]), np.array([[BOS]]), EOS, 3, 36, length_penalty)[0]
+        cfg = GenerationConfig(max_new_tokens=3, num_beams=36, length_penalty=length_penalty)
+        got = beam_search(uncached(step), toy_state([image]), np.array([[BOS]]), EOS, cfg)[0]
         assert got == exhaustive_best(step, image, 3, length_penalty)
 
 
 def test_greedy_takes_the_argmax_path_and_stops_at_eos():
     step = toy_graph_step(2)
     for image in range(8):
-        got = greedy(uncached(step), toy_state([image]), np.array([[BOS]]), EOS, 6)[0]
+        got = greedy(uncached(step), toy_state([image]), np.array([[BOS]]), EOS, GenerationConfig(6))[0]
         prefix = []
         while len(prefix) < 6:
             nxt = int(toy_logprobs(step, image, prefix).argmax())
@@ -81,9 +82,7 @@ def test_batched_search_equals_one_image_at_a_time(beams):
     prompt = np.full((len(images), 1), BOS)
 
     def search(state, p):
-        if beams == 1:
-            return greedy(step, state, p, EOS, 8)
-        return beam_search(step, state, p, EOS, 8, beams, 1.0)
+        return generate(step, state, p, EOS, GenerationConfig(max_new_tokens=8, num_beams=beams))
 
     batched = search(toy_state(images), prompt)
     single = [search(toy_state([i]), prompt[:1])[0] for i in images]
@@ -101,8 +100,8 @@ def test_cached_and_uncached_feed_the_graph_differently():
         present = np.zeros((layers, n, heads, past + input_ids.shape[1], dim), np.float32)
         return np.tile(np.float32([0, 1, 0, 0]), (n, input_ids.shape[1], 1)), present, present
 
-    greedy(cached(spy), toy_state([0]), np.array([[BOS]]), EOS, 3)
+    greedy(cached(spy), toy_state([0]), np.array([[BOS]]), EOS, GenerationConfig(3))
     assert seen == [(1, 0), (1, 1), (1, 2)]
     seen.clear()
-    greedy(uncached(spy), toy_state([0]), np.array([[BOS]]), EOS, 3)
+    greedy(uncached(spy), toy_state([0]), np.array([[BOS]]), EOS, GenerationConfig(3))
     assert seen == [(1, 0), (2, 0), (3, 0)]
