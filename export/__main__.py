@@ -1,4 +1,5 @@
-"""python -m export {train,package,quantize} ... : the heavy side (torch, torchvision, onnx)."""
+"""python -m export {train,package,quantize,hf,random-hf} ... : the heavy side (torch, torchvision,
+transformers, onnx)."""
 
 import argparse
 import sys
@@ -21,6 +22,15 @@ def main(argv=None) -> int:
     qz.add_argument("src", type=Path, help="fp32 model package")
     qz.add_argument("--precision", choices=["fp16"], required=True)
     qz.add_argument("--out", type=Path, required=True)
+    hf = sub.add_parser("hf", help="export a local Hugging Face captioner folder (VisionEncoderDecoder, BLIP)")
+    hf.add_argument("src", type=Path, help="folder with config.json, weights, tokenizer, preprocessor_config.json")
+    hf.add_argument("--out", type=Path, required=True)
+    hf.add_argument("--prompt", default=None, help='BLIP text prefix, e.g. "a picture of" (as the pipeline takes it)')
+    rh = sub.add_parser("random-hf", help="build a random-weight Hugging Face captioner folder offline (tests, benchmarks)")
+    rh.add_argument("out", type=Path)
+    rh.add_argument("--encoder", choices=["vit", "deit", "swin", "blip"], default="vit")
+    rh.add_argument("--decoder", choices=["gpt2", "bert"], default="gpt2")
+    rh.add_argument("--size", choices=["tiny", "base"], default="tiny")
     args = parser.parse_args(argv)
 
     if args.command == "train":
@@ -31,10 +41,21 @@ def main(argv=None) -> int:
         from .onnx_export import export_package
 
         export_package(args.checkpoint, args.out)
-    else:
+    elif args.command == "quantize":
         from .quantize import quantize_package
 
         quantize_package(args.src, args.precision, args.out)
+    elif args.command == "hf":
+        from .hf import export_hf
+
+        export_hf(args.src, args.out, args.prompt)
+    else:
+        from .hf_random import build_blip, build_vision_encoder_decoder
+
+        if args.encoder == "blip":
+            build_blip(args.out, args.size)
+        else:
+            build_vision_encoder_decoder(args.out, args.encoder, args.decoder, args.size)
     return 0
 
 

@@ -176,27 +176,27 @@ def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: 
         top = np.argpartition(-flat, 2 * k, axis=1)[:, : 2 * k]
         top = np.take_along_axis(top, np.argsort(-np.take_along_axis(flat, top, 1), 1, kind="stable"), 1)
         src, tok = np.arange(n * k), np.full(n * k, eos_id, dtype=np.int64)
+        last = t == max_new_tokens - 1
         for b in np.flatnonzero(~done):
             chosen = []
             for rank, c in enumerate(top[b]):
                 beam, token = divmod(int(c), vocab)
-                if token == eos_id:
-                    if rank < k:
-                        hyps[b].add(generated[b * k + beam].tolist(), float(flat[b, c]), t + 1)
-                    continue
-                chosen.append((b * k + beam, token, flat[b, c]))
+                # A candidate finishes on EOS, or at the length limit whatever it is; as in
+                # transformers, only the step's K best candidates can finish.
+                if (token == eos_id or last) and rank < k:
+                    tokens = generated[b * k + beam].tolist() + ([] if token == eos_id else [token])
+                    hyps[b].add(tokens, float(flat[b, c]), t + 1)
+                if token != eos_id:
+                    chosen.append((b * k + beam, token, flat[b, c]))
                 if len(chosen) == k:
                     break
             for j, (row, token, score) in enumerate(chosen):
                 src[b * k + j], tok[b * k + j], scores[b * k + j] = row, token, score
             done[b] = hyps[b].is_done(float(chosen[0][2]), t + 1)
-        generated = np.concatenate([generated[src], tok[:, None]], axis=1)
-        if done.all() or t == max_new_tokens - 1:
+        if done.all() or last:
             break
+        generated = np.concatenate([generated[src], tok[:, None]], axis=1)
         logits, state = decode_one_token(step, reorder(state, src), tok)
-    for b in np.flatnonzero(~done):  # out of tokens: running beams compete too
-        for j in range(k):
-            hyps[b].add(generated[b * k + j].tolist(), float(scores[b * k + j]), max_new_tokens)
     return [until_eos(h.best(), eos_id) for h in hyps]
 
 

@@ -3,6 +3,9 @@
 
 from pathlib import Path
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -10,6 +13,24 @@ from PIL import Image, ImageDraw
 from runtime import DEFAULT_MODEL, Captioner
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def caption_without_torch(*args) -> subprocess.CompletedProcess:
+    """`python -m runtime.caption ARGS` with torch, torchvision and transformers made
+    unimportable; fails if any of them ends up imported anyway."""
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from runtime.caption import main
+rc = main({[str(a) for a in args]!r})
+assert not {{'torch', 'transformers', 'torchvision'}} & set(sys.modules), sorted(sys.modules)
+sys.exit(rc)
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
 def _photos():

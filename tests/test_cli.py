@@ -8,7 +8,7 @@ import sys
 import onnxruntime as ort
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, caption_without_torch
 
 
 def caption(*args):
@@ -76,19 +76,6 @@ def test_unavailable_explicit_provider_exits_2(photo_paths):
 
 
 def test_runs_without_torch_or_transformers(photo_paths):
-    """Import of torch/transformers is made impossible, then the CLI captions."""
-    code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-from runtime.caption import main
-rc = main([{str(photo_paths['chelsea'])!r}, '--json'])
-assert not {{'torch', 'transformers', 'torchvision'}} & set(sys.modules), sorted(sys.modules)
-sys.exit(rc)
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = caption_without_torch(photo_paths["chelsea"], "--json")
     assert r.returncode == 0, r.stderr
     assert "cat" in json.loads(r.stdout)["caption"]

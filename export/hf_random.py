@@ -1,0 +1,139 @@
+"""Hugging Face captioner folders with random weights, built offline from configs: the
+architectures real users bring (nlpconnect/vit-gpt2-image-captioning, BLIP-base), for
+tests and benchmarks, since no pretrained captioner can be downloaded here.
+
+    python -m export random-hf OUT --encoder vit --decoder gpt2 [--size base]
+
+Random weights make a poor parity subject: greedy output repeats one token whatever the
+image and never ends. `conditioned=True` widens the weight init (captions vary by image,
+top-1 margins are not near-ties) and raises the EOS logit until captions end at different
+lengths, so that parity also covers finished beams, length penalty and early stopping.
+"""
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from .concepts import class_names
+
+TINY = {"hidden": 32, "layers": 2, "heads": 2, "image": 32, "patch": 8, "vocab": 400}
+BASE = {"hidden": 768, "layers": 12, "heads": 12, "image": 224, "patch": 16, "vocab": 50257}
+
+
+def corpus() -> list[str]:
+    return [f"a photo of a {name}" for name in class_names()]
+
+
+def byte_level_tokenizer(vocab: int):
+    """GPT-2's scheme: byte-level BPE, <|endoftext|> as BOS, EOS and pad."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def wordpiece_tokenizer(vocab: int):
+    """BERT's scheme ([PAD] 0, [CLS] ... [SEP]) plus BLIP's [DEC] start token."""
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=special,
+                                                                show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+        ("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]",
+                                   clean_up_tokenization_spaces=True)
+
+
+def boost_eos(lm, eos: int) -> None:
+    """Make EOS compete: GPT-2's (untied) output row scaled, BERT's output bias raised."""
+    with torch.no_grad():
+        if hasattr(lm, "lm_head"):
+            lm.lm_head.weight[eos] *= 2.5
+        else:
+            lm.cls.predictions.decoder.bias[eos] += 3.5
+
+
+def encoder_config(kind: str, s: dict, init: float):
+    from transformers import DeiTConfig, SwinConfig, ViTConfig
+
+    if kind == "swin":
+        return SwinConfig(image_size=s["image"], patch_size=s["patch"] // 2, embed_dim=s["hidden"] // 2, depths=[1, 1],
+                          num_heads=[1, 2], window_size=2, initializer_range=init)
+    cls = {"vit": ViTConfig, "deit": DeiTConfig}[kind]
+    return cls(image_size=s["image"], patch_size=s["patch"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+               num_attention_heads=s["heads"], intermediate_size=4 * s["hidden"], initializer_range=init)
+
+
+def build_vision_encoder_decoder(out: Path, encoder: str = "vit", decoder: str = "gpt2", size: str = "tiny",
+                                 conditioned: bool = True, seed: int = 0) -> Path:
+    from transformers import (BertConfig, DeiTImageProcessor, GPT2Config, ViTImageProcessor, VisionEncoderDecoderConfig,
+                              VisionEncoderDecoderModel)
+
+    s, init = (TINY if size == "tiny" else BASE), (0.3 if conditioned else 0.02)
+    torch.manual_seed(seed)
+    if decoder == "gpt2":
+        tok = byte_level_tokenizer(s["vocab"])
+        dec = GPT2Config(vocab_size=len(tok), n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
+                         n_positions=64 if size == "tiny" else 1024, add_cross_attention=True, initializer_range=init,
+                         tie_word_embeddings=not conditioned,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        start, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    else:
+        tok = wordpiece_tokenizer(s["vocab"])
+        dec = BertConfig(vocab_size=len(tok), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                         num_attention_heads=s["heads"], intermediate_size=4 * s["hidden"],
+                         max_position_embeddings=64 if size == "tiny" else 512, is_decoder=True,
+                         add_cross_attention=True, initializer_range=init)
+        start, eos, pad = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder_config(encoder, s, init), dec)
+    config.decoder_start_token_id, config.eos_token_id, config.pad_token_id = start, eos, pad
+    model = VisionEncoderDecoderModel(config=config).eval()
+    if conditioned:
+        boost_eos(model.decoder, eos)
+    model.generation_config.update(decoder_start_token_id=start, eos_token_id=eos, pad_token_id=pad, max_length=16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    if encoder == "deit":  # DeiT's own processor: resize, then a centre crop
+        DeiTImageProcessor(size={"height": s["image"] * 8 // 7, "width": s["image"] * 8 // 7},
+                           crop_size={"height": s["image"], "width": s["image"]}).save_pretrained(out)
+    else:
+        ViTImageProcessor(size={"height": s["image"], "width": s["image"]}, image_mean=[0.5] * 3,
+                          image_std=[0.5] * 3).save_pretrained(out)
+    return out
+
+
+def build_blip(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0) -> Path:
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
+
+    s, init = (TINY if size == "tiny" else BASE), (0.3 if conditioned else 0.02)
+    torch.manual_seed(seed)
+    tok = wordpiece_tokenizer(s["vocab"] if size == "tiny" else 30524)
+    text = {"vocab_size": len(tok), "hidden_size": s["hidden"], "num_hidden_layers": s["layers"],
+            "num_attention_heads": s["heads"], "intermediate_size": 4 * s["hidden"], "encoder_hidden_size": s["hidden"],
+            "max_position_embeddings": 64 if size == "tiny" else 512, "initializer_range": init,
+            "bos_token_id": tok.bos_token_id, "sep_token_id": tok.sep_token_id, "eos_token_id": tok.sep_token_id,
+            "pad_token_id": tok.pad_token_id}
+    vision = {"hidden_size": s["hidden"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
+              "intermediate_size": 4 * s["hidden"], "image_size": s["image"], "patch_size": s["patch"],
+              "initializer_range": init}
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, initializer_range=init)).eval()
+    if conditioned:
+        boost_eos(model.text_decoder, tok.sep_token_id)
+    model.generation_config.update(max_length=16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    BlipImageProcessor(size={"height": s["image"], "width": s["image"]}).save_pretrained(out)
+    return out

@@ -1,0 +1,184 @@
+"""Hugging Face captioners exported from a local folder: token-for-token parity with
+transformers' own `generate` (greedy and beam 4, batch 1 and 3), logits, the checkpoint's
+generation settings as package defaults, and clear refusals.
+
+The folders are built offline with random weights (export.hf_random), conditioned so
+that captions vary by image and end at different lengths."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, caption_without_torch
+from runtime import Captioner
+from runtime.preprocess import load_pixels
+
+# (encoder, decoder, seed): seeds whose random weights give a meaningful subject (checked below).
+FAMILIES = {"vit-gpt2": ("vit", "gpt2", 0), "deit-bert": ("deit", "bert", 0), "swin-gpt2": ("swin", "gpt2", 1),
+            "blip": ("blip", None, 0)}
+
+
+def export_cli(*args):
+    return subprocess.run([sys.executable, "-m", "export", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> (HF folder, package), built and exported once per module."""
+    from export.hf import export_hf
+    from export.hf_random import build_blip, build_vision_encoder_decoder
+
+    root, out = tmp_path_factory.mktemp("hf"), {}
+    for name, (encoder, decoder, seed) in FAMILIES.items():
+        src = root / name
+        if encoder == "blip":
+            build_blip(src, seed=seed)
+        else:
+            build_vision_encoder_decoder(src, encoder, decoder, seed=seed)
+        export_hf(src, root / f"{name}.pkg")
+        out[name] = (src, root / f"{name}.pkg")
+    return out
+
+
+def pair(exported, name):
+    from export.hf import HFReference
+
+    src, pkg = exported[name]
+    captioner = Captioner(pkg, provider="cpu")
+    return captioner, HFReference(src, captioner.manifest.data)
+
+
+def runtime_tokens(captioner, paths, cfg):
+    return captioner.generate(np.stack([load_pixels(p, captioner.manifest.preprocess) for p in paths]), cfg)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_tokens_equal_transformers_generate(exported, photo_paths, name, num_beams):
+    captioner, ref = pair(exported, name)
+    cfg = captioner.generation_config(num_beams=num_beams)
+    paths = list(photo_paths.values())
+    single = [runtime_tokens(captioner, [p], cfg)[0] for p in paths]
+    assert single == [ref.generate([p], cfg)[0] for p in paths]
+    for batch in (paths[:3], paths[3:]):
+        assert runtime_tokens(captioner, batch, cfg) == ref.generate(batch, cfg)
+    # A meaningful subject: captions differ by image, and some end before the limit.
+    assert len({tuple(t) for t in single}) == len(paths)
+    assert min(map(len, single)) < cfg.max_new_tokens
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_teacher_forced_logits_within_1e4(exported, photo_paths, name):
+    from benchmarks.parity import run
+
+    src, pkg = exported[name]
+    result = run(pkg, src, [str(p) for p in photo_paths.values()])
+    assert result["exact_caption_match"] == 1.0 and result["teacher_forced_top1"] == 1.0
+    assert result["max_abs_logit_diff"] < 1e-4
+    assert result["cache_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("settings", [{"no_repeat_ngram_size": 2}, {"length_penalty": 0.0, "early_stopping": True},
+                                      {"length_penalty": 2.0, "early_stopping": "never"},
+                                      {"length_penalty": -1.0, "no_repeat_ngram_size": 3}])
+def test_beam_settings_follow_transformers(exported, photo_paths, settings):
+    captioner, ref = pair(exported, "vit-gpt2")
+    cfg = replace(captioner.generation_config(num_beams=4), **settings)
+    paths = list(photo_paths.values())
+    assert runtime_tokens(captioner, paths, cfg) == ref.generate(paths, cfg)
+    greedy = replace(cfg, num_beams=1)
+    assert runtime_tokens(captioner, paths, greedy) == ref.generate(paths, greedy)
+
+
+def test_caption_text_equals_transformers_decode(exported, photo_paths):
+    for name in ("vit-gpt2", "deit-bert"):
+        captioner, ref = pair(exported, name)
+        for path in photo_paths.values():
+            c = captioner.caption(path)
+            assert c.text == ref.decode(c.tokens)
+
+
+def test_checkpoint_generation_config_becomes_the_default(exported, photo_paths, tmp_path):
+    """The folder's generation_config.json (beams, length, n-gram blocking) is what the
+    runtime does by default, as `model.generate(pixel_values)` does with no arguments."""
+    import torch
+
+    from export.hf import HFReference, export_hf
+
+    src = exported["vit-gpt2"][0]
+    config = json.loads((src / "generation_config.json").read_text())
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    for f in src.iterdir():
+        (custom / f.name).write_bytes(f.read_bytes())
+    config.update(num_beams=3, max_length=12, no_repeat_ngram_size=2, length_penalty=1.5, early_stopping=True)
+    (custom / "generation_config.json").write_text(json.dumps(config))
+    export_hf(custom, tmp_path / "pkg")
+    captioner = Captioner(tmp_path / "pkg", provider="cpu")
+    assert captioner.defaults == replace(captioner.defaults, max_new_tokens=11, num_beams=3, no_repeat_ngram_size=2,
+                                         length_penalty=1.5, early_stopping=True)
+    ref = HFReference(custom, captioner.manifest.data)
+    paths = list(photo_paths.values())
+    with torch.inference_mode():
+        out = ref.model.generate(pixel_values=ref.pixels(paths))[:, 1:].tolist()
+    want = [row[: row.index(ref.eos_id)] if ref.eos_id in row else row for row in out]
+    assert [c.tokens for c in captioner.caption(paths)] == want
+
+
+def test_blip_prompt_is_handled_like_the_pipeline(exported, photo_paths, tmp_path):
+    """A text prefix: [bos] + prompt tokens, no [SEP], and the caption starts with it."""
+    from export.hf import HFReference, export_hf
+
+    src = exported["blip"][0]
+    export_hf(src, tmp_path / "pkg", prompt="a photo of")
+    captioner = Captioner(tmp_path / "pkg", provider="cpu")
+    ref = HFReference(src, captioner.manifest.data)
+    prompt = ref.tokenizer("a photo of").input_ids
+    assert captioner.manifest.generation["prompt_ids"] == [ref.model.config.text_config.bos_token_id, *prompt[1:-1]]
+    paths = list(photo_paths.values())
+    for num_beams in (1, 4):
+        cfg = captioner.generation_config(num_beams=num_beams)
+        assert runtime_tokens(captioner, paths, cfg) == ref.generate(paths, cfg)
+    text = captioner.caption(paths[0]).text
+    assert text.startswith("a photo of") and text == ref.decode(captioner.caption(paths[0]).tokens)
+
+
+def test_preprocessing_equals_the_image_processor(exported, photo_paths, generated_paths):
+    for name in ("deit-bert", "blip"):  # resize + crop (floor offsets), and bicubic with CLIP's mean/std
+        captioner, ref = pair(exported, name)
+        paths = [*photo_paths.values(), *generated_paths.values()]
+        ours = np.stack([load_pixels(p, captioner.manifest.preprocess) for p in paths])
+        assert np.abs(ours - ref.pixels(paths).numpy()).max() < 1e-5
+
+
+def test_cli_captions_an_hf_package_without_torch(exported, photo_paths):
+    r = caption_without_torch("--model", exported["blip"][1], photo_paths["chelsea"], "--json", "--beams", "2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["caption"]
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, "T5ForConditionalGeneration is not"),
+    ({"model_type": "vision-encoder-decoder", "encoder": {"model_type": "beit"}, "decoder": {"model_type": "gpt2"}},
+     "encoder 'beit'"),
+    ({"model_type": "vision-encoder-decoder", "encoder": {"model_type": "vit"},
+      "decoder": {"model_type": "gpt2", "add_cross_attention": False}}, "no cross-attention"),
+])
+def test_unsupported_models_get_one_line(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    r = export_cli("hf", tmp_path, "--out", tmp_path / "pkg")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert message in line and "supported: VisionEncoderDecoderModel" in line
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_not_a_model_folder(tmp_path):
+    r = export_cli("hf", tmp_path / "nowhere", "--out", tmp_path / "pkg")
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {tmp_path / 'nowhere'}: not a folder " \
+                                                     "(a local Hugging Face model folder is expected)"
