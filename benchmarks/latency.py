@@ -1,9 +1,20 @@
-"""python -m benchmarks.latency [--model PKG] [--quick] [--json OUT]
+"""python -m benchmarks.latency [--model PKG] [--hf DIR [--peer-python PY]] [--quick] [--json OUT]
 
-Eager PyTorch vs the runtime, side by side in one process: rounds interleave the
-variants (A B A B ...) after a warm-up, and the report gives medians and p90 over
-rounds, per caption and per generated token, at batch 1. Then whole processes: cold
-start of `python -m runtime.caption` and peak RSS, runtime vs eager.
+Engines side by side in one process: each scenario's rounds interleave the variants
+(A B C A B C ...) after a warm-up, and the report gives medians and p90 over rounds.
+
+- The bundled model: eager PyTorch (its own KV cache, inference_mode) vs the runtime,
+  at batch 1 and 8, greedy and beam 4, 2 threads and 1.
+- With --hf DIR (a Hugging Face captioner folder, e.g. `python -m export random-hf DIR
+  --size base` for the vit-gpt2-image-captioning architecture): transformers' own
+  processor + `generate`, the runtime on `python -m export hf DIR`, and optimum-onnx's
+  ORTModelForVision2Seq run by --peer-python (a venv holding optimum-onnx, which pins
+  transformers < 4.58) as a worker process that times its own calls the same way.
+- The floor: weight bytes read per decode step over the memory bandwidth measured in
+  the same run, and each variant's ms/token as a multiple of it.
+- Whole processes: cold start of `python -m runtime.caption` and peak RSS, runtime vs eager.
+
+Writes benchmarks/results/latency-cpu.{md,json,png} (not with --quick, which is a smoke run).
 """
 
 import argparse
@@ -13,13 +24,28 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
 SAMPLES = Path(__file__).parent.parent / "runtime" / "samples"
+ROOT = Path(__file__).parent.parent
+
+
+@dataclass
+class Variant:
+    """How one engine captions: `caption(images) -> token lists`; `vision(images)` is the
+    image side alone (preprocessing + encoder) and `first_token(images)` adds the prefill."""
+
+    caption: Callable
+    vision: Callable | None = None
+    first_token: Callable | None = None
+    weight_bytes: int | None = None  # decoder weights read per step, for the floor
 
 
 def timed(fn, *args):
@@ -28,29 +54,162 @@ def timed(fn, *args):
     return (time.perf_counter() - start) * 1000, out
 
 
-def percentile(values, q):
-    return float(np.percentile(values, q))
+def summary(values) -> dict:
+    return {"median": round(statistics.median(values), 3), "p90": round(float(np.percentile(values, 90)), 3)}
 
 
-def measure(variants: dict, images: list, rounds: int) -> dict:
-    """variants: name -> (vision_fn(image), caption_fn(image) -> tokens)."""
-    samples = {name: {"vision_ms": [], "caption_ms": [], "ms_per_token": [], "tokens": []} for name in variants}
-    for vision, caption in variants.values():  # warm-up: allocations, thread pools, lazy init
-        vision(images[0])
-        caption(images[0])
+def measure(variants: dict[str, Variant], batches: list[list], rounds: int) -> dict:
+    """Per variant: ms per caption (per batch / batch size), ms per generated token (every
+    step is a graph run, EOS included), vision ms, time to first token, images/s."""
+    samples = {name: {"caption_ms": [], "ms_per_token": [], "vision_ms": [], "first_token_ms": [], "images_s": []}
+               for name in variants}
+    same = dict.fromkeys(variants, 0)
+    for v in variants.values():  # warm-up: allocations, thread pools, lazy init
+        v.caption(batches[0])
     for _ in range(rounds):
-        for image in images:
-            for name, (vision, caption) in variants.items():
+        for batch in batches:
+            first = None
+            for name, v in variants.items():
                 s = samples[name]
-                s["vision_ms"].append(timed(vision, image)[0])
-                ms, tokens = timed(caption, image)
-                s["caption_ms"].append(ms)
-                s["ms_per_token"].append(ms / (len(tokens) + 1))  # + EOS: every step is a graph run
-                s["tokens"].append(len(tokens) + 1)
-    return {name: {f"{k}_{stat}": round(f(v), 3) for k, v in s.items() if k != "tokens"
-                   for stat, f in (("median", statistics.median), ("p90", lambda x: percentile(x, 90)))}
-            | {"tokens_mean": float(np.mean(s["tokens"]))}
-            for name, s in samples.items()}
+                ms, tokens = timed(v.caption, batch)
+                first = tokens if first is None else first
+                same[name] += tokens == first
+                s["caption_ms"].append(ms / len(batch))
+                s["images_s"].append(1000 * len(batch) / ms)
+                s["ms_per_token"].append(ms / max(len(t) + 1 for t in tokens))
+                if v.vision:
+                    s["vision_ms"].append(timed(v.vision, batch)[0])
+                if v.first_token:
+                    s["first_token_ms"].append(timed(v.first_token, batch)[0])
+    return {name: {k: summary(vals) for k, vals in s.items() if vals}
+            | {"same_tokens_as_first": same[name] / (rounds * len(batches))} for name, s in samples.items()}
+
+
+def bandwidth_gb_s(mib: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth, bytes read + written per second, best of `repeats` (numpy copy)."""
+    src = np.ones(mib << 18, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = min(timed(np.copyto, dst, src)[0] for _ in range(repeats))
+    return 2 * src.nbytes / best / 1e6
+
+
+def decoder_weight_bytes(package: Path) -> int:
+    manifest = json.loads((package / "manifest.json").read_text())
+    graph = manifest["graphs"]["decoder"]["file"]
+    return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith(graph))
+
+
+def bundled_scenarios(args, threads: int) -> dict:
+    """Eager PyTorch vs the runtime on the bundled model: {scenario: (variants, batches)}."""
+    import torch
+
+    from export.reference import Reference, checkpoint_for
+    from export.train import DEFAULT_CHECKPOINT
+    from runtime import DEFAULT_MODEL, Captioner
+    from runtime.preprocess import load_pixels
+    from runtime.search import cached, initial_state, prefill
+
+    package = args.model or DEFAULT_MODEL
+    captioners = {n: Captioner(package, provider="cpu", threads=n) for n in sorted({1, threads})}
+    first = next(iter(captioners.values()))
+    ref = Reference(checkpoint_for(first.manifest.data, DEFAULT_CHECKPOINT.parent), first.manifest.data)
+    images = sorted(SAMPLES.glob("*.jpg"))
+
+    def variants(n_threads: int, beams: int) -> dict[str, Variant]:
+        cap = captioners[n_threads]
+        cfg = cap.generation_config(num_beams=beams)
+
+        def eager(fn):  # torch's pool is process-wide: set per call
+            def run(batch):
+                torch.set_num_threads(n_threads)
+                return fn(batch)
+            return run
+
+        def pixels(batch):
+            return np.stack([load_pixels(i, cap.manifest.preprocess) for i in batch])
+
+        def ort_first(batch):
+            state = initial_state(*cap.encode(pixels(batch)))
+            return prefill(cached(cap.graph_step), state, np.tile(cap.prompt, (len(batch), 1)))
+
+        def eager_first(batch):
+            state = initial_state(*ref.cross(ref.pixels(batch)))
+            return prefill(cached(ref.graph_step), state, np.tile(ref.prompt, (len(batch), 1)))
+
+        return {"eager PyTorch": Variant(eager(lambda b: ref.generate(b, cfg)), eager(lambda b: ref.cross(ref.pixels(b))),
+                                         eager(eager_first), decoder_weight_bytes(package)),
+                "runtime FP32": Variant(lambda b: [c.tokens for c in cap.caption(b, num_beams=beams, batch_size=8)],
+                                        lambda b: cap.encode(pixels(b)), ort_first, decoder_weight_bytes(package))}
+
+    eight = (images * 4)[:8]
+    scenarios = {f"bundled model, batch 1, greedy, {threads} threads": (variants(threads, 1), [[i] for i in images])}
+    if not args.quick:
+        scenarios |= {f"bundled model, batch 1, beam 4, {threads} threads": (variants(threads, 4), [[i] for i in images]),
+                      f"bundled model, batch 8, greedy, {threads} threads": (variants(threads, 1), [eight]),
+                      "bundled model, batch 1, greedy, 1 thread": (variants(1, 1), [[i] for i in images])}
+    return scenarios
+
+
+class Peer:
+    """optimum-onnx in its own interpreter (benchmarks/peer_optimum.py), driven over a pipe:
+    one JSON line per caption call (the round trip adds about 0.1 ms to calls of ~1 s)."""
+
+    def __init__(self, python: str, folder: Path, cache: Path, threads: int):
+        self.proc = subprocess.Popen([python, str(Path(__file__).parent / "peer_optimum.py"), str(folder), str(cache),
+                                      str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = json.loads(self.proc.stdout.readline())
+        self.version = ready["optimum"]
+
+    def caption(self, batch, max_new_tokens: int, num_beams: int) -> list[list[int]]:
+        self.proc.stdin.write(json.dumps({"images": [str(i) for i in batch], "max_new_tokens": max_new_tokens,
+                                          "num_beams": num_beams}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["tokens"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
+    """transformers generate vs the runtime (vs optimum) on a Hugging Face folder."""
+    import torch
+
+    from export.hf import HFReference, export_hf
+    from runtime import Captioner
+    from runtime.search import GenerationConfig
+
+    package = work / "package"
+    with open(os.devnull, "w") as quiet:  # the exporter's progress lines
+        stdout, sys.stdout = sys.stdout, quiet
+        try:
+            export_hf(args.hf, package)
+        finally:
+            sys.stdout = stdout
+    cap = Captioner(package, provider="cpu", threads=threads)
+    ref = HFReference(args.hf, cap.manifest.data)
+    images = sorted(SAMPLES.glob("*.jpg"))
+    peer = Peer(args.peer_python, args.hf, work / "optimum", threads) if args.peer_python else None
+    notes = {"hf_folder": str(args.hf), "optimum": peer.version if peer else "not run (no --peer-python)"}
+    scenarios = {}
+    for beams in (1, 4):
+        cfg = GenerationConfig(max_new_tokens=cap.defaults.max_new_tokens, num_beams=beams)
+
+        def eager(batch, cfg=cfg):
+            torch.set_num_threads(threads)
+            return ref.generate(batch, cfg)
+
+        variants = {"transformers generate": Variant(eager, weight_bytes=decoder_weight_bytes(package)),
+                    "runtime FP32": Variant(lambda b, beams=beams: [c.tokens for c in cap.caption(b, num_beams=beams)],
+                                            weight_bytes=decoder_weight_bytes(package))}
+        if peer:
+            variants["optimum ORTModelForVision2Seq"] = Variant(
+                lambda b, cfg=cfg: peer.caption(b, cfg.max_new_tokens, cfg.num_beams),
+                weight_bytes=decoder_weight_bytes(package))
+        scenarios[f"{args.hf.name}, batch 1, {'greedy' if beams == 1 else 'beam 4'}, {threads} threads"] = (
+            variants, [[i] for i in images])
+    notes["peer"] = peer
+    return scenarios, notes
 
 
 RUNTIME_PROCESS = """
@@ -64,9 +223,9 @@ from export.reference import Reference, checkpoint_for
 from export.train import DEFAULT_CHECKPOINT
 from runtime.manifest import load_manifest
 from runtime import DEFAULT_MODEL
+from runtime.search import GenerationConfig
 manifest = load_manifest(DEFAULT_MODEL).data
 ref = Reference(checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)
-from runtime.search import GenerationConfig
 print(ref.decode(ref.generate([sys.argv[1]], GenerationConfig(manifest["generation"]["max_new_tokens"]))[0]))
 """
 # The child's own peak: VmHWM belongs to the exec'd address space. (ru_maxrss from wait4
@@ -79,11 +238,10 @@ print("VmHWM", next(l for l in open("/proc/self/status") if l.startswith("VmHWM"
 def process_costs(image: Path, runs: int) -> dict:
     """Whole processes, as a user starts them: wall time of `python -m runtime.caption`
     (imports, session creation, one caption) and peak RSS, runtime vs eager PyTorch."""
-    root = Path(__file__).parent.parent
 
     def child(code):
         start = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", code + PEAK_RSS, str(image)], cwd=root, capture_output=True,
+        r = subprocess.run([sys.executable, "-c", code + PEAK_RSS, str(image)], cwd=ROOT, capture_output=True,
                            text=True, timeout=600)
         seconds = time.perf_counter() - start
         if r.returncode != 0:
@@ -98,68 +256,103 @@ def process_costs(image: Path, runs: int) -> dict:
             "eager_peak_rss_mib": round(max(r for _, r in eager), 1)}
 
 
-def report(results: dict, meta: dict) -> str:
-    base = results["eager PyTorch"]["caption_ms_median"]
-    lines = [f"Batch 1, greedy, {meta['threads']} threads, {meta['rounds']} interleaved rounds x "
-             f"{meta['images']} images, medians (p90). {meta['machine']}.", "",
-             "| variant | vision ms | ms / caption | ms / token | speed-up vs eager |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['vision_ms_median']:.1f} ({r['vision_ms_p90']:.1f}) | "
-                     f"{r['caption_ms_median']:.1f} ({r['caption_ms_p90']:.1f}) | "
-                     f"{r['ms_per_token_median']:.2f} ({r['ms_per_token_p90']:.2f}) | "
-                     f"{base / r['caption_ms_median']:.2f}x |")
+def fmt(stat: dict | None, digits: int = 1) -> str:
+    return "-" if stat is None else f"{stat['median']:.{digits}f} ({stat['p90']:.{digits}f})"
+
+
+def report(scenarios: dict, meta: dict) -> str:
+    lines = [f"{meta['machine']}; {meta['rounds']} interleaved rounds per scenario, medians (p90 in brackets). "
+             f"Memory bandwidth measured in this run: {meta['bandwidth_gb_s']:.1f} GB/s (copy, read + write); the "
+             "floor is the decoder's weight bytes read per step over it.", ""]
+    for title, results in scenarios.items():
+        base = next(iter(results.values()))["caption_ms"]["median"]
+        lines += [f"### {title}", "", "| variant | ms / caption | images / s | vision ms | first token ms | ms / token "
+                  "| floor ms / token | x floor | speed-up | same tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            floor = r["floor_ms"]
+            lines.append(f"| {name} | {fmt(r['caption_ms'])} | {r['images_s']['median']:.2f} | {fmt(r.get('vision_ms'))} "
+                         f"| {fmt(r.get('first_token_ms'))} | {fmt(r['ms_per_token'], 2)} | {floor:.2f} "
+                         f"| {r['ms_per_token']['median'] / floor:.1f}x | {base / r['caption_ms']['median']:.2f}x "
+                         f"| {r['same_tokens_as_first']:.0%} |")
+        lines.append("")
     if "process" in meta:
         p = meta["process"]
-        lines += ["", f"Whole process, one caption (median of {meta['process_runs']} fresh processes): "
+        lines += [f"Whole process, one caption (median of {meta['process_runs']} fresh processes): "
                   f"`python -m runtime.caption` {p['runtime_cold_start_s']:.2f} s and {p['runtime_peak_rss_mib']:.0f} MiB "
                   f"peak RSS; eager PyTorch {p['eager_cold_start_s']:.2f} s and {p['eager_peak_rss_mib']:.0f} MiB "
                   f"({p['eager_peak_rss_mib'] / p['runtime_peak_rss_mib']:.1f}x the runtime's memory)."]
     return "\n".join(lines) + "\n"
 
 
+def plot(scenarios: dict, path: Path) -> None:
+    """One panel per scenario: ms per caption by variant; ms/token against the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(scenarios), 2, figsize=(11, 2.2 * len(scenarios) + 0.6), squeeze=False)
+    for row, (title, results) in zip(axes, scenarios.items()):
+        names = list(results)
+        caption = [results[n]["caption_ms"]["median"] for n in names]
+        row[0].barh(names, caption, color="tab:blue")
+        row[0].set_title(f"{title}: ms / caption", fontsize=9)
+        per_token = [results[n]["ms_per_token"]["median"] for n in names]
+        row[1].barh(names, per_token, color="tab:orange", label="ms / token")
+        row[1].axvline(results[names[0]]["floor_ms"], color="k", linestyle="--", label="bandwidth floor")
+        row[1].set_title("ms / token vs the floor", fontsize=9)
+        row[1].legend(fontsize=7, loc="lower right")
+        for ax in row:
+            ax.tick_params(labelsize=8)
+            ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--model", type=Path, default=None, help="package for the bundled-model scenarios")
+    parser.add_argument("--hf", type=Path, default=None, help="Hugging Face captioner folder to add")
+    parser.add_argument("--peer-python", default=None, help="python of a venv with optimum-onnx (for --hf)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="2 rounds, for smoke runs")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one scenario, 2 rounds, no files written: a smoke run")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
+    import onnxruntime
     import torch
 
-    from export.reference import Reference, checkpoint_for
-    from export.train import DEFAULT_CHECKPOINT
-    from runtime import DEFAULT_MODEL, Captioner
-    from runtime.preprocess import load_pixels
-
-    torch.set_num_threads(args.threads)
-    captioner = Captioner(args.model or DEFAULT_MODEL, provider="cpu", threads=args.threads)
-    ref = Reference(checkpoint_for(captioner.manifest.data, DEFAULT_CHECKPOINT.parent), captioner.manifest.data)
-    cfg = captioner.generation_config()
-    images = sorted(SAMPLES.glob("*.jpg"))
-    variants = {
-        "eager PyTorch": (lambda i: ref.cross(ref.pixels([i])),
-                          lambda i: ref.generate([i], cfg)[0]),
-        "runtime FP32": (lambda i: captioner.encode(load_pixels(i, captioner.manifest.preprocess)[None]),
-                         lambda i: captioner.caption(i).tokens),
-    }
     rounds = 2 if args.quick else args.rounds
-    results = measure(variants, images, rounds)
+    bandwidth = bandwidth_gb_s()
+    scenarios = bundled_scenarios(args, args.threads)
+    notes, results = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.hf and not args.quick:
+            hf, notes = hf_scenarios(args, args.threads, Path(tmp))
+            scenarios |= hf
+        for title, (variants, batches) in scenarios.items():
+            print(f"measuring {title} ...", file=sys.stderr)
+            results[title] = measure(variants, batches, rounds)
+            for name, v in variants.items():
+                results[title][name]["floor_ms"] = round(v.weight_bytes / bandwidth / 1e6, 3)
+        if notes.get("peer"):
+            notes.pop("peer").close()
     process_runs = 1 if args.quick else 5
-    meta = {"threads": args.threads, "rounds": rounds, "images": len(images),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-                       f"onnxruntime {__import__('onnxruntime').__version__}, torch {torch.__version__}",
-            "provider": captioner.provider, "process_runs": process_runs,
-            "process": process_costs(images[0], process_runs)}
+    meta = {"threads": args.threads, "rounds": rounds, "bandwidth_gb_s": round(bandwidth, 2),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+                       f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}",
+            "process_runs": process_runs, "process": process_costs(sorted(SAMPLES.glob("*.jpg"))[0], process_runs),
+            **{k: v for k, v in notes.items() if k != "peer"}}
     table = report(results, meta)
     print(table)
-    RESULTS.mkdir(exist_ok=True)
     payload = json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
     if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
         (RESULTS / "latency-cpu.md").write_text(table)
         (RESULTS / "latency-cpu.json").write_text(payload)
+        plot(results, RESULTS / "latency-cpu.png")
     if args.json:
         args.json.write_text(payload)
     return 0

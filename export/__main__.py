@@ -52,10 +52,13 @@ def main(argv=None) -> int:
     else:
         from .hf_random import build_blip, build_vision_encoder_decoder
 
+        # Tiny models are conditioned for parity tests; base ones keep transformers' own init
+        # (tied embeddings, std 0.02): captions run to the length limit, a fixed workload to time.
+        conditioned = args.size == "tiny"
         if args.encoder == "blip":
-            build_blip(args.out, args.size)
+            build_blip(args.out, args.size, conditioned)
         else:
-            build_vision_encoder_decoder(args.out, args.encoder, args.decoder, args.size)
+            build_vision_encoder_decoder(args.out, args.encoder, args.decoder, args.size, conditioned)
     return 0
 
 

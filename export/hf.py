@@ -307,10 +307,10 @@ def export_hf(src: Path, out: Path, prompt: str | None = None) -> None:
     for setting in ignored:
         print(f"warning: generation_config sets {setting}, which the runtime does not implement; ignored")
     captioner = captioner_for(kind, model)
-    image_size = tuple(spec["crop"] or spec["resize"])
     if not isinstance(spec["resize"], list) and spec["crop"] is None:
         raise SystemExit(f"error: {src}: the image processor keeps the aspect ratio without a crop; "
                          "the vision graph needs a fixed size")
+    image_size = tuple(spec["crop"] or spec["resize"])
     shape = graph_shape(kind, model, captioner, image_size)
     wrapper_diff = check_wrappers(kind, model, captioner, shape)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,8 +17,12 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from .concepts import class_names
 
+# "base" is ViT-base/16 + GPT-2 small (nlpconnect/vit-gpt2-image-captioning) or BLIP-base. Its
+# vocabulary is the real one in size; the tokenizer trained here has fewer tokens, and
+# ids beyond it decode to nothing.
 TINY = {"hidden": 32, "layers": 2, "heads": 2, "image": 32, "patch": 8, "vocab": 400}
-BASE = {"hidden": 768, "layers": 12, "heads": 12, "image": 224, "patch": 16, "vocab": 50257}
+BASE = {"hidden": 768, "layers": 12, "heads": 12, "image": 224, "patch": 16, "vocab": 50257, "blip_image": 384,
+        "blip_vocab": 30524}
 
 
 def corpus() -> list[str]:
@@ -86,14 +90,14 @@ def build_vision_encoder_decoder(out: Path, encoder: str = "vit", decoder: str =
     torch.manual_seed(seed)
     if decoder == "gpt2":
         tok = byte_level_tokenizer(s["vocab"])
-        dec = GPT2Config(vocab_size=len(tok), n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
+        dec = GPT2Config(vocab_size=max(len(tok), s["vocab"]), n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
                          n_positions=64 if size == "tiny" else 1024, add_cross_attention=True, initializer_range=init,
                          tie_word_embeddings=not conditioned,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         start, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     else:
         tok = wordpiece_tokenizer(s["vocab"])
-        dec = BertConfig(vocab_size=len(tok), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+        dec = BertConfig(vocab_size=max(len(tok), s["vocab"]), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
                          num_attention_heads=s["heads"], intermediate_size=4 * s["hidden"],
                          max_position_embeddings=64 if size == "tiny" else 512, is_decoder=True,
                          add_cross_attention=True, initializer_range=init)
@@ -120,14 +124,15 @@ def build_blip(out: Path, size: str = "tiny", conditioned: bool = True, seed: in
 
     s, init = (TINY if size == "tiny" else BASE), (0.3 if conditioned else 0.02)
     torch.manual_seed(seed)
-    tok = wordpiece_tokenizer(s["vocab"] if size == "tiny" else 30524)
-    text = {"vocab_size": len(tok), "hidden_size": s["hidden"], "num_hidden_layers": s["layers"],
+    tok = wordpiece_tokenizer(s.get("blip_vocab", s["vocab"]))
+    image = s.get("blip_image", s["image"])
+    text = {"vocab_size": max(len(tok), s.get("blip_vocab", 0)), "hidden_size": s["hidden"], "num_hidden_layers": s["layers"],
             "num_attention_heads": s["heads"], "intermediate_size": 4 * s["hidden"], "encoder_hidden_size": s["hidden"],
             "max_position_embeddings": 64 if size == "tiny" else 512, "initializer_range": init,
             "bos_token_id": tok.bos_token_id, "sep_token_id": tok.sep_token_id, "eos_token_id": tok.sep_token_id,
             "pad_token_id": tok.pad_token_id}
     vision = {"hidden_size": s["hidden"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
-              "intermediate_size": 4 * s["hidden"], "image_size": s["image"], "patch_size": s["patch"],
+              "intermediate_size": 4 * s["hidden"], "image_size": image, "patch_size": s["patch"],
               "initializer_range": init}
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, initializer_range=init)).eval()
     if conditioned:
@@ -135,5 +140,5 @@ def build_blip(out: Path, size: str = "tiny", conditioned: bool = True, seed: in
     model.generation_config.update(max_length=16)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    BlipImageProcessor(size={"height": s["image"], "width": s["image"]}).save_pretrained(out)
+    BlipImageProcessor(size={"height": image, "width": image}).save_pretrained(out)
     return out
