@@ -5,7 +5,6 @@
 Preprocessing, the vision graph, one decoder step with a half-full cache, and a whole
 caption at batch 1, greedy, on the bundled model and the default provider."""
 
-import numpy as np
 import pytest
 
 from runtime import DEFAULT_MODEL, Captioner

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -177,7 +177,8 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
 
     from export.hf import HFReference, export_hf
     from runtime import Captioner
-    from runtime.search import GenerationConfig
+    from runtime.preprocess import load_pixels
+    from runtime.search import GenerationConfig, cached, initial_state, prefill
 
     package = work / "package"
     with open(os.devnull, "w") as quiet:  # the exporter's progress lines
@@ -192,20 +193,36 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     peer = Peer(args.peer_python, args.hf, work / "optimum", threads) if args.peer_python else None
     notes = {"hf_folder": str(args.hf), "optimum": peer.version if peer else "not run (no --peer-python)"}
     scenarios = {}
+    weights = decoder_weight_bytes(package)
+
+    def eager(fn):  # torch's pool is process-wide: set per call
+        def run(batch):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                return fn(batch)
+        return run
+
+    def ort_first(batch):
+        state = initial_state(*cap.encode(np.stack([load_pixels(i, cap.manifest.preprocess) for i in batch])))
+        return prefill(cached(cap.graph_step), state, np.tile(cap.prompt, (len(batch), 1)))
+
+    encoder = ref.model.vision_model if ref.kind == "blip" else ref.model.encoder
+
+    def eager_vision(batch):
+        return encoder(pixel_values=ref.pixels(batch))
+
     for beams in (1, 4):
         cfg = GenerationConfig(max_new_tokens=cap.defaults.max_new_tokens, num_beams=beams)
-
-        def eager(batch, cfg=cfg):
-            torch.set_num_threads(threads)
-            return ref.generate(batch, cfg)
-
-        variants = {"transformers generate": Variant(eager, weight_bytes=decoder_weight_bytes(package)),
+        first = replace(cfg, max_new_tokens=1)  # transformers: image processor, encoder, one decoder step
+        variants = {"transformers generate": Variant(eager(lambda b, cfg=cfg: ref.generate(b, cfg)), eager(eager_vision),
+                                                     eager(lambda b, first=first: ref.generate(b, first)), weights),
                     "runtime FP32": Variant(lambda b, beams=beams: [c.tokens for c in cap.caption(b, num_beams=beams)],
-                                            weight_bytes=decoder_weight_bytes(package))}
+                                            lambda b: cap.encode(np.stack([load_pixels(i, cap.manifest.preprocess)
+                                                                           for i in b])), ort_first, weights)}
         if peer:
             variants["optimum ORTModelForVision2Seq"] = Variant(
                 lambda b, cfg=cfg: peer.caption(b, cfg.max_new_tokens, cfg.num_beams),
-                weight_bytes=decoder_weight_bytes(package))
+                first_token=lambda b, beams=beams: peer.caption(b, 1, beams), weight_bytes=weights)
         scenarios[f"{args.hf.name}, batch 1, {'greedy' if beams == 1 else 'beam 4'}, {threads} threads"] = (
             variants, [[i] for i in images])
     notes["peer"] = peer
