@@ -99,6 +99,21 @@ def decoder_weight_bytes(package: Path) -> int:
     return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith(graph))
 
 
+def runtime_variant(cap, beams: int) -> Variant:
+    from runtime.preprocess import load_pixels
+    from runtime.search import cached, initial_state, prefill
+
+    def pixels(batch):
+        return np.stack([load_pixels(i, cap.manifest.preprocess) for i in batch])
+
+    def first_token(batch):
+        state = initial_state(*cap.encode(pixels(batch)))
+        return prefill(cached(cap.graph_step), state, np.tile(cap.prompt, (len(batch), 1)))
+
+    return Variant(lambda b: [c.tokens for c in cap.caption(b, num_beams=beams, batch_size=8)],
+                   lambda b: cap.encode(pixels(b)), first_token, decoder_weight_bytes(cap.manifest.root))
+
+
 def bundled_scenarios(args, threads: int) -> dict:
     """Eager PyTorch vs the runtime on the bundled model: {scenario: (variants, batches)}."""
     import torch
@@ -106,11 +121,13 @@ def bundled_scenarios(args, threads: int) -> dict:
     from export.reference import Reference, checkpoint_for
     from export.train import DEFAULT_CHECKPOINT
     from runtime import DEFAULT_MODEL, Captioner
-    from runtime.preprocess import load_pixels
+    from runtime.engine import BUNDLED
     from runtime.search import cached, initial_state, prefill
 
     package = args.model or DEFAULT_MODEL
     captioners = {n: Captioner(package, provider="cpu", threads=n) for n in sorted({1, threads})}
+    # The INT8 variant beside FP32 when the bundled model is measured.
+    int8 = {n: Captioner(BUNDLED["int8"], provider="cpu", threads=n) for n in captioners} if args.model is None else {}
     first = next(iter(captioners.values()))
     ref = Reference(checkpoint_for(first.manifest.data, DEFAULT_CHECKPOINT.parent), first.manifest.data)
     images = sorted(SAMPLES.glob("*.jpg"))
@@ -125,21 +142,16 @@ def bundled_scenarios(args, threads: int) -> dict:
                 return fn(batch)
             return run
 
-        def pixels(batch):
-            return np.stack([load_pixels(i, cap.manifest.preprocess) for i in batch])
-
-        def ort_first(batch):
-            state = initial_state(*cap.encode(pixels(batch)))
-            return prefill(cached(cap.graph_step), state, np.tile(cap.prompt, (len(batch), 1)))
-
         def eager_first(batch):
             state = initial_state(*ref.cross(ref.pixels(batch)))
             return prefill(cached(ref.graph_step), state, np.tile(ref.prompt, (len(batch), 1)))
 
-        return {"eager PyTorch": Variant(eager(lambda b: ref.generate(b, cfg)), eager(lambda b: ref.cross(ref.pixels(b))),
-                                         eager(eager_first), decoder_weight_bytes(package)),
-                "runtime FP32": Variant(lambda b: [c.tokens for c in cap.caption(b, num_beams=beams, batch_size=8)],
-                                        lambda b: cap.encode(pixels(b)), ort_first, decoder_weight_bytes(package))}
+        out = {"eager PyTorch": Variant(eager(lambda b: ref.generate(b, cfg)), eager(lambda b: ref.cross(ref.pixels(b))),
+                                        eager(eager_first), decoder_weight_bytes(package)),
+               "runtime FP32": runtime_variant(cap, beams)}
+        if int8:
+            out["runtime INT8"] = runtime_variant(int8[n_threads], beams)
+        return out
 
     eight = (images * 4)[:8]
     scenarios = {f"bundled model, batch 1, greedy, {threads} threads": (variants(threads, 1), [[i] for i in images])}
@@ -177,8 +189,7 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
 
     from export.hf import HFReference, export_hf
     from runtime import Captioner
-    from runtime.preprocess import load_pixels
-    from runtime.search import GenerationConfig, cached, initial_state, prefill
+    from runtime.search import GenerationConfig
 
     package = work / "package"
     with open(os.devnull, "w") as quiet:  # the exporter's progress lines
@@ -202,10 +213,6 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
                 return fn(batch)
         return run
 
-    def ort_first(batch):
-        state = initial_state(*cap.encode(np.stack([load_pixels(i, cap.manifest.preprocess) for i in batch])))
-        return prefill(cached(cap.graph_step), state, np.tile(cap.prompt, (len(batch), 1)))
-
     encoder = ref.model.vision_model if ref.kind == "blip" else ref.model.encoder
 
     def eager_vision(batch):
@@ -216,9 +223,7 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
         first = replace(cfg, max_new_tokens=1)  # transformers: image processor, encoder, one decoder step
         variants = {"transformers generate": Variant(eager(lambda b, cfg=cfg: ref.generate(b, cfg)), eager(eager_vision),
                                                      eager(lambda b, first=first: ref.generate(b, first)), weights),
-                    "runtime FP32": Variant(lambda b, beams=beams: [c.tokens for c in cap.caption(b, num_beams=beams)],
-                                            lambda b: cap.encode(np.stack([load_pixels(i, cap.manifest.preprocess)
-                                                                           for i in b])), ort_first, weights)}
+                    "runtime FP32": runtime_variant(cap, beams)}
         if peer:
             variants["optimum ORTModelForVision2Seq"] = Variant(
                 lambda b, cfg=cfg: peer.caption(b, cfg.max_new_tokens, cfg.num_beams),

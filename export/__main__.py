@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     pk.add_argument("--out", type=Path, required=True)
     qz = sub.add_parser("quantize", help="a reduced-precision package from an fp32 one")
     qz.add_argument("src", type=Path, help="fp32 model package")
-    qz.add_argument("--precision", choices=["fp16"], required=True)
+    qz.add_argument("--precision", choices=["int8", "fp16"], required=True)
     qz.add_argument("--out", type=Path, required=True)
     hf = sub.add_parser("hf", help="export a local Hugging Face captioner folder (VisionEncoderDecoder, BLIP)")
     hf.add_argument("src", type=Path, help="folder with config.json, weights, tokenizer, preprocessor_config.json")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .engine import DEFAULT_MODEL, Captioner
+from .engine import BUNDLED, Captioner
 from .manifest import PackageError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .providers import CHOICES, ProviderError
@@ -36,7 +36,9 @@ def expand(paths: list[str]) -> list[str]:
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m runtime.caption", description="Caption images on the edge.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model package folder (default: bundled)")
+    parser.add_argument("--model", type=Path, default=None, help="model package folder (default: the bundled model)")
+    parser.add_argument("--precision", choices=sorted(BUNDLED), default=None,
+                        help="variant of the bundled model (default: int8 on the CPU, fp32 on a GPU)")
     parser.add_argument("--provider", choices=CHOICES, default="auto")
     parser.add_argument("--beams", type=int, default=None, help="beam width (default: the model's, greedy)")
     parser.add_argument("--length-penalty", type=float, default=None)
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
         if args.batch_size < 1:
             raise ValueError("batch size must be at least 1")
         captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels,
-                              max_batch=args.max_batch)
+                              max_batch=args.max_batch, precision=args.precision)
         cfg = dict(max_new_tokens=args.max_tokens, num_beams=args.beams, length_penalty=args.length_penalty)
         captioner.generation_config(**cfg)  # reject bad options before any image is read
     except (PackageError, ProviderError, ValueError) as e:

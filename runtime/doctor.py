@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 import onnxruntime as ort
 
 from . import providers as prov
-from .engine import DEFAULT_MODEL, Captioner
+from .engine import Captioner
 from .gpu import cudnn_version, gpu, tensorrt_version
 from .manifest import GRAPHS, PackageError
 from .onnx_graph import graph_facts, tensorrt_problems
@@ -63,7 +63,8 @@ def report(model) -> tuple[dict, list[str]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.doctor", description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model package folder (default: bundled)")
+    parser.add_argument("--model", default=None, help="model package folder (default: the bundled model, as "
+                        "runtime.caption picks it)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     facts, problems = report(args.model)

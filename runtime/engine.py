@@ -27,6 +27,9 @@ from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels
 from .search import GenerationConfig, cached, generate, initial_state
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
+# The bundled model's variants. INT8 passes the fidelity gate (README "Quantization"), so it
+# is the default on the CPU; GPU providers get FP32 (its int8 Conv weights are CPU-folded).
+BUNDLED = {"fp32": DEFAULT_MODEL, "int8": DEFAULT_MODEL.parent / "default-int8"}
 log = logging.getLogger("edgecap")
 
 
@@ -77,10 +80,20 @@ class DeviceTensor:
 
 class Captioner:
     def __init__(self, model: str | Path | None = None, provider: str = "auto", threads: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, max_batch: int = 8, io_binding: bool | None = None):
-        """`max_batch` bounds images x beams per forward pass for TensorRT's profiles;
-        `io_binding` keeps caches on the device (default: on for CUDA and TensorRT)."""
-        self.manifest = load_manifest(model or DEFAULT_MODEL)
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_batch: int = 8, io_binding: bool | None = None,
+                 precision: str | None = None):
+        """`model` None is the bundled model, in `precision` (fp32 or int8; default int8 on
+        the CPU, fp32 on a GPU). `max_batch` bounds images x beams per forward pass for
+        TensorRT's profiles; `io_binding` keeps caches on the device (default: on for CUDA
+        and TensorRT)."""
+        names, note = prov.resolve(provider)
+        if model is not None and precision is not None:
+            raise ValueError("precision picks a variant of the bundled model; a model package has its own")
+        if precision is not None and precision not in BUNDLED:
+            raise ValueError(f"precision must be one of {', '.join(BUNDLED)}")
+        if model is None:
+            model = BUNDLED[precision or ("int8" if names[0] == prov.ORT_NAMES["cpu"] else "fp32")]
+        self.manifest = load_manifest(model)
         self.max_pixels = max_pixels
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -88,9 +101,12 @@ class Captioner:
         # Two sessions run alternately; idle pool threads spinning after one session's run
         # steal the cores the next one needs (2x slower per caption on a 2-core box).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.manifest.data["precision"] == "int8":
+            # Conv weights are stored int8 + DequantizeLinear: fold them to FP32 at load
+            # rather than dequantize at every run (this CPU has no int8 convolutions).
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
         if threads:
             opts.intra_op_num_threads = threads
-        names, note = prov.resolve(provider)
         (self.vision, self.decoder), fallbacks = self._load(names, provider != "auto", opts, max_batch)
         self.notes = [n for n in (note, *fallbacks) if n]
         self.provider = prov.LABELS[self.decoder.get_providers()[0]]

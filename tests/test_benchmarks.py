@@ -15,7 +15,7 @@ def test_latency_quick_reports_both_variants(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     (scenario, results), = report["results"].items()
-    assert "batch 1, greedy" in scenario and set(results) == {"eager PyTorch", "runtime FP32"}
+    assert "batch 1, greedy" in scenario and set(results) == {"eager PyTorch", "runtime FP32", "runtime INT8"}
     process = report["meta"]["process"]  # memory, not speed: the lean process holds no torch
     assert 0 < process["runtime_peak_rss_mib"] < process["eager_peak_rss_mib"]
     assert process["runtime_cold_start_s"] > 0 and process["eager_cold_start_s"] > 0

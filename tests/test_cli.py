@@ -79,3 +79,11 @@ def test_runs_without_torch_or_transformers(photo_paths):
     r = caption_without_torch(photo_paths["chelsea"], "--json")
     assert r.returncode == 0, r.stderr
     assert "cat" in json.loads(r.stdout)["caption"]
+
+
+def test_precision_picks_a_bundled_variant(photo_paths):
+    r = caption(photo_paths["chelsea"], "--precision", "fp32", "--json")
+    assert r.returncode == 0 and "cat" in json.loads(r.stdout)["caption"]
+    r = caption(photo_paths["chelsea"], "--precision", "int8", "--model", "runtime/models/default")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: precision picks a variant of the bundled model; a model package has its own"

@@ -41,3 +41,38 @@ def test_fp16_runs_through_the_api(fp16_package, photo_paths):
 def test_only_fp32_packages_are_quantized(fp16_package, tmp_path):
     with pytest.raises(SystemExit, match="is a fp16 package; start from an fp32 one"):
         quantize_package(fp16_package, "fp16", tmp_path / "again")
+
+
+# INT8: the committed variant of the bundled model, and the tool that made it.
+INT8 = DEFAULT_MODEL.parent / "default-int8"
+
+
+def test_int8_gate(tmp_path):
+    """>= 95% identical captions and >= 99% teacher-forced top-1 vs FP32 eager on 200 unseen
+    inputs, cache == no cache, at most 35% of the FP32 package's size."""
+    result = run(INT8, None, evaluation_images(200, tmp_path))
+    assert result["exact_caption_match"] >= 0.95, result["mismatches"]
+    assert result["teacher_forced_top1"] >= 0.99
+    assert result["cache_agreement"] == 1.0 and not result["nan_or_inf"]
+    size = lambda m: sum(f["bytes"] for f in m["files"].values())  # noqa: E731
+    assert size(load_manifest(INT8).data) <= 0.35 * size(load_manifest(DEFAULT_MODEL).data)
+
+
+def test_int8_quantization_reproduces_the_committed_variant(tmp_path, photo_paths):
+    quantize_package(DEFAULT_MODEL, "int8", tmp_path / "int8")
+    fresh, committed = load_manifest(tmp_path / "int8").data, load_manifest(INT8).data
+    assert fresh["source"]["quantization"] == committed["source"]["quantization"]
+    assert fresh["source"]["quantization"]["from_files"] == load_manifest(DEFAULT_MODEL).data["files"]
+    paths = list(photo_paths.values())
+    a, b = Captioner(tmp_path / "int8", provider="cpu"), Captioner(INT8, provider="cpu")
+    assert [c.tokens for c in a.caption(paths)] == [c.tokens for c in b.caption(paths)]
+
+
+def test_int8_is_the_cpu_default_and_batches_like_single_images(photo_paths):
+    captioner = Captioner(provider="cpu")
+    assert captioner.manifest.root == INT8
+    assert Captioner(provider="cpu", precision="fp32").manifest.root == DEFAULT_MODEL
+    paths = list(photo_paths.values())
+    assert [c.tokens for c in captioner.caption(paths)] == [captioner.caption(p).tokens for p in paths]
+    with pytest.raises(ValueError, match="precision picks a variant of the bundled model"):
+        Captioner(DEFAULT_MODEL, precision="int8")
