@@ -22,10 +22,12 @@ def main(argv=None) -> int:
     qz.add_argument("src", type=Path, help="fp32 model package")
     qz.add_argument("--precision", choices=["int8", "fp16"], required=True)
     qz.add_argument("--out", type=Path, required=True)
+    qz.add_argument("--calibration", type=int, default=96, help="int8: calibration images (default 96)")
     hf = sub.add_parser("hf", help="export a local Hugging Face captioner folder (VisionEncoderDecoder, BLIP)")
     hf.add_argument("src", type=Path, help="folder with config.json, weights, tokenizer, preprocessor_config.json")
     hf.add_argument("--out", type=Path, required=True)
     hf.add_argument("--prompt", default=None, help='BLIP text prefix, e.g. "a picture of" (as the pipeline takes it)')
+    hf.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32")
     rh = sub.add_parser("random-hf", help="build a random-weight Hugging Face captioner folder offline (tests, benchmarks)")
     rh.add_argument("out", type=Path)
     rh.add_argument("--encoder", choices=["vit", "deit", "swin", "blip"], default="vit")
@@ -44,11 +46,11 @@ def main(argv=None) -> int:
     elif args.command == "quantize":
         from .quantize import quantize_package
 
-        quantize_package(args.src, args.precision, args.out)
+        quantize_package(args.src, args.precision, args.out, args.calibration)
     elif args.command == "hf":
         from .hf import export_hf
 
-        export_hf(args.src, args.out, args.prompt)
+        export_hf(args.src, args.out, args.prompt, args.precision)
     else:
         from .hf_random import build_blip, build_vision_encoder_decoder
 

@@ -294,7 +294,15 @@ def check_wrappers(kind: str, model, captioner: HFCaptioner, shape: GraphShape) 
     return diff
 
 
-def export_hf(src: Path, out: Path, prompt: str | None = None) -> None:
+def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = "fp32") -> None:
+    """A package of `precision`: int8 and fp16 are quantized from the FP32 export."""
+    if precision != "fp32":
+        from .quantize import quantize_package
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export_hf(src, Path(tmp) / "fp32", prompt)
+            quantize_package(Path(tmp) / "fp32", precision, out)
+        return
     src = Path(src)
     if not src.is_dir():
         raise SystemExit(f"error: {src}: not a folder (a local Hugging Face model folder is expected)")

@@ -176,6 +176,35 @@ def embedding_tables(model: onnx.ModelProto) -> dict[str, int]:
             if sizes[name] >= 1 << 16 and ("Gather", 0) in use and use <= {("Gather", 0), ("Transpose", 0)}}
 
 
+def gemm_to_matmul(model: onnx.ModelProto) -> None:
+    """Gemm(x, W, b) with a constant W -> MatMul + Add, so that MatMulNBits covers it too
+    (the exporter writes GPT-2's Conv1D and most Linear layers on 2-D inputs as Gemm)."""
+    weights = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in weights or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        w = onnx.numpy_helper.to_array(weights[node.input[1]])
+        name = f"{node.input[1]}.kn" if attrs.get("transB", 0) else node.input[1]
+        if name not in weights:
+            weights[name] = onnx.numpy_helper.from_array(np.ascontiguousarray(w.T), name)
+            model.graph.initializer.append(weights[name])
+        product = f"{node.output[0]}.product"
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], name], [product if len(node.input) > 2 else
+                                                                              node.output[0]], name=f"{node.name}.matmul"))
+        if len(node.input) > 2:
+            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.add"))
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(kept)
+
+
 def to_matmul_nbits(model: onnx.ModelProto) -> onnx.ModelProto:
     """MatMul weights -> onnxruntime's MatMulNBits: 8 bits, blocks of 32, int8 compute."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, logger
@@ -201,7 +230,7 @@ def captions(vision: ort.InferenceSession, decoder: ort.InferenceSession, manife
     return generate(cached(graph_step), initial_state(*cross), prompt, manifest["tokenizer"]["eos_id"], cfg)
 
 
-def int8_vision(src: Path, manifest: dict, folder: Path, progress: Progress) -> tuple[onnx.ModelProto, dict]:
+def int8_vision(src: Path, manifest: dict, folder: Path, calibration_images: int) -> tuple[onnx.ModelProto, dict]:
     """Quantize the vision graph's Conv/Gemm weights; keep FP32 the layers that change
     calibration captions most until they agree with FP32's on TARGET_AGREEMENT of the
     images or the FP32 budget is spent. Returns the graph and what was measured."""
@@ -211,7 +240,8 @@ def int8_vision(src: Path, manifest: dict, folder: Path, progress: Progress) -> 
     calibration = folder / "calibration"
     calibration.mkdir()
     # Seed 1: not the 200 evaluation inputs (seed 0) the fidelity gate is measured on.
-    pixels = np.stack([load_pixels(p, manifest["preprocess"]) for p in evaluation_images(96, calibration, seed=1)])
+    images = evaluation_images(calibration_images, calibration, seed=1)
+    pixels = np.stack([load_pixels(p, manifest["preprocess"]) for p in images])
     model = onnx.load(str(src / manifest["graphs"]["vision"]["file"]))
     decoder = session(src / manifest["graphs"]["decoder"]["file"], folder)
     want = captions(session(model, folder), decoder, manifest, pixels)
@@ -222,14 +252,14 @@ def int8_vision(src: Path, manifest: dict, folder: Path, progress: Progress) -> 
 
     quantizer = WeightQuantizer(model, pixels, folder)
     layers = list(quantizer.nodes)
-    sensitivity = {}
-    for i, name in enumerate(layers):
-        sensitivity[name] = 1 - agreement([name])
-        progress.update(i + 1, f"sensitivity of {len(layers)} layers")
+    kept, score, sensitivity = [], agreement(layers), {}
+    if score < TARGET_AGREEMENT:  # measure which layers cost captions on their own
+        progress = Progress("int8 vision: sensitivity", len(layers), every_s=10)
+        for i, name in enumerate(layers):
+            sensitivity[name] = 1 - agreement([name])
+            progress.update(i + 1, name)
     budget = MAX_FP32_FRACTION * sum(quantizer.weights[n].size for n in layers)
-    ranked = sorted(layers, key=lambda n: -sensitivity[n])
-    kept, score = [], agreement(layers)
-    for name in ranked:
+    for name in sorted(sensitivity, key=lambda n: -sensitivity[n]):
         if score >= TARGET_AGREEMENT or sum(quantizer.weights[n].size for n in kept) + quantizer.weights[name].size > budget:
             continue
         kept.append(name)
@@ -265,7 +295,9 @@ def check_finite(folder: Path, manifest: dict) -> None:
             raise SystemExit(f"error: {what} contain NaN or Inf")
 
 
-def quantize_package(src: Path, precision: str, out: Path) -> None:
+def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96) -> None:
+    """`calibration`: generated images (photo crops and synthetic ones) for int8's bias
+    correction and FP32-layer choice."""
     src = Path(src)
     manifest = load_manifest(src).data
     if manifest["precision"] != "fp32":
@@ -282,11 +314,12 @@ def quantize_package(src: Path, precision: str, out: Path) -> None:
             method = {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
                       "fp32_ops": FP32_OPS}
         else:
-            model, measured = int8_vision(src, manifest, scratch, Progress("int8 vision", 1, every_s=10))
+            model, measured = int8_vision(src, manifest, scratch, calibration)
             save_graph(to_matmul_nbits(model), package / vision)
             progress.update(1, f"{vision}: {measured['int8_layers']} Conv/Gemm layers int8, "
                                f"{len(measured['fp32_layers'])} FP32, calibration agreement {measured['calibration_agreement']:.1%}")
             model = onnx.load(str(src / decoder))
+            gemm_to_matmul(model)
             store_int8(model, embedding_tables(model))
             save_graph(to_matmul_nbits(model), package / decoder)
             progress.update(2, f"{decoder}: MatMul weights int8")

@@ -57,7 +57,8 @@ def report(model) -> tuple[dict, list[str]]:
     facts["auto_notes"] = cap.notes
     if "TensorrtExecutionProvider" in ort.get_available_providers():
         facts["tensorrt_cache"] = str(prov.cache_dir(m))
-    problems += [f"{role} graph: {p}" for role, ps in hygiene.items() for p in ps]
+        # A problem only where TensorRT could run it (the CPU default, INT8, is not for TensorRT).
+        problems += [f"{role} graph: {p}" for role, ps in hygiene.items() for p in ps]
     return facts, problems
 
 

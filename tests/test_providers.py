@@ -162,11 +162,17 @@ def test_doctor_reports_the_package_and_the_provider_choice():
 
     from conftest import ROOT
 
-    r = subprocess.run([sys.executable, "-m", "runtime.doctor", "--json"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-m", "runtime.doctor", "--json", "--model", "runtime/models/default"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     facts = json.loads(r.stdout)
     assert facts["model"]["tensorrt_ready"] == "vision ok, decoder ok"
+    # The CPU default, INT8, says why it is not for TensorRT.
+    r = subprocess.run([sys.executable, "-m", "runtime.doctor", "--json"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout
+    int8 = json.loads(r.stdout)["model"]
+    assert int8["precision"] == "int8" and "MatMulNBits not supported by TensorRT" in int8["tensorrt_ready"]
     assert facts["auto_provider"] in ("TensorRT", "CUDA", "CPU") and "CPU" in facts["providers_available"]
     assert facts["onnxruntime"].startswith(ort.__version__)
     bad = subprocess.run([sys.executable, "-m", "runtime.doctor", "--model", "/nonexistent"], capture_output=True,
