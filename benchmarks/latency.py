@@ -188,6 +188,7 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     import torch
 
     from export.hf import HFReference, export_hf
+    from export.quantize import quantize_package
     from runtime import Captioner
     from runtime.search import GenerationConfig
 
@@ -196,9 +197,11 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
         stdout, sys.stdout = sys.stdout, quiet
         try:
             export_hf(args.hf, package)
+            quantize_package(package, "int8", work / "int8", calibration=16)
         finally:
             sys.stdout = stdout
     cap = Captioner(package, provider="cpu", threads=threads)
+    cap_int8 = Captioner(work / "int8", provider="cpu", threads=threads)
     ref = HFReference(args.hf, cap.manifest.data)
     images = sorted(SAMPLES.glob("*.jpg"))
     peer = Peer(args.peer_python, args.hf, work / "optimum", threads) if args.peer_python else None
@@ -223,7 +226,7 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
         first = replace(cfg, max_new_tokens=1)  # transformers: image processor, encoder, one decoder step
         variants = {"transformers generate": Variant(eager(lambda b, cfg=cfg: ref.generate(b, cfg)), eager(eager_vision),
                                                      eager(lambda b, first=first: ref.generate(b, first)), weights),
-                    "runtime FP32": runtime_variant(cap, beams)}
+                    "runtime FP32": runtime_variant(cap, beams), "runtime INT8": runtime_variant(cap_int8, beams)}
         if peer:
             variants["optimum ORTModelForVision2Seq"] = Variant(
                 lambda b, cfg=cfg: peer.caption(b, cfg.max_new_tokens, cfg.num_beams),
