@@ -6,11 +6,12 @@ TopK kept in FP32 so that nothing overflows. Runs on CPU; made for CUDA/TensorRT
 
 int8: weights only, in blocks of 32 values with their own scale, so that every row's
 activations are computed independently (cache == no cache, batch == single, by
-construction; per-tensor dynamic activation quantization breaks both). MatMul weights
-become onnxruntime's MatMulNBits (8 bits, int8 compute: faster decoding). Conv and Gemm
-weights are stored as int8 + DequantizeLinear, which ONNX Runtime folds back to FP32 at
-load (the runtime sets session.disable_quant_qdq for int8 packages): a third of the size
-at FP32 speed, since this CPU has no int8 dot-product instructions for convolutions.
+construction; per-tensor dynamic activation quantization breaks both). The decoder's
+MatMul weights (a tied LM head included) become onnxruntime's MatMulNBits (8 bits, int8
+compute: a decode step reads a quarter of the bytes). The vision graph's weights and the
+embedding tables are stored as int8 + DequantizeLinear, which ONNX Runtime folds back to
+FP32 at load (the runtime sets session.disable_quant_qdq for int8 packages): a third of
+the size at FP32 speed, since this CPU has no int8 dot product for large GEMMs and convolutions.
 Each quantized Conv/Gemm bias absorbs the mean output shift the rounding causes, measured
 on calibration images (bias correction), and the layers whose rounding still changes
 captions most stay FP32, chosen by measurement and recorded in the manifest.
@@ -205,6 +206,32 @@ def gemm_to_matmul(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(kept)
 
 
+def untie_lm_head(model: onnx.ModelProto) -> None:
+    """MatMul(x, Transpose(table)) -> MatMul(x, table^T as its own initializer): a tied LM
+    head becomes a plain weight that MatMulNBits can take (the table stays for the Gather)."""
+    weights = {i.name: i for i in model.graph.initializer}
+    transposed = {n.output[0]: n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in weights}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in transposed:
+            table = weights[transposed[node.input[1]].input[0]]
+            name = f"{table.name}.T"
+            if name not in weights:
+                weights[name] = onnx.numpy_helper.from_array(
+                    np.ascontiguousarray(onnx.numpy_helper.to_array(table).T), name)
+                model.graph.initializer.append(weights[name])
+            node.input[1] = name
+    used = {i for n in model.graph.node for i in n.input}
+    nodes = [n for n in model.graph.node if n.op_type != "Transpose" or n.output[0] in used]
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+
+
+def matmul_weights(model: onnx.ModelProto) -> dict[str, int]:
+    """Constant MatMul weights (K, N): their output channels are axis 1."""
+    weights = {i.name for i in model.graph.initializer}
+    return {n.input[1]: 1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
+
+
 def to_matmul_nbits(model: onnx.ModelProto) -> onnx.ModelProto:
     """MatMul weights -> onnxruntime's MatMulNBits: 8 bits, blocks of 32, int8 compute."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, logger
@@ -268,7 +295,9 @@ def int8_vision(src: Path, manifest: dict, folder: Path, calibration_images: int
               "fp32_layers": kept, "int8_layers": len(layers) - len(kept),
               "sensitivity": {n: round(v, 4) for n, v in sorted(sensitivity.items(), key=lambda kv: -kv[1]) if v}}
     model = quantizer.apply([n for n in layers if n not in kept])
-    store_int8(model, embedding_tables(model))
+    # The encoder runs once per image on many tokens: FP32 GEMMs beat MatMulNBits there
+    # (ViT-base: 262 vs 365 ms), so its MatMul weights are int8 for size only.
+    store_int8(model, embedding_tables(model) | matmul_weights(model))
     return model, report
 
 
@@ -315,11 +344,12 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
                       "fp32_ops": FP32_OPS}
         else:
             model, measured = int8_vision(src, manifest, scratch, calibration)
-            save_graph(to_matmul_nbits(model), package / vision)
+            save_graph(model, package / vision)
             progress.update(1, f"{vision}: {measured['int8_layers']} Conv/Gemm layers int8, "
                                f"{len(measured['fp32_layers'])} FP32, calibration agreement {measured['calibration_agreement']:.1%}")
             model = onnx.load(str(src / decoder))
             gemm_to_matmul(model)
+            untie_lm_head(model)
             store_int8(model, embedding_tables(model))
             save_graph(to_matmul_nbits(model), package / decoder)
             progress.update(2, f"{decoder}: MatMul weights int8")
