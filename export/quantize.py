@@ -258,9 +258,9 @@ def captions(vision: ort.InferenceSession, decoder: ort.InferenceSession, manife
 
 
 def int8_vision(src: Path, manifest: dict, folder: Path, calibration_images: int) -> tuple[onnx.ModelProto, dict]:
-    """Quantize the vision graph's Conv/Gemm weights; keep FP32 the layers that change
-    calibration captions most until they agree with FP32's on TARGET_AGREEMENT of the
-    images or the FP32 budget is spent. Returns the graph and what was measured."""
+    """The vision graph with int8 weights: Conv/Gemm bias-corrected, keeping FP32 the layers
+    that change calibration captions most until they agree with FP32's on TARGET_AGREEMENT
+    of the images or the FP32 budget is spent. Returns the graph and what was measured."""
     from benchmarks.parity import evaluation_images
     from runtime.preprocess import load_pixels
 
