@@ -3,7 +3,7 @@
     python -m pytest benchmarks/bench_hot.py --benchmark-enable --benchmark-columns=median,iqr,rounds
 
 Preprocessing, the vision graph, one decoder step with a half-full cache, and a whole
-caption at batch 1, greedy, on the bundled model and the default provider."""
+caption at batch 1, greedy, on the bundled model's FP32 and INT8 variants, CPU provider."""
 
 import pytest
 
@@ -14,9 +14,9 @@ from runtime.search import cached, decode_one_token, initial_state, prefill
 SAMPLE = DEFAULT_MODEL.parent.parent / "samples" / "chelsea.jpg"
 
 
-@pytest.fixture(scope="module")
-def captioner():
-    return Captioner(provider="cpu")
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def captioner(request):
+    return Captioner(provider="cpu", precision=request.param)
 
 
 @pytest.fixture(scope="module")
