@@ -162,6 +162,25 @@ def test_cli_captions_an_hf_package_without_torch(exported, photo_paths):
     assert json.loads(r.stdout)["caption"]
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_reduced_precision_hf_packages(exported, photo_paths, tmp_path, precision):
+    """`export hf --precision`: a complete package the runtime reads, whose own greedy tokens
+    are the same with and without the KV cache."""
+    from export.hf import export_hf
+    from runtime.search import generate, initial_state, uncached
+
+    export_hf(exported["vit-gpt2"][0], tmp_path / "pkg", precision=precision)
+    captioner = Captioner(tmp_path / "pkg", provider="cpu")
+    assert captioner.manifest.data["precision"] == precision
+    paths = list(photo_paths.values())
+    pixels = np.stack([load_pixels(p, captioner.manifest.preprocess) for p in paths])
+    cfg = captioner.generation_config()
+    state = initial_state(*captioner.encode(pixels))
+    prompt = np.tile(captioner.prompt, (len(paths), 1))
+    without_cache = generate(uncached(captioner.graph_step), state, prompt, captioner.manifest.tokenizer["eos_id"], cfg)
+    assert captioner.generate(pixels, cfg) == without_cache
+
+
 @pytest.mark.parametrize("config, message", [
     ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, "T5ForConditionalGeneration is not"),
     ({"model_type": "vision-encoder-decoder", "encoder": {"model_type": "beit"}, "decoder": {"model_type": "gpt2"}},
