@@ -99,6 +99,19 @@ def decoder_weight_bytes(package: Path) -> int:
     return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith(graph))
 
 
+def in_torch(fn: Callable, threads: int) -> Callable:
+    """An eager call under inference_mode with `threads` intra-op threads (torch's pool is
+    process-wide, and the scenarios differ in threads: set per call)."""
+    import torch
+
+    def run(batch):
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return fn(batch)
+
+    return run
+
+
 def runtime_variant(cap, beams: int) -> Variant:
     from runtime.preprocess import load_pixels
     from runtime.search import cached, initial_state, prefill
@@ -116,7 +129,6 @@ def runtime_variant(cap, beams: int) -> Variant:
 
 def bundled_scenarios(args, threads: int) -> dict:
     """Eager PyTorch vs the runtime on the bundled model: {scenario: (variants, batches)}."""
-    import torch
 
     from export.reference import Reference, checkpoint_for
     from export.train import DEFAULT_CHECKPOINT
@@ -136,11 +148,8 @@ def bundled_scenarios(args, threads: int) -> dict:
         cap = captioners[n_threads]
         cfg = cap.generation_config(num_beams=beams)
 
-        def eager(fn):  # torch's pool is process-wide: set per call
-            def run(batch):
-                torch.set_num_threads(n_threads)
-                return fn(batch)
-            return run
+        def eager(fn):
+            return in_torch(fn, n_threads)
 
         def eager_first(batch):
             state = initial_state(*ref.cross(ref.pixels(batch)))
@@ -185,7 +194,6 @@ class Peer:
 
 def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     """transformers generate vs the runtime (vs optimum) on a Hugging Face folder."""
-    import torch
 
     from export.hf import HFReference, export_hf
     from export.quantize import quantize_package
@@ -209,12 +217,8 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     scenarios = {}
     weights = decoder_weight_bytes(package)
 
-    def eager(fn):  # torch's pool is process-wide: set per call
-        def run(batch):
-            torch.set_num_threads(threads)
-            with torch.inference_mode():
-                return fn(batch)
-        return run
+    def eager(fn):
+        return in_torch(fn, threads)
 
     encoder = ref.model.vision_model if ref.kind == "blip" else ref.model.encoder
 

@@ -369,10 +369,7 @@ class HFReference:
 
     @torch.inference_mode()
     def generate(self, images, cfg: GenerationConfig) -> list[list[int]]:
-        return self.generate_pixels(self.pixels(images), cfg)
-
-    @torch.inference_mode()
-    def generate_pixels(self, pixels: torch.Tensor, cfg: GenerationConfig) -> list[list[int]]:
+        pixels = self.pixels(images)
         prompt = torch.from_numpy(np.tile(self.prompt, (pixels.shape[0], 1)))
         kwargs = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "do_sample": False,
                   "length_penalty": cfg.length_penalty, "early_stopping": cfg.early_stopping,

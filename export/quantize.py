@@ -120,14 +120,9 @@ class WeightQuantizer:
 
     def apply(self, names: list[str]) -> onnx.ModelProto:
         model = onnx.ModelProto.FromString(self.model.SerializeToString())
-        biases = {}
-        for name in names:
-            node, w = self.nodes[name], self.weights[name]
-            rows, axis = weight_rows(w, weight_axis(node)), weight_axis(node)
-            q, scale = quantize_rows(rows)
-            dequantized = np.moveaxis((q * scale[:, None]).reshape(np.moveaxis(w, axis, 0).shape), 0, axis)
-            biases[node.input[2]] = self.weights[node.input[2]] + self.output_shift(node, w - dequantized)
-        store_int8(model, {name: weight_axis(self.nodes[name]) for name in names})
+        dequantized = store_int8(model, {name: weight_axis(self.nodes[name]) for name in names})
+        biases = {self.nodes[name].input[2]: self.weights[self.nodes[name].input[2]]
+                  + self.output_shift(self.nodes[name], self.weights[name] - dequantized[name]) for name in names}
         for init in model.graph.initializer:
             if init.name in biases:
                 init.CopyFrom(onnx.numpy_helper.from_array(biases[init.name].astype(np.float32), init.name))
@@ -140,15 +135,16 @@ def weight_axis(node: onnx.NodeProto) -> int:
     return 1 if node.op_type == "Gemm" and not trans_b else 0
 
 
-def store_int8(model: onnx.ModelProto, axes: dict[str, int]) -> None:
+def store_int8(model: onnx.ModelProto, axes: dict[str, int]) -> dict[str, np.ndarray]:
     """Replace initializers by int8 blocks + DequantizeLinear + Reshape (+ Transpose back):
     constants only, which ONNX Runtime folds to FP32 at load (opset 18 has no blocked
-    DequantizeLinear, hence the row layout)."""
+    DequantizeLinear, hence the row layout). Returns the weights as they dequantize."""
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name in axes}
-    inits, nodes = [], []
+    inits, nodes, dequantized = [], [], {}
     for name, axis in axes.items():
         w = weights[name]
         q, scale = quantize_rows(weight_rows(w, axis))
+        dequantized[name] = np.moveaxis((q * scale[:, None]).reshape(np.moveaxis(w, axis, 0).shape), 0, axis)
         moved = name if axis == 0 else f"{name}.moved"
         inits += [onnx.numpy_helper.from_array(q, f"{name}.int8"), onnx.numpy_helper.from_array(scale, f"{name}.scale"),
                   onnx.numpy_helper.from_array(np.array(np.moveaxis(w, axis, 0).shape, np.int64), f"{name}.shape")]
@@ -163,6 +159,7 @@ def store_int8(model: onnx.ModelProto, axes: dict[str, int]) -> None:
     graph_nodes = list(model.graph.node)
     model.graph.ClearField("node")
     model.graph.node.extend(nodes + graph_nodes)
+    return dequantized
 
 
 def embedding_tables(model: onnx.ModelProto) -> dict[str, int]:
