@@ -203,7 +203,7 @@ class Captioner:
     def decode(self, tokens: list[int]) -> str:
         """Text as transformers' `decode(prompt + tokens, skip_special_tokens=True)` gives it:
         a text prompt (BLIP's "a picture of") is part of the caption."""
-        text = self.tokenizer.decode([*self.manifest.generation["prompt_ids"], *tokens])
+        text = self.tokenizer.decode([*self.prompt.tolist(), *tokens])
         return clean_up_tokenization(text) if self.manifest.tokenizer["clean_up_spaces"] else text
 
     def caption(self, images, max_new_tokens=None, num_beams=None, length_penalty=None, batch_size: int = 8):
