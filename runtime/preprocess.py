@@ -57,8 +57,9 @@ def check_size(image: Image.Image, max_pixels: int, name: str) -> None:
         raise ImageError(f"{name}: {w}x{h} has an aspect ratio beyond {MAX_ASPECT}:1")
 
 
-def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A path, PIL image or HxW[x3|x4] uint8 array -> upright RGB PIL image."""
+def upright(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A path, PIL image or HxW[x3|x4] uint8 array -> upright PIL image in its own mode
+    (16-bit grayscale scaled to 8 bits), after every check of the decoding policy."""
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (3, 4)):
             raise ImageError(f"array of dtype {source.dtype} and shape {source.shape}: expected uint8 HxW, HxWx3 or HxWx4")
@@ -72,9 +73,26 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     try:
         if image.mode in SIXTEEN_BIT:  # 16-bit grayscale: keep the top 8 bits (convert() would clip)
             image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8), "L")
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return ImageOps.exif_transpose(image)
+    except Exception as e:
+        raise ImageError(f"cannot orient image: {type(e).__name__}: {e}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with any transparency composited onto white, as transformers' `convert_to_rgb` does
+    and as a viewer shows it (`convert("RGB")` alone drops alpha: icons end up on black)."""
+    try:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return image.convert("RGB")
     except Exception as e:
         raise ImageError(f"cannot convert image to RGB: {type(e).__name__}: {e}") from None
+
+
+def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A path, PIL image or HxW[x3|x4] uint8 array -> upright RGB PIL image."""
+    return to_rgb(upright(source, max_pixels))
 
 
 def resized_size(width: int, height: int, resize: int | list[int]) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from export.preprocess import EFFICIENTNET_LITE0, reference_pixels
 from runtime.preprocess import ImageError, load_pixels, open_image
@@ -69,3 +69,24 @@ def test_missing_and_directory(tmp_path):
         open_image(tmp_path / "nope.jpg")
     with pytest.raises(ImageError, match="is a directory with no images"):
         open_image(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_is_composited_onto_white(tmp_path, mode):
+    """A shape on a fully transparent background reads exactly like the same shape on white
+    (alpha 0 or 255 only, so no rounding is involved); convert("RGB") alone gave black."""
+    on_white = Image.new("RGB", (200, 150), (255, 255, 255))
+    ImageDraw.Draw(on_white).ellipse((30, 20, 170, 130), fill=(40, 40, 40))
+    shape = np.asarray(on_white.convert("L")) < 128
+    gray = np.where(shape, 40, 0).astype(np.uint8)
+    alpha = np.where(shape, 255, 0).astype(np.uint8)
+    if mode == "RGBA":
+        image = Image.fromarray(np.dstack([gray, gray, gray, alpha]), "RGBA")
+    elif mode == "LA":
+        image = Image.fromarray(np.dstack([gray, alpha]), "LA")
+    else:
+        image = Image.fromarray(np.where(shape, 1, 0).astype(np.uint8), "P")
+        image.putpalette([0, 0, 0, 40, 40, 40] + [0] * 762)
+        image.info["transparency"] = 0
+    image.save(tmp_path / "icon.png")
+    assert np.array_equal(load_pixels(tmp_path / "icon.png", SPEC), load_pixels(on_white, SPEC))
