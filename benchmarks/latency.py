@@ -201,13 +201,8 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     from runtime.search import GenerationConfig
 
     package = work / "package"
-    with open(os.devnull, "w") as quiet:  # the exporter's progress lines
-        stdout, sys.stdout = sys.stdout, quiet
-        try:
-            export_hf(args.hf, package)
-            quantize_package(package, "int8", work / "int8", calibration=16)
-        finally:
-            sys.stdout = stdout
+    export_hf(args.hf, package)  # returns its summary; progress goes to stderr
+    quantize_package(package, "int8", work / "int8", calibration=16)
     cap = Captioner(package, provider="cpu", threads=threads)
     cap_int8 = Captioner(work / "int8", provider="cpu", threads=threads)
     ref = HFReference(args.hf, cap.manifest.data)
@@ -349,9 +344,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one scenario, 2 rounds, no files written: a smoke run")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        from export import needs_extra
 
+        print(f"error: {needs_extra(e, 'python -m benchmarks.latency', 'dev')}", file=sys.stderr)
+        return 1
     import onnxruntime
-    import torch
 
     rounds = 2 if args.quick else args.rounds
     bandwidth = bandwidth_gb_s()

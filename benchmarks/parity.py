@@ -6,6 +6,8 @@ processor) and the runtime side by side on the same images and prints:
 - teacher_forced_top1: the reference's captions fed to the runtime's decoder graph
   in one pass; fraction of positions where both pick the same next token;
 - max_abs_logit_diff: the largest |logit| difference over those positions;
+- max_rel_logit_diff: the same relative to the largest |reference logit| of its caption
+  (trained decoders have logits in the tens to hundreds: judge agreement by this one);
 - nan_or_inf, cache_agreement (the package's own greedy tokens with and without the
   KV cache), size_mib per file: the fidelity report for reduced-precision packages.
 Without --reference the bundled model's checkpoint is found from what the manifest records.
@@ -20,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.reference import Reference, checkpoint_for
-from export.train import DEFAULT_CHECKPOINT
-from runtime import Captioner, ImageError
+from export import DEFAULT_CHECKPOINT, needs_extra
+from export.check import ExportError
+from runtime import Captioner, ImageError, PackageError, ProviderError
 from runtime.caption import expand
 from runtime.preprocess import load_pixels
 from runtime.search import greedy, initial_state, reorder, uncached
@@ -34,21 +36,28 @@ def load_reference(reference: Path | None, manifest: dict):
         from export.hf import HFReference
 
         return HFReference(reference, manifest)
+    from export.reference import Reference, checkpoint_for
+
     return Reference(reference or checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)
 
 
 def teacher_forced(captioner: Captioner, ref, pixels: np.ndarray, ref_pixels, tokens: list[list[int]]):
-    """Top-1 agreement and max |logit diff| along the reference's own captions."""
-    agree, total, worst = 0, 0, 0.0
+    """Top-1 agreement, max |logit diff| and max |logit diff| / max |reference logit| along
+    the reference's own captions."""
+    agree, total, worst, worst_rel = 0, 0, 0.0, 0.0
     ort_state = initial_state(*captioner.encode(pixels))
     for i, seq in enumerate(tokens):
-        ids, row = np.array([[*ref.prompt, *seq]], dtype=np.int64), np.array([i])
+        # A caption that ran to the length limit never fed its last token back: the decoder has
+        # no position for it.
+        ids = np.array([[*ref.prompt, *seq]], dtype=np.int64)[:, : captioner.manifest.max_positions]
+        row = np.array([i])
         ort_logits = captioner.graph_step(ids, *reorder(ort_state, row)[1:])[0]
         ref_logits = ref.logits(ref_pixels[i : i + 1], ids)
         agree += int((ort_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
         total += ids.shape[1]
-        worst = max(worst, float(np.abs(ort_logits - ref_logits).max()))  # NaN makes it NaN: reported
-    return agree / total, worst
+        diff = float(np.abs(ort_logits - ref_logits).max())  # NaN makes it NaN: reported
+        worst, worst_rel = max(worst, diff), max(worst_rel, diff / float(np.abs(ref_logits).max()))
+    return agree / total, worst, worst_rel
 
 
 def evaluation_images(n: int, folder: Path, seed: int = 0) -> list[str]:
@@ -94,7 +103,7 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
         except ImageError as e:
             print(f"error: {e}", file=sys.stderr)
     if not usable:
-        raise SystemExit("error: no usable images")
+        raise ValueError("no usable images")
     pixels = np.stack(pixels)
     ours = [t for i in range(len(usable)) for t in captioner.generate(pixels[i : i + 1], cfg)]
     prompt = np.tile(captioner.prompt, (len(usable), 1))
@@ -102,7 +111,7 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
                            manifest["tokenizer"]["eos_id"], replace(cfg, num_beams=1))
     with_cache = captioner.generate(pixels, replace(cfg, num_beams=1))
     theirs = [t for img in usable for t in ref.generate([img], cfg)]
-    top1, diff = teacher_forced(captioner, ref, pixels, ref.pixels(usable), theirs)
+    top1, diff, rel = teacher_forced(captioner, ref, pixels, ref.pixels(usable), theirs)
     mismatches = [{"image": str(img), "runtime": captioner.decode(a), "reference": ref.decode(b)}
                   for img, a, b in zip(usable, ours, theirs, strict=True) if a != b]
     return {
@@ -110,6 +119,7 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
         "exact_caption_match": 1 - len(mismatches) / len(usable),
         "teacher_forced_top1": top1,
         "max_abs_logit_diff": diff,
+        "max_rel_logit_diff": rel,
         "nan_or_inf": not np.isfinite(diff),
         "cache_agreement": float(np.mean([a == b for a, b in zip(with_cache, without_cache, strict=True)])),
         "size_mib": {name: round(f["bytes"] / 2**20, 2) for name, f in manifest["files"].items()},
@@ -132,11 +142,18 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if not args.images and not args.eval_set:
+        parser.error("give images or --eval-set N")
     with tempfile.TemporaryDirectory() as tmp:
-        images = expand(args.images) + evaluation_images(args.eval_set, Path(tmp))
-        if not images:
-            parser.error("give images or --eval-set N")
-        result = run(args.model, args.reference, images, args.beams, args.max_tokens)
+        try:
+            images = expand(args.images) + evaluation_images(args.eval_set, Path(tmp))
+            result = run(args.model, args.reference, images, args.beams, args.max_tokens)
+        except (PackageError, ProviderError, ExportError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2 if isinstance(e, (PackageError, ProviderError, ValueError)) else 1
+        except ModuleNotFoundError as e:
+            print(f"error: {needs_extra(e, 'python -m benchmarks.parity', 'dev')}", file=sys.stderr)
+            return 1
         result["mismatches"] = [{**m, "image": Path(m["image"]).name} if m["image"].startswith(tmp) else m
                                 for m in result["mismatches"]]
     if args.json:
@@ -144,7 +161,7 @@ def main(argv=None) -> int:
     else:
         print(f"images {result['images']}  exact caption match {result['exact_caption_match']:.1%}  "
               f"teacher-forced top-1 {result['teacher_forced_top1']:.2%}  "
-              f"max |logit diff| {result['max_abs_logit_diff']:.2e}  cache agreement {result['cache_agreement']:.1%}  "
+              f"max |logit diff| {result['max_abs_logit_diff']:.2e} (relative {result['max_rel_logit_diff']:.1e})  cache agreement {result['cache_agreement']:.1%}  "
               f"NaN/Inf {result['nan_or_inf']}  {result['precision']} {sum(result['size_mib'].values()):.1f} MiB  "
               f"(beams {result['num_beams']})")
         for m in result["mismatches"]:

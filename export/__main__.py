@@ -5,7 +5,51 @@ import argparse
 import sys
 from pathlib import Path
 
-from .train import DEFAULT_CHECKPOINT, TrainConfig
+from . import DEFAULT_CHECKPOINT, needs_extra
+from .check import ExportError, Tolerance
+
+# Only argument parsing happens before a command runs: torch and transformers are imported by
+# the command that needs them, so --help is instant and a runtime-only install gets one line.
+
+
+def add_tolerance(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rtol", type=float, default=Tolerance.rtol,
+                        help="self-check: allowed difference relative to each output's largest |value| "
+                             f"(default {Tolerance.rtol:g})")
+    parser.add_argument("--atol", type=float, default=Tolerance.atol,
+                        help=f"self-check: allowed absolute difference on top (default {Tolerance.atol:g})")
+
+
+def run(args) -> str:
+    """The command's work; returns its summary. Heavy modules are imported per command."""
+    if args.command == "train":
+        from .train import TrainConfig, train
+
+        given = {"steps": args.steps, "seed": args.seed}
+        summary = train(TrainConfig(**{k: v for k, v in given.items() if v is not None}), args.out)
+        return (f"trained {summary['steps']} steps: loss {summary['final_loss']:.4f}, held-out exact caption match "
+                f"{summary['heldout_exact_match']:.1%} ({summary['heldout']} unseen distributions) -> {args.out}")
+    if args.command == "package":
+        from .onnx_export import export_package
+
+        return export_package(args.checkpoint, args.out, Tolerance(args.rtol, args.atol))
+    if args.command == "quantize":
+        from .quantize import quantize_package
+
+        return quantize_package(args.src, args.precision, args.out, args.calibration)
+    if args.command == "hf":
+        from .hf import export_hf
+
+        return export_hf(args.src, args.out, args.prompt, args.precision, Tolerance(args.rtol, args.atol))
+    from .hf_random import build_blip, build_vision_encoder_decoder
+
+    # Tiny models are conditioned for parity tests; base ones keep transformers' own init
+    # (tied embeddings, std 0.02): captions run to the length limit, a fixed workload to time.
+    conditioned = args.size == "tiny"
+    if args.encoder == "blip":
+        return str(build_blip(args.out, args.size, conditioned, realistic=args.realistic))
+    return str(build_vision_encoder_decoder(args.out, args.encoder, args.decoder, args.size, conditioned,
+                                            realistic=args.realistic))
 
 
 def main(argv=None) -> int:
@@ -13,11 +57,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train the concept decoder on generated data (deterministic)")
     tr.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
-    tr.add_argument("--steps", type=int, default=TrainConfig.steps)
-    tr.add_argument("--seed", type=int, default=TrainConfig.seed)
+    tr.add_argument("--steps", type=int, default=None, help="default: export.train.TrainConfig.steps")
+    tr.add_argument("--seed", type=int, default=None, help="default: export.train.TrainConfig.seed")
     pk = sub.add_parser("package", help="export the trained captioner to an ONNX model package")
     pk.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     pk.add_argument("--out", type=Path, required=True)
+    add_tolerance(pk)
     qz = sub.add_parser("quantize", help="a reduced-precision package from an fp32 one")
     qz.add_argument("src", type=Path, help="fp32 model package")
     qz.add_argument("--precision", choices=["int8", "fp16"], required=True)
@@ -28,39 +73,24 @@ def main(argv=None) -> int:
     hf.add_argument("--out", type=Path, required=True)
     hf.add_argument("--prompt", default=None, help='BLIP text prefix, e.g. "a picture of" (as the pipeline takes it)')
     hf.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32")
+    add_tolerance(hf)
     rh = sub.add_parser("random-hf", help="build a random-weight Hugging Face captioner folder offline (tests, benchmarks)")
     rh.add_argument("out", type=Path)
     rh.add_argument("--encoder", choices=["vit", "deit", "swin", "blip"], default="vit")
     rh.add_argument("--decoder", choices=["gpt2", "bert"], default="gpt2")
     rh.add_argument("--size", choices=["tiny", "base"], default="tiny")
+    rh.add_argument("--realistic", action="store_true",
+                    help="a trained checkpoint's magnitudes: logits ~100, a few residual dimensions at 400")
     args = parser.parse_args(argv)
 
-    if args.command == "train":
-        from .train import train
-
-        train(TrainConfig(steps=args.steps, seed=args.seed), args.out)
-    elif args.command == "package":
-        from .onnx_export import export_package
-
-        export_package(args.checkpoint, args.out)
-    elif args.command == "quantize":
-        from .quantize import quantize_package
-
-        quantize_package(args.src, args.precision, args.out, args.calibration)
-    elif args.command == "hf":
-        from .hf import export_hf
-
-        export_hf(args.src, args.out, args.prompt, args.precision)
-    else:
-        from .hf_random import build_blip, build_vision_encoder_decoder
-
-        # Tiny models are conditioned for parity tests; base ones keep transformers' own init
-        # (tied embeddings, std 0.02): captions run to the length limit, a fixed workload to time.
-        conditioned = args.size == "tiny"
-        if args.encoder == "blip":
-            build_blip(args.out, args.size, conditioned)
-        else:
-            build_vision_encoder_decoder(args.out, args.encoder, args.decoder, args.size, conditioned)
+    try:
+        print(run(args))
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:
+        print(f"error: {needs_extra(e, 'python -m export', 'export')}", file=sys.stderr)
+        return 1
     return 0
 
 

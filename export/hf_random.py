@@ -8,6 +8,7 @@ Random weights make a poor parity subject: greedy output repeats one token whate
 image and never ends. `conditioned=True` widens the weight init (captions vary by image,
 top-1 margins are not near-ties) and raises the EOS logit until captions end at different
 lengths, so that parity also covers finished beams, length penalty and early stopping.
+`realistic=True` then gives the weights a trained checkpoint's magnitudes (see realistic_scale).
 """
 
 from pathlib import Path
@@ -70,6 +71,51 @@ def boost_eos(lm, eos: int) -> None:
             lm.cls.predictions.decoder.bias[eos] += 3.5
 
 
+# A trained checkpoint is far larger than a fresh init: logits in the tens to hundreds, and a
+# few residual dimensions carrying hundreds at every position (GPT-2's "massive activations",
+# BERT's outlier LayerNorm dimensions). FP32 differences between two correct implementations
+# grow with them, so exports are also tested at this scale.
+MASSIVE = {3: 400.0, 11: -400.0}  # opposite signs leave each position's mean where it was
+LOGIT_GAIN = 12.0
+
+
+def realistic_scale(lm) -> None:
+    """Give `lm` a trained model's magnitudes while keeping roughly what it computes, as
+    training does: every LayerNorm that reads the outlier dimensions gives them zero gain and
+    scales the others' gain by the std they add (so the image still steers the caption)."""
+    dims, values = list(MASSIVE), torch.tensor(list(MASSIVE.values()))
+
+    def compensate(norm):
+        width = norm.weight.shape[0]
+        norm.weight *= (1 + (values**2).sum() / width) ** 0.5
+        norm.weight[dims] = 0.0
+
+    with torch.no_grad():
+        if hasattr(lm, "lm_head"):  # GPT-2, pre-LN: the residual stream carries them through every layer
+            lm.transformer.wpe.weight[:, dims] += values
+            blocks = lm.transformer.h
+            for norm in [lm.transformer.ln_f, *(n for b in blocks for n in (b.ln_1, b.ln_cross_attn, b.ln_2))]:
+                compensate(norm)
+            lm.lm_head.weight *= LOGIT_GAIN
+        else:  # BERT and BLIP, post-LN: every residual LayerNorm puts them back, the next one reads them
+            layers = lm.bert.encoder.layer
+            sublayers = [n for layer in layers for n in (layer.attention.output, layer.crossattention.output,
+                                                           layer.output)]
+            for i, out in enumerate([lm.bert.embeddings, *sublayers]):
+                if i:
+                    compensate(out.LayerNorm)
+                out.LayerNorm.bias[dims] = values
+            # Every layer reads the residual directly, so the outlier dimensions are made inert to
+            # its readers (as a trained model learns); they still pass through every LayerNorm.
+            readers = [lm.cls.predictions.transform.dense, *(lin for layer in layers for lin in (
+                layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+                layer.crossattention.self.query, layer.intermediate.dense))]
+            for linear in readers:
+                linear.weight[:, dims] = 0.0
+            lm.cls.predictions.decoder.weight *= LOGIT_GAIN
+            lm.cls.predictions.decoder.bias *= LOGIT_GAIN
+
+
 def encoder_config(kind: str, s: dict, init: float):
     from transformers import DeiTConfig, SwinConfig, ViTConfig
 
@@ -82,7 +128,7 @@ def encoder_config(kind: str, s: dict, init: float):
 
 
 def build_vision_encoder_decoder(out: Path, encoder: str = "vit", decoder: str = "gpt2", size: str = "tiny",
-                                 conditioned: bool = True, seed: int = 0) -> Path:
+                                 conditioned: bool = True, seed: int = 0, realistic: bool = False) -> Path:
     from transformers import (BertConfig, DeiTImageProcessor, GPT2Config, ViTImageProcessor, VisionEncoderDecoderConfig,
                               VisionEncoderDecoderModel)
 
@@ -107,6 +153,8 @@ def build_vision_encoder_decoder(out: Path, encoder: str = "vit", decoder: str =
     model = VisionEncoderDecoderModel(config=config).eval()
     if conditioned:
         boost_eos(model.decoder, eos)
+    if realistic:
+        realistic_scale(model.decoder)
     model.generation_config.update(decoder_start_token_id=start, eos_token_id=eos, pad_token_id=pad, max_length=16)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -119,7 +167,7 @@ def build_vision_encoder_decoder(out: Path, encoder: str = "vit", decoder: str =
     return out
 
 
-def build_blip(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0) -> Path:
+def build_blip(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0, realistic: bool = False) -> Path:
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
 
     s, init = (TINY if size == "tiny" else BASE), (0.3 if conditioned else 0.02)
@@ -137,6 +185,8 @@ def build_blip(out: Path, size: str = "tiny", conditioned: bool = True, seed: in
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, initializer_range=init)).eval()
     if conditioned:
         boost_eos(model.text_decoder, tok.sep_token_id)
+    if realistic:
+        realistic_scale(model.text_decoder)
     model.generation_config.update(max_length=16)
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -28,6 +28,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from runtime.manifest import GRAPHS, load_manifest
 
+from .check import ExportError
 from .onnx_export import write_package
 from .progress import Progress
 
@@ -44,7 +45,7 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     while pending:
         runnable = [n for n in pending if all(i in ready for i in n.input)]
         if not runnable:
-            raise SystemExit("error: the converted graph has a cycle or a dangling input")
+            raise ExportError("the converted graph has a cycle or a dangling input")
         for n in runnable:
             ready.update(n.output)
         ordered += runnable
@@ -318,16 +319,16 @@ def check_finite(folder: Path, manifest: dict) -> None:
     logits2, _, _ = decoder.run(None, dict(zip(names, (ids, key, value, *cross))))
     for what, array in (("cross K/V", cross[0]), ("prefill logits", logits), ("step logits", logits2)):
         if not np.isfinite(array).all():
-            raise SystemExit(f"error: {what} contain NaN or Inf")
+            raise ExportError(f"{what} contain NaN or Inf")
 
 
-def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96) -> None:
+def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96) -> str:
     """`calibration`: generated images (photo crops and synthetic ones) for int8's bias
-    correction and FP32-layer choice."""
+    correction and FP32-layer choice. Returns the one-line summary."""
     src = Path(src)
     manifest = load_manifest(src).data
     if manifest["precision"] != "fp32":
-        raise SystemExit(f"error: {src} is a {manifest['precision']} package; start from an fp32 one")
+        raise ExportError(f"{src} is a {manifest['precision']} package; start from an fp32 one")
     progress = Progress(f"quantize {precision}", len(GRAPHS) + 1, every_s=0)
     with tempfile.TemporaryDirectory() as tmp:
         scratch, package = Path(tmp), Path(tmp) / "package"
@@ -363,5 +364,5 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
     progress.update(len(GRAPHS) + 1, "written")
     before = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
     after = sum(f["bytes"] for f in written["files"].values()) / 2**20
-    print(f"quantized {src} -> {out}: {precision}, {after:.1f} MiB ({after / before:.0%} of {before:.1f} MiB), "
-          f"no NaN/Inf, in {progress.elapsed()}")
+    return (f"quantized {src} -> {out}: {precision}, {after:.1f} MiB ({after / before:.0%} of {before:.1f} MiB), "
+            f"no NaN/Inf, in {progress.elapsed()}")

@@ -6,7 +6,6 @@ needs besides the pretrained EfficientNet-Lite0 file.
 """
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +15,14 @@ import torch.nn.functional as F
 
 from runtime.search import GenerationConfig, cached, greedy, initial_state
 
+from . import DEFAULT_CHECKPOINT
+from .check import ExportError
 from .concepts import class_names, describe, sample_distribution, with_article
 from .model import ConceptDecoder, DecoderConfig
 from .progress import Progress
 from .reference import torch_graph_step
 from .tokenizer import special_ids, train_tokenizer
 
-DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "concept_decoder.pt"
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def encode(tok, sentences, max_positions: int) -> np.ndarray:
     rows = [[sp["bos_id"], *e.ids, sp["eos_id"]] for e in tok.encode_batch(sentences)]
     longest = max(map(len, rows))
     if longest > max_positions + 1:
-        sys.exit(f"error: a target sentence needs {longest} positions, the decoder has {max_positions}")
+        raise ExportError(f"a target sentence needs {longest} positions, the decoder has {max_positions}")
     out = np.full((len(rows), longest), sp["pad_id"], dtype=np.int64)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
@@ -135,8 +135,6 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": model_cfg.to_dict(), "state_dict": model.state_dict(),
                 "tokenizer": tok.to_str(), "train": summary}, out)
-    print(f"trained {cfg.steps} steps in {progress.elapsed()}: loss {loss_avg:.4f}, "
-          f"held-out exact caption match {exact:.1%} ({cfg.heldout} unseen distributions) -> {out}")
     return summary
 
 

@@ -15,22 +15,28 @@ from runtime import DEFAULT_MODEL, Captioner
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def caption_without_torch(*args) -> subprocess.CompletedProcess:
-    """`python -m runtime.caption ARGS` with torch, torchvision and transformers made
-    unimportable; fails if any of them ends up imported anyway."""
+def without_torch(module: str, *args) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` as on a runtime-only install: torch, torchvision and transformers
+    cannot be imported (as if absent); fails if any of them ends up imported anyway."""
     code = f"""
-import sys
-class Block:
+import runpy, sys
+class Absent:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-from runtime.caption import main
-rc = main({[str(a) for a in args]!r})
-assert not {{'torch', 'transformers', 'torchvision'}} & set(sys.modules), sorted(sys.modules)
-sys.exit(rc)
+        top = name.split('.')[0]
+        if top in ('torch', 'torchvision', 'transformers'):
+            raise ModuleNotFoundError(f"No module named '{{top}}'", name=top)
+sys.meta_path.insert(0, Absent())
+sys.argv = [{module!r}, *{[str(a) for a in args]!r}]
+try:
+    runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+finally:
+    assert not {{'torch', 'transformers', 'torchvision'}} & set(sys.modules), sorted(sys.modules)
 """
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def caption_without_torch(*args) -> subprocess.CompletedProcess:
+    return without_torch("runtime.caption", *args)
 
 
 def _photos():
@@ -77,6 +83,29 @@ def generated_paths(tmp_path_factory) -> dict[str, Path]:
     for name, array in _generated(np.random.default_rng(0)).items():
         paths[name] = folder / f"{name}.png"
         Image.fromarray(array).save(paths[name])
+    return paths
+
+
+def _transparent() -> dict[str, Image.Image]:
+    """Icons as they come: RGBA with graded alpha, gray + alpha, a palette with a transparent index."""
+    rgba = Image.new("RGBA", (160, 120), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(rgba)
+    draw.ellipse((20, 10, 140, 110), fill=(200, 40, 40, 255))
+    draw.rectangle((60, 40, 150, 100), fill=(30, 90, 220, 128))
+    la = Image.fromarray(np.stack([np.tile(np.arange(160, dtype=np.uint8), (120, 1)),
+                                   np.tile(np.linspace(0, 255, 120, dtype=np.uint8)[:, None], (1, 160))], -1), "LA")
+    palette = rgba.convert("RGB").quantize(8)
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    return {"rgba": rgba, "la": la, "palette": palette}
+
+
+@pytest.fixture(scope="session")
+def transparent_paths(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("transparent")
+    paths = {}
+    for name, image in _transparent().items():
+        paths[name] = folder / f"{name}.png"
+        image.save(paths[name])
     return paths
 
 

@@ -8,7 +8,7 @@ import sys
 import onnxruntime as ort
 import pytest
 
-from conftest import ROOT, caption_without_torch
+from conftest import ROOT, caption_without_torch, without_torch
 
 
 def caption(*args):
@@ -87,3 +87,22 @@ def test_precision_picks_a_bundled_variant(photo_paths):
     r = caption(photo_paths["chelsea"], "--precision", "int8", "--model", "runtime/models/default")
     assert r.returncode == 2
     assert r.stderr.strip() == "error: precision picks a variant of the bundled model; a model package has its own"
+
+
+@pytest.mark.parametrize("module, args, extra", [
+    ("export", ["hf", "some-folder", "--out", "pkg"], "export"),
+    ("export", ["package", "--out", "pkg"], "export"),
+    ("benchmarks.parity", ["--model", "runtime/models/default", "runtime/samples/chelsea.jpg"], "dev"),
+    ("benchmarks.latency", ["--quick"], "dev"),
+])
+def test_heavy_commands_on_a_runtime_only_install_say_what_to_install(module, args, extra):
+    r = without_torch(module, *args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert line == f"error: python -m {module} needs torch, which this install leaves out: pip install '.[{extra}]'"
+
+
+@pytest.mark.parametrize("module", ["export", "benchmarks.parity"])
+def test_help_does_not_import_torch(module):
+    r = without_torch(module, "--help")
+    assert r.returncode == 0 and "usage: python -m " + module in r.stdout, r.stderr

@@ -4,6 +4,7 @@ measured on 200 inputs it never saw (photo crops and generated images)."""
 import pytest
 
 from benchmarks.parity import evaluation_images, run
+from export.check import ExportError
 from export.quantize import quantize_package
 from runtime import DEFAULT_MODEL, Captioner
 from runtime.manifest import load_manifest
@@ -39,7 +40,7 @@ def test_fp16_runs_through_the_api(fp16_package, photo_paths):
 
 
 def test_only_fp32_packages_are_quantized(fp16_package, tmp_path):
-    with pytest.raises(SystemExit, match="is a fp16 package; start from an fp32 one"):
+    with pytest.raises(ExportError, match="is a fp16 package; start from an fp32 one"):
         quantize_package(fp16_package, "fp16", tmp_path / "again")
 
 
