@@ -1,13 +1,16 @@
 # Runtime-only image (no torch): ONNX Runtime with CUDA/TensorRT, the bundled model,
 # entrypoint `python -m runtime.caption`. The base image is a build argument:
 #
-#   Jetson (JetPack 6, L4T r36; onnxruntime-gpu from NVIDIA's Jetson wheel index):
+#   Jetson (JetPack 6, L4T r36: CUDA, cuDNN and TensorRT come with JetPack; onnxruntime-gpu
+#   from NVIDIA's Jetson wheel index, whose releases differ from PyPI's):
 #     docker build -t edgecap:jetson \
 #       --build-arg BASE_IMAGE=nvcr.io/nvidia/l4t-jetpack:r36.4.0 \
-#       --build-arg ORT_INDEX_URL=https://pypi.jetson-ai-lab.io/jp6/cu126 .
-#   x86_64 with an NVIDIA GPU (CUDA 12 + cuDNN 9 runtime; onnxruntime-gpu from PyPI):
-#     docker build -t edgecap:cuda \
-#       --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 .
+#       --build-arg ORT_INDEX_URL=https://pypi.jetson-ai-lab.io/jp6/cu126 \
+#       --build-arg ORT_VERSION= --build-arg TENSORRT_LIBS= .
+#   x86_64 with an NVIDIA GPU (the defaults): CUDA 12.6 + cuDNN 9 base, onnxruntime-gpu 1.23.2
+#   (a CUDA 12 build: releases after 1.26 are CUDA 13 builds) and TensorRT 10 from PyPI, the
+#   combination its wheel asks for (deploy/onnxruntime-gpu-1.23.2.wheel.txt; a test checks it):
+#     docker build -t edgecap:cuda .
 #
 # Run (engines are cached in the /cache volume, keyed by model, onnxruntime, TensorRT and GPU):
 #     docker run --rm --runtime nvidia -v edgecap-cache:/cache -v "$PWD/photos:/photos:ro" edgecap:jetson /photos
@@ -15,14 +18,16 @@ ARG BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 ARG ORT_INDEX_URL=
-ARG ORT_VERSION=
+ARG ORT_VERSION=1.23.2
+ARG TENSORRT_LIBS=tensorrt-cu12-libs==10.13.3.9
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     EDGECAP_CACHE_DIR=/cache \
-    PATH=/opt/edgecap/bin:$PATH
+    PATH=/opt/edgecap/bin:$PATH \
+    LD_LIBRARY_PATH=/opt/edgecap/lib/python3.12/site-packages/tensorrt_libs
 
 # The two bases are different Ubuntu releases: pinning apt versions would tie the file to one.
 # hadolint ignore=DL3008
@@ -36,13 +41,15 @@ COPY pyproject.toml README.md ./
 COPY runtime ./runtime
 
 # The base install pulls the CPU onnxruntime; onnxruntime-gpu provides the same module,
-# so the CPU wheel is removed and the GPU one (re)installed over it. Which onnxruntime-gpu
-# releases exist depends on the index (PyPI or NVIDIA's Jetson one): pin with ORT_VERSION.
+# so the CPU wheel is removed and the GPU one (re)installed over it. TensorRT's libraries
+# (libnvinfer.so.10, libnvonnxparser.so.10) come from PyPI's tensorrt-cu12-libs on x86; the
+# loader finds them through LD_LIBRARY_PATH (Python 3.12 is Ubuntu 24.04's).
 # hadolint ignore=DL3013
 RUN pip install ${ORT_INDEX_URL:+--extra-index-url "$ORT_INDEX_URL"} . \
  && pip uninstall -y onnxruntime \
  && pip install ${ORT_INDEX_URL:+--extra-index-url "$ORT_INDEX_URL"} --force-reinstall --no-deps \
         "onnxruntime-gpu${ORT_VERSION:+==$ORT_VERSION}" \
+ && if [ -n "$TENSORRT_LIBS" ]; then pip install "$TENSORRT_LIBS"; fi \
  && rm -rf /src
 
 RUN useradd --create-home --uid 10001 edgecap \

@@ -33,7 +33,7 @@ def expand(paths: list[str]) -> list[str]:
     return out
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.caption", description="Caption images on the edge.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     parser.add_argument("--model", type=Path, default=None, help="model package folder (default: the bundled model)")
@@ -49,11 +49,12 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--max-batch", type=int, default=8, help="TensorRT profile bound on images x beams")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    return parser.parse_args(argv)
+    parser.add_argument("--verbose", action="store_true", help="also say which providers this onnxruntime lacks")
+    return parser
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     # Hostile files make Pillow warn (bogus TIFF tags, huge headers) in multi-line form;
     # the one-line error per failed image is the CLI's whole report.
     warnings.filterwarnings("ignore", module="PIL")
@@ -69,8 +70,12 @@ def main(argv=None) -> int:
     except (PackageError, ProviderError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for note in captioner.notes:
+    for note in captioner.info * args.verbose + captioner.notes:
         print(note, file=sys.stderr)
+    per_pass = captioner.images_per_pass(captioner.generation_config(**cfg).num_beams)
+    if args.batch_size > per_pass:
+        print(f"batch size {args.batch_size} x beams over --max-batch {args.max_batch}: "
+              f"{per_pass} image(s) per forward pass", file=sys.stderr)
     images, failed = expand(args.images), 0
     for start in range(0, len(images), args.batch_size):
         for c in captioner.caption(images[start : start + args.batch_size], batch_size=args.batch_size, **cfg):

@@ -54,9 +54,9 @@ def report(model) -> tuple[dict, list[str]]:
         "tensorrt_ready": ", ".join(f"{role} {'; '.join(p) or 'ok'}" for role, p in hygiene.items()),
     }
     facts["auto_provider"] = cap.provider
-    facts["auto_notes"] = cap.notes
+    facts["auto_notes"] = cap.info + cap.notes
     if "TensorrtExecutionProvider" in ort.get_available_providers():
-        facts["tensorrt_cache"] = str(prov.cache_dir(m))
+        facts["tensorrt_cache"] = str(prov.cache_dir(m) or "none: the TensorRT version or the GPU cannot be read")
         # A problem only where TensorRT could run it (the CPU default, INT8, is not for TensorRT).
         problems += [f"{role} graph: {p}" for role, ps in hygiene.items() for p in ps]
     return facts, problems

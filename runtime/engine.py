@@ -94,6 +94,8 @@ class Captioner:
         if model is None:
             model = BUNDLED[precision or ("int8" if names[0] == prov.ORT_NAMES["cpu"] else "fp32")]
         self.manifest = load_manifest(model)
+        self.max_batch = max_batch
+        names = prov.for_package(names, self.manifest.data["precision"], provider != "auto")
         self.max_pixels = max_pixels
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -108,7 +110,10 @@ class Captioner:
         if threads:
             opts.intra_op_num_threads = threads
         (self.vision, self.decoder), fallbacks = self._load(names, provider != "auto", opts, max_batch)
-        self.notes = [n for n in (note, *fallbacks) if n]
+        # `notes`: a provider this onnxruntime has failed to start (news, always shown); `info`: which
+        # providers the build lacks (expected with the CPU wheel: shown with --verbose and by doctor).
+        self.notes = [n for n in fallbacks if n]
+        self.info = [note] if note else []
         self.provider = prov.LABELS[self.decoder.get_providers()[0]]
         use_binding = self.provider != "CPU" if io_binding is None else io_binding
         # Where bound caches live: GPU memory under CUDA/TensorRT; host memory when forced on CPU.
@@ -191,11 +196,21 @@ class Captioner:
         limit = self.manifest.max_positions - len(self.prompt) + 1
         if not 1 <= cfg.max_new_tokens <= limit:
             raise ValueError(f"max tokens must be between 1 and {limit} for this model")
-        if cfg.num_beams < 1:
-            raise ValueError("beams must be at least 1")
+        if not 1 <= cfg.num_beams <= self.max_batch:
+            raise ValueError(f"beams must be between 1 and the max batch ({self.max_batch})")
         return cfg
 
+    def images_per_pass(self, num_beams: int) -> int:
+        """Images in one forward pass: images x beams stays within `max_batch`, the batch
+        TensorRT's profiles were built for (explicit profiles cannot grow at run time)."""
+        return self.max_batch // num_beams
+
     def generate(self, pixels: np.ndarray, cfg: GenerationConfig) -> list[list[int]]:
+        """Tokens per image, in forward passes of at most `images_per_pass` images."""
+        n = self.images_per_pass(cfg.num_beams)
+        return [tokens for i in range(0, len(pixels), n) for tokens in self._generate(pixels[i : i + n], cfg)]
+
+    def _generate(self, pixels: np.ndarray, cfg: GenerationConfig) -> list[list[int]]:
         prompt = np.tile(self.prompt, (pixels.shape[0], 1))
         return generate(cached(self.graph_step), initial_state(*self.encode(pixels)), prompt,
                         self.manifest.tokenizer["eos_id"], cfg)

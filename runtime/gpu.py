@@ -1,29 +1,43 @@
 """What the machine's CUDA and TensorRT libraries say about themselves, read with ctypes
 (no CUDA Python packages needed). Every function answers None where a library or a GPU
 is missing, so the same code runs on a CPU-only box. Answers are cached: they cannot
-change within a process, and each library lookup runs `ldconfig` (about 30 ms)."""
+change within a process."""
 
 import ctypes
-import ctypes.util
+import glob
+import site
 from functools import cache
 
+# File names as the dynamic loader takes them (it searches LD_LIBRARY_PATH, the ldconfig cache
+# and the default folders), newest first; pip's nvidia-* and tensorrt wheels keep theirs in
+# site-packages, where the loader does not look.
+CUDART = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0")
+NVINFER = ("libnvinfer.so", "libnvinfer.so.10", "libnvinfer.so.8")
+CUDNN = ("libcudnn.so", "libcudnn.so.9", "libcudnn.so.8")
 
-def _load(*names):
+
+def wheel_library_dirs() -> list[str]:
+    roots = [*site.getsitepackages(), site.getusersitepackages()]
+    return sorted(d for root in roots for d in (*glob.glob(f"{root}/nvidia/*/lib"), *glob.glob(f"{root}/tensorrt_libs")))
+
+
+def _load(names: tuple[str, ...]):
     for name in names:
-        try:
-            return ctypes.CDLL(ctypes.util.find_library(name) or f"lib{name}.so")
-        except OSError:
-            continue
+        for path in (name, *(f"{folder}/{name}" for folder in wheel_library_dirs())):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                continue
     return None
 
 
 def cuda_runtime():
-    return _load("cudart", "cudart.so.12", "cudart.so.11.0")
+    return _load(CUDART)
 
 
 @cache
 def tensorrt_version() -> str | None:
-    lib = _load("nvinfer", "nvinfer.so.10", "nvinfer.so.8")
+    lib = _load(NVINFER)
     if lib is None:
         return None
     v = lib.getInferLibVersion()  # major*1000 + minor*100 + patch (TensorRT 8/9); 10: major*10000 + ...
@@ -32,7 +46,7 @@ def tensorrt_version() -> str | None:
 
 @cache
 def cudnn_version() -> str | None:
-    lib = _load("cudnn", "cudnn.so.9", "cudnn.so.8")
+    lib = _load(CUDNN)
     return None if lib is None else str(lib.cudnnGetVersion())
 
 

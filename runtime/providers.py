@@ -23,12 +23,16 @@ class ProviderError(Exception):
     """An explicitly requested provider that cannot be used (a usage error, exit 2)."""
 
 
-def cache_dir(manifest) -> Path:
+def cache_dir(manifest) -> Path | None:
     """Engines and timing caches are only valid for these graphs, this onnxruntime, this
-    TensorRT and this GPU: all of them key the folder, so a stale engine is never reused."""
+    TensorRT and this GPU: all of them key the folder, so a stale engine is never reused.
+    None where the TensorRT version or the GPU cannot be read: such a key could not tell an
+    upgraded TensorRT from the old one, so nothing is cached."""
+    version, device = tensorrt_version(), gpu()
+    if version is None or device is None:
+        return None
     graphs = [manifest.data["files"][manifest.graph(role)["file"]]["sha256"] for role in GRAPHS]
-    device = gpu() or {}
-    key = ":".join([*graphs, ort.__version__, tensorrt_version() or "trt?", device.get("compute_capability", "sm?")])
+    key = ":".join([*graphs, ort.__version__, version, device["compute_capability"]])
     root = Path(os.environ.get("EDGECAP_CACHE_DIR", Path.home() / ".cache" / "edgecap"))
     return root / "tensorrt" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -51,19 +55,28 @@ def profile_shapes(manifest, role: str, max_batch: int) -> dict[str, str]:
 
 
 def provider_options(name: str, manifest, role: str, max_batch: int) -> dict:
-    if name == ORT_NAMES["tensorrt"]:
-        cache = str(cache_dir(manifest))
-        precision = manifest.data["precision"]
-        return {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
-                "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
-                "trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8",
-                "trt_layer_norm_fp32_fallback": True,  # LayerNorm overflows in FP16 decoders
-                **profile_shapes(manifest, role, max_batch)}
-    return {}
+    """TensorRT: profiles, the engine and timing cache (the folder is made here: the provider
+    creates only its last level and fails on a fresh machine or an empty Docker volume), FP16
+    for FP16 packages. Never TensorRT's INT8: int8 packages are weight-only (no calibration
+    table, MatMulNBits) and are routed to CUDA by `for_package`."""
+    if name != ORT_NAMES["tensorrt"]:
+        return {}
+    options = {"trt_fp16_enable": manifest.data["precision"] == "fp16", **profile_shapes(manifest, role, max_batch)}
+    folder = cache_dir(manifest)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        options |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(folder),
+                    "trt_timing_cache_enable": True, "trt_timing_cache_path": str(folder)}
+    # No trt_layer_norm_fp32_fallback: it acts on Pow -> ReduceMean pairs only, not on the
+    # LayerNormalization op these graphs use; FP16 packages keep LayerNormalization FP32 in the
+    # graph itself (export/quantize.py).
+    return options
 
 
 def engine_note(manifest) -> str | None:
     folder = cache_dir(manifest)
+    if folder is None:
+        return "building TensorRT engine (not cached: the TensorRT version or the GPU could not be read)"
     if folder.is_dir() and any(folder.iterdir()):
         return None
     return f"building TensorRT engine, once (cached in {folder})"
@@ -79,12 +92,26 @@ def resolve(choice: str, available: list[str] | None = None) -> tuple[list[str],
         if name not in available:
             raise ProviderError(f"provider {choice} is not available in this onnxruntime build "
                                 f"(available: {', '.join(LABELS.get(p, p) for p in available)})")
-        return ([name] if name == ORT_NAMES["cpu"] else [name, ORT_NAMES["cpu"]]), None
+        # Nodes TensorRT rejects belong on CUDA, not the CPU.
+        fallback = [p for p in (ORT_NAMES["cuda"], ORT_NAMES["cpu"]) if p != name and p in available + [ORT_NAMES["cpu"]]]
+        return ([name] if name == ORT_NAMES["cpu"] else [name, *fallback]), None
     wanted = [ORT_NAMES[k] for k in ("tensorrt", "cuda", "cpu")]
     chosen = [p for p in wanted if p in available]
     missing = [LABELS[p] for p in wanted[: wanted.index(chosen[0])]]
     note = f"provider: {LABELS[chosen[0]]} ({' and '.join(missing)} not available)" if missing else None
     return chosen, note
+
+
+def for_package(names: list[str], precision: str, explicit: bool) -> list[str]:
+    """int8 packages are weight-only (MatMulNBits, int8 weights folded at load): TensorRT can
+    neither build their MatMulNBits nor calibrate INT8 without activation scales, so they run
+    on CUDA or the CPU; asking for TensorRT explicitly is an error."""
+    if precision != "int8" or names[0] != ORT_NAMES["tensorrt"]:
+        return names
+    if explicit:
+        raise ProviderError("int8 packages are weight-only (MatMulNBits) and TensorRT cannot build them; "
+                            "use --provider cuda, or an fp32/fp16 package with TensorRT")
+    return names[1:]
 
 
 def check_session(session: ort.InferenceSession, requested: list[str], explicit: bool) -> str | None:

@@ -66,8 +66,12 @@ def uncached(graph_step: GraphStep) -> Step:
     return step
 
 
-def reorder(state: State, rows: np.ndarray) -> State:
-    """Select/duplicate batch rows (beam expansion and reordering)."""
+def reorder(state: State, rows: np.ndarray, cross: bool = True) -> State:
+    """Select/duplicate batch rows (beam expansion and reordering). Beams are reordered within
+    their own image, whose cross-attention rows are all the same: `cross=False` leaves those
+    alone (on a GPU, two fewer round trips through host memory per step)."""
+    if not cross:
+        return state._replace(tokens=state.tokens[rows], key=state.key[:, rows], value=state.value[:, rows])
     return State(state.tokens[rows], state.key[:, rows], state.value[:, rows],
                  state.cross_key[:, rows], state.cross_value[:, rows])
 
@@ -196,7 +200,7 @@ def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: 
         if done.all() or last:
             break
         generated = np.concatenate([generated[src], tok[:, None]], axis=1)
-        logits, state = decode_one_token(step, reorder(state, src), tok)
+        logits, state = decode_one_token(step, reorder(state, src, cross=False), tok)
     return [until_eos(h.best(), eos_id) for h in hyps]
 
 

@@ -21,6 +21,12 @@ def test_one_photo(photo_paths):
     assert r.returncode == 0, r.stderr
     path, text = r.stdout.strip().split(": ", 1)
     assert path == str(photo_paths["chelsea"]) and "cat" in text.split()
+    assert r.stderr == ""  # a CPU-only onnxruntime on a machine without a GPU is not news
+
+
+def test_verbose_says_which_providers_the_build_lacks(photo_paths):
+    r = caption(photo_paths["chelsea"], "--verbose")
+    assert r.returncode == 0 and r.stderr == "provider: CPU (TensorRT and CUDA not available)\n"
 
 
 def test_json_batch_with_bad_files_keeps_the_good_ones(photo_paths, tmp_path):
@@ -61,7 +67,8 @@ def test_beams_and_max_tokens(photo_paths):
 
 @pytest.mark.parametrize("args, message", [
     (["--max-tokens", "0"], "max tokens must be between 1 and"),
-    (["--beams", "0"], "beams must be at least 1"),
+    (["--beams", "0"], "beams must be between 1 and the max batch (8)"),
+    (["--beams", "9"], "beams must be between 1 and the max batch (8)"),  # TensorRT's profile could not hold them
     (["--model", "/nonexistent/pkg"], "no manifest.json"),
 ])
 def test_usage_errors_exit_2(photo_paths, args, message):
@@ -106,3 +113,12 @@ def test_heavy_commands_on_a_runtime_only_install_say_what_to_install(module, ar
 def test_help_does_not_import_torch(module):
     r = without_torch(module, "--help")
     assert r.returncode == 0 and "usage: python -m " + module in r.stdout, r.stderr
+
+
+def test_batches_over_the_max_batch_are_split_and_said_so(photo_paths):
+    paths = [photo_paths["chelsea"], photo_paths["coffee"]]
+    r = caption(*paths, "--batch-size", "2", "--beams", "5", "--json")
+    assert r.returncode == 0
+    assert r.stderr == "batch size 2 x beams over --max-batch 8: 1 image(s) per forward pass\n"
+    single = [json.loads(caption(p, "--beams", "5", "--json").stdout)["tokens"] for p in paths]
+    assert [json.loads(line)["tokens"] for line in r.stdout.splitlines()] == single

@@ -55,3 +55,22 @@ def test_wheel_carries_everything_the_runtime_reads(tmp_path):
                      if p.is_file() and "__pycache__" not in p.parts}
     assert runtime_files <= names, sorted(runtime_files - names)
     assert not any(n.startswith(("export/", "benchmarks/", "tests/")) for n in names)
+
+
+def test_x86_pins_are_what_the_pinned_onnxruntime_gpu_wheel_asks_for():
+    """onnxruntime-gpu, the CUDA base, cuDNN and TensorRT agree with the pinned wheel's own
+    metadata and the libraries its providers link (recorded from the wheel in deploy/)."""
+    ort_version = re.search(r"^ARG ORT_VERSION=(\S+)", DOCKERFILE, re.M).group(1)
+    facts = (ROOT / "deploy" / f"onnxruntime-gpu-{ort_version}.wheel.txt").read_text()
+    assert f"Version: {ort_version}" in facts
+    cuda = re.search(r"^ARG BASE_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu24\.04$", DOCKERFILE, re.M)
+    wheel_cuda = re.search(r"nvidia-cuda-runtime-cu(\d+)~=(\d+)\.(\d+)", facts)
+    assert cuda.group(1) == wheel_cuda.group(1) == wheel_cuda.group(2)  # the same CUDA major
+    assert (int(cuda.group(1)), int(cuda.group(2))) >= tuple(map(int, re.search(r"cuda_version = '(\d+)\.(\d+)'",
+                                                                                  facts).groups()))
+    assert "libcudart.so.12" in facts and "nvidia-cudnn-cu12~=9.0" in facts  # CUDA 12.6 cudnn images carry cuDNN 9
+    trt = re.search(r"^ARG TENSORRT_LIBS=tensorrt-cu(\d+)-libs==(\d+)\.", DOCKERFILE, re.M)
+    assert trt.group(1) == cuda.group(1)
+    assert f"NEEDED providers_tensorrt: libnvinfer.so.{trt.group(2)}" in facts
+    assert f"NEEDED providers_tensorrt: libnvonnxparser.so.{trt.group(2)}" in facts
+    assert "tensorrt_libs" in re.search(r"LD_LIBRARY_PATH=(\S+)", DOCKERFILE).group(1)

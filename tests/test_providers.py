@@ -1,6 +1,8 @@
 """Provider choice, fallback and TensorRT/CUDA settings, proven on CPU with the provider
 lists and failures a GPU or Jetson build would produce."""
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -23,9 +25,18 @@ def test_auto_prefers_tensorrt_then_cuda_then_cpu():
     assert providers == [CPU] and note == "provider: CPU (TensorRT and CUDA not available)"
 
 
-def test_explicit_provider_keeps_cpu_for_unsupported_nodes():
-    assert resolve("tensorrt", [TRT, CUDA, CPU]) == ([TRT, CPU], None)
+def test_explicit_provider_keeps_cuda_then_cpu_for_unsupported_nodes():
+    assert resolve("tensorrt", [TRT, CUDA, CPU]) == ([TRT, CUDA, CPU], None)
+    assert resolve("tensorrt", [TRT, CPU]) == ([TRT, CPU], None)
+    assert resolve("cuda", [TRT, CUDA, CPU]) == ([CUDA, CPU], None)
     assert resolve("cpu", [TRT, CUDA, CPU]) == ([CPU], None)
+
+
+def test_int8_packages_never_go_to_tensorrt():
+    assert prov.for_package([TRT, CUDA, CPU], "int8", explicit=False) == [CUDA, CPU]
+    assert prov.for_package([TRT, CUDA, CPU], "fp16", explicit=False) == [TRT, CUDA, CPU]
+    with pytest.raises(ProviderError, match="int8 packages are weight-only .* use --provider cuda"):
+        prov.for_package([TRT, CUDA, CPU], "int8", explicit=True)
 
 
 @pytest.mark.parametrize("choice", ["tensorrt", "cuda"])
@@ -56,32 +67,78 @@ def test_tensorrt_profiles_cover_the_package_limits(manifest):
         ("pixel_values:1x3x224x224", "pixel_values:4x3x224x224")
 
 
-def test_tensorrt_precision_flags_follow_the_package(manifest):
+@pytest.fixture
+def known_gpu(monkeypatch, tmp_path):
+    """A TensorRT and a GPU whose versions can be read; caches under tmp_path."""
+    monkeypatch.setenv("EDGECAP_CACHE_DIR", str(tmp_path / "fresh" / "cache"))
+    monkeypatch.setattr(prov, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(prov, "gpu", lambda: {"name": "Orin", "compute_capability": "8.7", "cuda_runtime": "12.6"})
+
+
+def test_tensorrt_precision_flags_follow_the_package(manifest, known_gpu):
     options = provider_options(TRT, manifest, "decoder", 8)
-    assert options["trt_fp16_enable"] is False and options["trt_int8_enable"] is False
+    assert options["trt_fp16_enable"] is False and "trt_int8_enable" not in options
     assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
-    assert options["trt_layer_norm_fp32_fallback"]
     fp16 = type(manifest)(manifest.root, {**manifest.data, "precision": "fp16"})
     assert provider_options(TRT, fp16, "decoder", 8)["trt_fp16_enable"] is True
     assert provider_options(CPU, manifest, "decoder", 8) == {}
 
 
-def test_engine_cache_is_keyed_by_graphs_runtime_tensorrt_and_gpu(manifest, monkeypatch, tmp_path):
+def test_tensorrt_cache_folder_is_created_with_its_parents(manifest, known_gpu, tmp_path):
+    """ONNX Runtime's TensorRT provider creates only the last level of the cache path."""
+    assert not (tmp_path / "fresh").exists()
+    options = provider_options(TRT, manifest, "vision", 8)
+    assert Path(options["trt_engine_cache_path"]).is_dir()
+    assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(prov.cache_dir(manifest))
+
+
+@pytest.mark.parametrize("unknown", ["tensorrt_version", "gpu"])
+def test_nothing_is_cached_under_an_unknown_version(manifest, known_gpu, monkeypatch, unknown):
+    monkeypatch.setattr(prov, unknown, lambda: None)
+    assert prov.cache_dir(manifest) is None
+    options = provider_options(TRT, manifest, "decoder", 8)
+    assert "trt_engine_cache_enable" not in options and "trt_timing_cache_enable" not in options
+    assert prov.engine_note(manifest) == ("building TensorRT engine (not cached: the TensorRT version or the GPU "
+                                          "could not be read)")
+
+
+def test_library_names_are_loaded_as_given(monkeypatch, tmp_path):
+    """`libcudart.so.12` is dlopen'ed as such (never `libcudart.so.12.so`), and pip's nvidia
+    wheels are searched too, where the loader does not look."""
+    from runtime import gpu
+
+    wheel_lib = tmp_path / "nvidia" / "cuda_runtime" / "lib"
+    wheel_lib.mkdir(parents=True)
+    (wheel_lib / "libcudart.so.12").write_bytes(b"")
+    tried = []
+
+    def dlopen(path):
+        tried.append(path)
+        if path != str(wheel_lib / "libcudart.so.12"):
+            raise OSError(f"{path}: cannot open shared object file")
+        return "handle"
+
+    monkeypatch.setattr(gpu.ctypes, "CDLL", dlopen)
+    monkeypatch.setattr(gpu.site, "getsitepackages", lambda: [str(tmp_path)])
+    assert gpu._load(gpu.CUDART) == "handle"
+    assert [t for t in tried if "/" not in t] == ["libcudart.so", "libcudart.so.13", "libcudart.so.12"]
+    assert not any(t.endswith(".so.12.so") or t.startswith("liblib") for t in tried)
+
+
+def test_engine_cache_is_keyed_by_graphs_runtime_tensorrt_and_gpu(manifest, monkeypatch, tmp_path, known_gpu):
     monkeypatch.setenv("EDGECAP_CACHE_DIR", str(tmp_path))
     base = prov.cache_dir(manifest)
     assert base.parent == tmp_path / "tensorrt"
     changed = {**manifest.data, "files": {**manifest.data["files"], "decoder.onnx": {"sha256": "0" * 64, "bytes": 1}}}
     assert prov.cache_dir(type(manifest)(manifest.root, changed)) != base
-    monkeypatch.setattr(prov.ort, "__version__", "0.0.0")
-    assert prov.cache_dir(manifest) != base
-    monkeypatch.undo()
-    monkeypatch.setenv("EDGECAP_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(prov, "tensorrt_version", lambda: "10.3.0")
-    assert prov.cache_dir(manifest) != base
-    monkeypatch.setattr(prov, "gpu", lambda: {"name": "Orin", "compute_capability": "8.7", "cuda_runtime": "12.6"})
-    orin = prov.cache_dir(manifest)
+    with monkeypatch.context() as m:
+        m.setattr(prov.ort, "__version__", "0.0.0")
+        assert prov.cache_dir(manifest) != base
+    with monkeypatch.context() as m:
+        m.setattr(prov, "tensorrt_version", lambda: "10.4.0")
+        assert prov.cache_dir(manifest) != base
     monkeypatch.setattr(prov, "gpu", lambda: {"name": "H100", "compute_capability": "9.0", "cuda_runtime": "12.6"})
-    assert prov.cache_dir(manifest) != orin
+    assert prov.cache_dir(manifest) != base
     assert prov.engine_note(manifest).startswith("building TensorRT engine, once")
 
 
@@ -151,7 +208,8 @@ def test_hygiene_check_catches_control_flow_and_custom_ops():
 
 
 def test_auto_on_this_machine_runs(manifest):
-    assert Captioner(manifest.root, provider="auto").provider in ("TensorRT", "CUDA", "CPU")
+    first_available = prov.LABELS[resolve("auto")[0][0]]
+    assert Captioner(manifest.root, provider="auto").provider == first_available
     assert load_manifest(manifest.root).data["dims"]["past"] == {"min": 0, "max": 39}
 
 
@@ -173,8 +231,69 @@ def test_doctor_reports_the_package_and_the_provider_choice():
     assert r.returncode == 0, r.stdout
     int8 = json.loads(r.stdout)["model"]
     assert int8["precision"] == "int8" and "MatMulNBits not supported by TensorRT" in int8["tensorrt_ready"]
-    assert facts["auto_provider"] in ("TensorRT", "CUDA", "CPU") and "CPU" in facts["providers_available"]
+    assert facts["auto_provider"] == prov.LABELS[resolve("auto")[0][0]] and "CPU" in facts["providers_available"]
     assert facts["onnxruntime"].startswith(ort.__version__)
     bad = subprocess.run([sys.executable, "-m", "runtime.doctor", "--model", "/nonexistent"], capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 1 and "problem: /nonexistent: no manifest.json" in bad.stdout
+
+
+def test_a_provider_onnxruntime_drops_silently_is_caught(manifest, monkeypatch):
+    """What onnxruntime-gpu does when CUDA's libraries are missing: it logs "Failed to create
+    CUDAExecutionProvider", creates the session on the CPU anyway and raises nothing."""
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, opts, providers, **kw: real(path, opts, providers=[CPU]))
+    cap = Captioner(manifest.root, provider="auto")
+    assert cap.provider == "CPU"
+    assert cap.notes == ["provider: CUDA failed to initialise; running on CPU (python -m runtime.doctor shows why)"]
+    with pytest.raises(ProviderError, match=r"^CUDA failed to initialise \(onnxruntime fell back to CPU\)"):
+        Captioner(manifest.root, provider="cuda")
+
+
+def profile_bounds(manifest, role: str, max_batch: int) -> dict[str, tuple[list[int], list[int]]]:
+    options = provider_options(TRT, manifest, role, max_batch)
+
+    def parse(spec):
+        return {name: [int(d) for d in dims.split("x")] for name, dims in (i.split(":") for i in spec.split(","))}
+
+    low, high = parse(options["trt_profile_min_shapes"]), parse(options["trt_profile_max_shapes"])
+    return {name: (low[name], high[name]) for name in low}
+
+
+@pytest.fixture(scope="module")
+def captioners_by_max_batch(manifest):
+    return {m: Captioner(manifest.root, provider="cpu", max_batch=m) for m in (1, 3, 8)}
+
+
+def test_every_forward_pass_fits_the_tensorrt_profile(manifest, captioners_by_max_batch, monkeypatch):
+    """Images x beams, prompt and caption lengths: every shape fed to either graph lies inside
+    the profile TensorRT was built with (explicit profiles cannot grow at run time)."""
+    from hypothesis import given, settings, strategies as st
+
+    fed = []
+
+    @settings(max_examples=25, deadline=None, derandomize=True)
+    @given(images=st.integers(1, 10), max_batch=st.sampled_from([1, 3, 8]), beams=st.integers(1, 8),
+           tokens=st.integers(1, 40))
+    def check(images, max_batch, beams, tokens):
+        cap = captioners_by_max_batch[max_batch]
+        if beams > max_batch:
+            with pytest.raises(ValueError, match="beams must be between 1 and the max batch"):
+                cap.generation_config(num_beams=beams)
+            return
+        cfg = cap.generation_config(max_new_tokens=tokens, num_beams=beams)
+        pixels = np.random.default_rng(images).uniform(-1, 1, (images, 3, 224, 224)).astype(np.float32)
+        fed.clear()
+        assert len(cap.generate(pixels, cfg)) == images
+        for role, feeds in fed:
+            for name, (low, high) in profile_bounds(manifest, role, max_batch).items():
+                shape = list(feeds[name].shape)
+                assert all(lo <= d <= hi for d, lo, hi in zip(shape, low, high, strict=True)), (role, name, shape)
+
+    for cap in captioners_by_max_batch.values():
+        for role, session in (("vision", cap.vision), ("decoder", cap.decoder)):
+            run = session.run
+            monkeypatch.setattr(session, "run", lambda out, feeds, role=role, run=run: fed.append((role, feeds))
+                                or run(out, feeds))
+    check()
