@@ -131,7 +131,7 @@ def bundled_scenarios(args, threads: int) -> dict:
     """Eager PyTorch vs the runtime on the bundled model: {scenario: (variants, batches)}."""
 
     from export.reference import Reference, checkpoint_for
-    from export.train import DEFAULT_CHECKPOINT
+    from export import DEFAULT_CHECKPOINT
     from runtime import DEFAULT_MODEL, Captioner
     from runtime.engine import BUNDLED
     from runtime.search import cached, initial_state, prefill
@@ -244,7 +244,7 @@ main([sys.argv[1]])
 EAGER_PROCESS = """
 import sys
 from export.reference import Reference, checkpoint_for
-from export.train import DEFAULT_CHECKPOINT
+from export import DEFAULT_CHECKPOINT
 from runtime.manifest import load_manifest
 from runtime import DEFAULT_MODEL
 from runtime.search import GenerationConfig

@@ -24,6 +24,7 @@ import numpy as np
 
 from export import DEFAULT_CHECKPOINT, needs_extra
 from export.check import ExportError
+from export.evaluation import evaluation_images
 from runtime import Captioner, ImageError, PackageError, ProviderError
 from runtime.caption import expand
 from runtime.preprocess import load_pixels
@@ -58,36 +59,6 @@ def teacher_forced(captioner: Captioner, ref, pixels: np.ndarray, ref_pixels, to
         diff = float(np.abs(ort_logits - ref_logits).max())  # NaN makes it NaN: reported
         worst, worst_rel = max(worst, diff), max(worst_rel, diff / float(np.abs(ref_logits).max()))
     return agree / total, worst, worst_rel
-
-
-def evaluation_images(n: int, folder: Path, seed: int = 0) -> list[str]:
-    """The fidelity set: 3/4 random crops (with flips) of scikit-image's photos, 1/4
-    generated images (noise, gradients). Nothing here was seen in training, which used
-    no images at all."""
-    from PIL import Image
-    from skimage import data
-
-    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), *data.stereo_motorcycle()[:2],
-              data.hubble_deep_field(), data.immunohistochemistry(), data.retina(), data.camera(), data.coins(),
-              data.horse(), data.moon(), data.page(), data.text(), data.brick(), data.grass(), data.gravel(), data.cell()]
-    photos = [Image.fromarray(p if p.dtype == np.uint8 else (p * 255).astype(np.uint8)).convert("RGB") for p in photos]
-    rng, paths = np.random.default_rng(seed), []
-    for i in range(n):
-        if i % 4 == 3:
-            h, w = rng.integers(64, 400, 2)
-            image = Image.fromarray(np.cumsum(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), axis=i % 2).astype(np.uint8))
-        else:
-            image = photos[rng.integers(len(photos))]
-            w, h = image.size
-            s = rng.uniform(0.4, 1.0)
-            cw, ch = int(w * s), int(h * s)
-            x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-            image = image.crop((x0, y0, x0 + cw, y0 + ch))
-            if rng.random() < 0.5:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        paths.append(str(folder / f"eval{i:04d}.png"))
-        image.save(paths[-1])
-    return paths
 
 
 def run(model: Path, reference: Path | None, images: list[str], num_beams: int = 1, max_new_tokens: int | None = None):

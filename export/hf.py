@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.preprocess import upright
-from runtime.search import GenerationConfig
+from runtime.search import GenerationConfig, until_eos
 
 from .check import Agreement, ExportError, Tolerance, compare, compare_argmax
-from .model import merge_heads, split_heads
+from .model import causal, merge_heads, split_heads
 from .onnx_export import OPSET, GraphShape, report, trace, versions, write_package
 from .progress import Progress
+from .quantize import quantize_package
 
 SUPPORTED = ("VisionEncoderDecoderModel (encoder vit, deit or swin; decoder gpt2 or bert with cross-attention) "
              "and BlipForConditionalGeneration")
@@ -42,12 +43,6 @@ RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor configs
 class Unsupported(ExportError):
     def __init__(self, src: Path, what: str):
         super().__init__(f"{src}: {what}; supported: {SUPPORTED}")
-
-
-def causal(past: int, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the new tokens and the mask letting query i (at past + i) see keys 0 .. past + i."""
-    positions = torch.arange(t, device=device) + past
-    return positions, torch.arange(past + t, device=device)[None, :] <= positions[:, None]
 
 
 class GPT2Decoder(nn.Module):
@@ -302,8 +297,6 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
     """A package of `precision` (int8 and fp16 are quantized from the FP32 export); returns
     the summary lines (warnings first) for the entry point to print."""
     if precision != "fp32":
-        from .quantize import quantize_package
-
         with tempfile.TemporaryDirectory() as tmp:
             summary = export_hf(src, Path(tmp) / "fp32", prompt, tol=tol)
             return summary + "\n" + quantize_package(Path(tmp) / "fp32", precision, out)
@@ -388,7 +381,7 @@ class HFReference:
         else:
             out = self.model.generate(pixel_values=pixels, decoder_input_ids=prompt, **kwargs)
         rows = out[:, len(self.prompt):].tolist()
-        return [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in rows]
+        return [until_eos(row, self.eos_id) for row in rows]
 
     @torch.inference_mode()
     def logits(self, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:

@@ -8,11 +8,14 @@ so the same `step` serves prefill (zero-length past) and decoding.
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from torch import nn
 
+from . import DEFAULT_CHECKPOINT
 from .encoder import NUM_CLASSES, EfficientNetLite0
 
 
@@ -37,6 +40,13 @@ class DecoderConfig:
 def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
     b, t, d = x.shape
     return x.view(b, t, n_head, d // n_head).transpose(1, 2)
+
+
+def causal(past: int, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of t new tokens after `past` cached ones, and the mask letting query i (at
+    absolute position past + i) see keys 0 .. past + i."""
+    positions = torch.arange(t, device=device) + past
+    return positions, torch.arange(past + t, device=device)[None, :] <= positions[:, None]
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -111,10 +121,7 @@ class ConceptDecoder(nn.Module):
 
     def step(self, input_ids, past_key, past_value, cross_key, cross_value):
         """input_ids (B, T) + caches -> logits (B, T, V), present key/value (L, B, H, P+T, Dh)."""
-        past, t = past_key.shape[3], input_ids.shape[1]
-        positions = torch.arange(t, device=input_ids.device) + past
-        # Query i sits at absolute position past + i and sees keys 0 .. past + i.
-        mask = torch.arange(past + t, device=input_ids.device)[None, :] <= positions[:, None]
+        positions, mask = causal(past_key.shape[3], input_ids.shape[1], input_ids.device)
         x = self.wte(input_ids) + self.wpe(positions)
         keys, values = [], []
         for i, block in enumerate(self.blocks):
@@ -151,3 +158,11 @@ class Captioner(nn.Module):
 
     def step(self, input_ids, past_key, past_value, cross_key, cross_value):
         return self.decoder.step(input_ids, past_key, past_value, cross_key, cross_value)
+
+
+def load_decoder(path: Path = DEFAULT_CHECKPOINT):
+    """(decoder in eval mode, tokenizer, checkpoint dict) from a training checkpoint."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = ConceptDecoder(DecoderConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), Tokenizer.from_str(ckpt["tokenizer"]), ckpt

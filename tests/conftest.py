@@ -122,7 +122,7 @@ def captioner() -> Captioner:
 @pytest.fixture(scope="session")
 def reference(captioner):
     from export.reference import Reference, checkpoint_for
-    from export.train import DEFAULT_CHECKPOINT
+    from export import DEFAULT_CHECKPOINT
 
     manifest = captioner.manifest.data
     return Reference(checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)

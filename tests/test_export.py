@@ -5,7 +5,8 @@ import numpy as np
 import torch
 
 from export.encoder import load_pretrained, pretrained_weights_path
-from export.train import DEFAULT_CHECKPOINT, TrainConfig, train
+from export import DEFAULT_CHECKPOINT
+from export.train import TrainConfig, train
 from runtime import DEFAULT_MODEL, Captioner
 from runtime.manifest import load_manifest
 from runtime.preprocess import load_pixels

@@ -20,6 +20,7 @@ from conftest import ROOT, caption_without_torch
 from export.check import ExportError, Tolerance
 from runtime import Captioner
 from runtime.preprocess import load_pixels
+from runtime.search import until_eos
 
 # (encoder, decoder, seed, realistic): seeds whose random weights give a meaningful subject (checked below).
 FAMILIES = {"vit-gpt2": ("vit", "gpt2", 0, False), "deit-bert": ("deit", "bert", 0, False),
@@ -155,7 +156,7 @@ def test_checkpoint_generation_config_becomes_the_default(exported, photo_paths,
     paths = list(photo_paths.values())
     with torch.inference_mode():
         out = ref.model.generate(pixel_values=ref.pixels(paths))[:, 1:].tolist()
-    want = [row[: row.index(ref.eos_id)] if ref.eos_id in row else row for row in out]
+    want = [until_eos(row, ref.eos_id) for row in out]
     assert [c.tokens for c in captioner.caption(paths)] == want
 
 

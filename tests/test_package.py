@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from export.train import DEFAULT_CHECKPOINT
+from export import DEFAULT_CHECKPOINT
 from runtime import DEFAULT_MODEL, Captioner, PackageError
 from runtime.manifest import MANIFEST, load_manifest, sha256
 

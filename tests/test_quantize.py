@@ -3,8 +3,9 @@ measured on 200 inputs it never saw (photo crops and generated images)."""
 
 import pytest
 
-from benchmarks.parity import evaluation_images, run
+from benchmarks.parity import run
 from export.check import ExportError
+from export.evaluation import evaluation_images
 from export.quantize import quantize_package
 from runtime import DEFAULT_MODEL, Captioner
 from runtime.manifest import load_manifest

@@ -38,17 +38,16 @@ def toy_logprobs(step, image, prefix):
 
 
 def exhaustive_best(step, image, max_new, length_penalty):
-    """Every sequence that ends at EOS or runs out of tokens, scored like beam search."""
+    """Every sequence that ends at EOS within `max_new` tokens (EOS counted) or runs to the
+    limit without it, scored like beam search."""
+    words = range(1, VOCAB)
+    finished = [[*seq, EOS] for n in range(max_new) for seq in itertools.product(words, repeat=n)]
+    at_limit = [list(seq) for seq in itertools.product(words, repeat=max_new)]
     best = (-np.inf, None)
-    for n in range(1, max_new + 1):
-        for seq in itertools.product(range(1, VOCAB), repeat=n):
-            seqs = [list(seq[: n - 1]) + [EOS]] if n <= max_new else []
-            seqs += [list(seq)] if n == max_new else []
-            for s in seqs:
-                total = sum(toy_logprobs(step, image, s[:i])[s[i]] for i in range(len(s)))
-                score = total / len(s) ** length_penalty
-                tokens = s[:-1] if s[-1] == EOS else s
-                best = max(best, (score, tokens), key=lambda b: b[0])
+    for s in finished + at_limit:
+        total = sum(toy_logprobs(step, image, s[:i])[s[i]] for i in range(len(s)))
+        tokens = s[:-1] if s[-1] == EOS else s
+        best = max(best, (total / len(s) ** length_penalty, tokens), key=lambda b: b[0])
     return best[1]
 
 

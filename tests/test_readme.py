@@ -1,0 +1,50 @@
+"""The README as a user reads it: its quoted commands print what it quotes, its CLI usage block
+lists every option the program takes, and its Python API snippet runs as written."""
+
+import re
+import shlex
+import subprocess
+import sys
+
+from conftest import ROOT
+from runtime.caption import build_parser
+
+README = (ROOT / "README.md").read_text()
+
+
+def fenced(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def console_commands() -> list[tuple[str, str]]:
+    """(command, the output quoted under it) for every `$ ...` line of every console block."""
+    pairs = []
+    for block in fenced("console"):
+        for chunk in re.split(r"^\$ ", block, flags=re.M)[1:]:
+            command, _, output = chunk.partition("\n")
+            pairs.append((command, output))
+    return pairs
+
+
+def test_quoted_commands_print_what_the_readme_quotes():
+    assert console_commands(), "the README quotes no command output"
+    for command, output in console_commands():
+        program, *args = shlex.split(command)
+        assert program == "python", command
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == output, command
+
+
+def test_cli_usage_block_lists_every_option():
+    usage = next(b for b in fenced("bash") if b.startswith("python -m runtime.caption IMAGE"))
+    options = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    assert set(re.findall(r"--[a-z-]+", usage)) == options
+
+
+def test_python_api_snippet_runs_as_written():
+    snippet = next(b for b in fenced("python") if b.startswith("from runtime import Captioner"))
+    r = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and lines[2] == "missing.png missing.png: no such file"
