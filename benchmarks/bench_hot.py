@@ -35,8 +35,8 @@ def test_vision_graph(benchmark, captioner, pixels):
 
 
 def test_decode_one_token(benchmark, captioner, pixels):
-    step = cached(captioner.graph_step)
-    logits, state = prefill(step, initial_state(*captioner.encode(pixels)), captioner.prompt[None])
+    step = cached(captioner.graphs.step)
+    logits, state = prefill(step, initial_state(*captioner.graphs.encode(pixels)), captioner.prompt[None])
     for _ in range(captioner.manifest.max_positions // 2):  # a half-full cache, like mid-caption
         logits, state = decode_one_token(step, state, logits.argmax(-1))
     out, _ = benchmark(decode_one_token, step, state, logits.argmax(-1))

@@ -120,11 +120,11 @@ def runtime_variant(cap, beams: int) -> Variant:
         return np.stack([load_pixels(i, cap.manifest.preprocess) for i in batch])
 
     def first_token(batch):
-        state = initial_state(*cap.encode(pixels(batch)))
-        return prefill(cached(cap.graph_step), state, np.tile(cap.prompt, (len(batch), 1)))
+        state = initial_state(*cap.graphs.encode(pixels(batch)))
+        return prefill(cached(cap.graphs.step), state, np.tile(cap.prompt, (len(batch), 1)))
 
     return Variant(lambda b: [c.tokens for c in cap.caption(b, num_beams=beams, batch_size=8)],
-                   lambda b: cap.encode(pixels(b)), first_token, decoder_weight_bytes(cap.manifest.root))
+                   lambda b: cap.graphs.encode(pixels(b)), first_token, decoder_weight_bytes(cap.manifest.root))
 
 
 def bundled_scenarios(args, threads: int) -> dict:

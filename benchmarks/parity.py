@@ -28,7 +28,7 @@ from export.evaluation import evaluation_images
 from runtime import Captioner, ImageError, PackageError, ProviderError
 from runtime.caption import expand
 from runtime.preprocess import load_pixels
-from runtime.search import greedy, initial_state, reorder, uncached
+from runtime.search import initial_state, reorder
 
 
 def load_reference(reference: Path | None, manifest: dict):
@@ -46,13 +46,13 @@ def teacher_forced(captioner: Captioner, ref, pixels: np.ndarray, ref_pixels, to
     """Top-1 agreement, max |logit diff| and max |logit diff| / max |reference logit| along
     the reference's own captions."""
     agree, total, worst, worst_rel = 0, 0, 0.0, 0.0
-    ort_state = initial_state(*captioner.encode(pixels))
+    ort_state = initial_state(*captioner.graphs.encode(pixels))
     for i, seq in enumerate(tokens):
         # A caption that ran to the length limit never fed its last token back: the decoder has
         # no position for it.
         ids = np.array([[*ref.prompt, *seq]], dtype=np.int64)[:, : captioner.manifest.max_positions]
         row = np.array([i])
-        ort_logits = captioner.graph_step(ids, *reorder(ort_state, row)[1:])[0]
+        ort_logits = captioner.graphs.step(ids, *reorder(ort_state, row)[1:])[0]
         ref_logits = ref.logits(ref_pixels[i : i + 1], ids)
         agree += int((ort_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
         total += ids.shape[1]
@@ -77,9 +77,7 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
         raise ValueError("no usable images")
     pixels = np.stack(pixels)
     ours = [t for i in range(len(usable)) for t in captioner.generate(pixels[i : i + 1], cfg)]
-    prompt = np.tile(captioner.prompt, (len(usable), 1))
-    without_cache = greedy(uncached(captioner.graph_step), initial_state(*captioner.encode(pixels)), prompt,
-                           manifest["tokenizer"]["eos_id"], replace(cfg, num_beams=1))
+    without_cache = captioner.generate(pixels, replace(cfg, num_beams=1), cache=False)
     with_cache = captioner.generate(pixels, replace(cfg, num_beams=1))
     theirs = [t for img in usable for t in ref.generate([img], cfg)]
     top1, diff, rel = teacher_forced(captioner, ref, pixels, ref.pixels(usable), theirs)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 from torch.export import Dim
 
+from runtime.graphs import Graphs
 from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256
 from runtime.search import GenerationConfig, cached, greedy, initial_state
 
@@ -102,23 +102,19 @@ def graph_io(path: Path) -> dict:
     return {"file": path.name, "inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def ort_graph_step(decoder: ort.InferenceSession):
-    return lambda *feeds: tuple(decoder.run(None, dict(zip(DECODER_IO[0], feeds))))
-
-
-def check_greedy(model: nn.Module, vision: ort.InferenceSession, decoder: ort.InferenceSession, shape: GraphShape,
-                 prompt: list[int], tol: Tolerance, seen: Agreement) -> None:
+def check_greedy(model: nn.Module, graphs: Graphs, shape: GraphShape, prompt: list[int], tol: Tolerance,
+                 seen: Agreement) -> None:
     """Greedy decoding of random images through the graphs and through eager PyTorch gives the
     same tokens; where a row diverges, the reference must have scored the two picks within the
     tolerance (a tie), else the export is refused."""
     pixels = torch.randn(GREEDY_SAMPLES, 3, *shape.image_size, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         cross = [t.numpy() for t in model.vision(pixels)]
-    ids = np.tile(np.array(prompt, np.int64), (GREEDY_SAMPLES, 1))
+    ids = np.array(prompt, np.int64)
     cfg = GenerationConfig(max_new_tokens=min(GREEDY_TOKENS, shape.max_positions - len(prompt) + 1))
     eager_step, no_eos = torch_graph_step(model), -1
-    ours = greedy(cached(ort_graph_step(decoder)), initial_state(*cross), ids, no_eos, cfg)
-    theirs = greedy(cached(eager_step), initial_state(*cross), ids, no_eos, cfg)
+    ours = graphs.generate(pixels.numpy(), ids, no_eos, cfg)
+    theirs = greedy(cached(eager_step), initial_state(*cross), np.tile(ids, (GREEDY_SAMPLES, 1)), no_eos, cfg)
     for row, (got, want) in enumerate(zip(ours, theirs, strict=True)):
         if got == want:
             continue
@@ -136,18 +132,14 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
              prompt: list[int]) -> Agreement:
     """ONNX Runtime vs eager at batch sizes and lengths the exporter never saw: every output
     within `tol`, the next token at every position, then greedy decoding of sample images."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    vision = ort.InferenceSession(str(folder / "vision.onnx"), opts, providers=["CPUExecutionProvider"])
-    decoder = ort.InferenceSession(str(folder / "decoder.onnx"), opts, providers=["CPUExecutionProvider"])
+    graphs = Graphs.open(folder / "vision.onnx", folder / "decoder.onnx")
     gen = torch.Generator().manual_seed(1)
     seen = Agreement()
     for batch in (1, 3):
         pixels = torch.randn(batch, 3, *shape.image_size, generator=gen)
         with torch.inference_mode():
             cross = [t.numpy() for t in model.vision(pixels)]
-        got = vision.run(None, {"pixel_values": pixels.numpy()})
-        compare(f"vision graph at batch {batch}", VISION_IO[1], got, cross, tol, seen)
+        compare(f"vision graph at batch {batch}", VISION_IO[1], graphs.encode(pixels.numpy()), cross, tol, seen)
         for past, seq in ((0, 1), (0, 7), (5, 1), (11, 3)):
             ids = torch.randint(shape.vocab_size, (batch, seq), generator=gen)
             past_kv = [torch.randn(shape.layers, batch, shape.heads, past, shape.head_dim, generator=gen)
@@ -155,12 +147,12 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
             feeds = [ids.numpy(), *(t.numpy() for t in past_kv), *cross]
             with torch.inference_mode():
                 want = [t.numpy() for t in model.step(*map(torch.from_numpy, feeds))]
-            got = decoder.run(None, dict(zip(DECODER_IO[0], feeds)))
+            got = graphs.step(*feeds)
             what = f"decoder step graph at batch {batch}, past {past}, length {seq}"
             compare(what, DECODER_IO[1], got, want, tol, seen)
             compare_argmax(what, got[0], want[0], tol, seen)
         progress.update(batch, seen.summary())
-    check_greedy(model, vision, decoder, shape, prompt, tol, seen)
+    check_greedy(model, graphs, shape, prompt, tol, seen)
     progress.update(3, f"{seen.greedy_tokens} greedy tokens identical")
     return seen
 

@@ -26,9 +26,10 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from runtime.graphs import CPU, Graphs, session_options
 from runtime.manifest import GRAPHS, load_manifest
 from runtime.preprocess import load_pixels
-from runtime.search import GenerationConfig, cached, generate, initial_state
+from runtime.search import GenerationConfig, initial_state
 
 from .check import ExportError
 from .evaluation import evaluation_images
@@ -76,10 +77,7 @@ def session(model: onnx.ModelProto | Path, folder: Path, outputs: list[str] = ()
         onnx.save(model, str(path), save_as_external_data=True, location="probe.onnx.data")
     else:
         path = model
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options("int8"), providers=CPU)
 
 
 def weight_rows(w: np.ndarray, axis: int) -> np.ndarray:
@@ -245,15 +243,9 @@ def to_matmul_nbits(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def captions(vision: ort.InferenceSession, decoder: ort.InferenceSession, manifest: dict, pixels: np.ndarray):
     """Greedy captions of `pixels` through the given sessions (the package's own settings)."""
-    names = [i["name"] for i in manifest["graphs"]["decoder"]["inputs"]]
-
-    def graph_step(*feeds):
-        return tuple(decoder.run(None, dict(zip(names, feeds))))
-
-    cross = vision.run(None, {manifest["graphs"]["vision"]["inputs"][0]["name"]: pixels})
-    prompt = np.tile(np.array(manifest["generation"]["prompt_ids"], np.int64), (len(pixels), 1))
+    prompt = np.array(manifest["generation"]["prompt_ids"], np.int64)
     cfg = GenerationConfig(max_new_tokens=manifest["generation"]["max_new_tokens"])
-    return generate(cached(graph_step), initial_state(*cross), prompt, manifest["tokenizer"]["eos_id"], cfg)
+    return Graphs(vision, decoder).generate(pixels, prompt, manifest["tokenizer"]["eos_id"], cfg)
 
 
 def int8_vision(src: Path, manifest: dict, folder: Path, calibration_images: int) -> tuple[onnx.ModelProto, dict]:
@@ -316,20 +308,16 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def check_finite(folder: Path, manifest: dict) -> None:
+def check_finite(folder: Path, manifest: dict, precision: str) -> None:
     """Random images through both graphs, prefill and one cached step: no NaN or Inf."""
-    vision = ort.InferenceSession(str(folder / manifest["graphs"]["vision"]["file"]), providers=["CPUExecutionProvider"])
-    decoder = ort.InferenceSession(str(folder / manifest["graphs"]["decoder"]["file"]), providers=["CPUExecutionProvider"])
-    names = [i["name"] for i in manifest["graphs"]["decoder"]["inputs"]]
-    pixels = np.random.default_rng(0).uniform(-1, 1, (3, 3, *manifest["graphs"]["vision"]["inputs"][0]["shape"][2:]))
-    pixels = pixels.astype(np.float32)
-    cross = vision.run(None, {"pixel_values": pixels})
-    layers, n, heads, _, dim = cross[0].shape
-    empty = np.zeros((layers, n, heads, 0, dim), np.float32)
-    ids = np.tile(np.array(manifest["generation"]["prompt_ids"], np.int64), (n, 1))
-    logits, key, value = decoder.run(None, dict(zip(names, (ids, empty, empty, *cross))))
-    logits2, _, _ = decoder.run(None, dict(zip(names, (ids, key, value, *cross))))
-    for what, array in (("cross K/V", cross[0]), ("prefill logits", logits), ("step logits", logits2)):
+    graphs = Graphs.open(*(folder / manifest["graphs"][role]["file"] for role in GRAPHS), precision)
+    shape = manifest["graphs"]["vision"]["inputs"][0]["shape"]
+    pixels = np.random.default_rng(0).uniform(-1, 1, (3, 3, *shape[2:])).astype(np.float32)
+    state = initial_state(*graphs.encode(pixels))
+    ids = np.tile(np.array(manifest["generation"]["prompt_ids"], np.int64), (len(pixels), 1))
+    logits, key, value = graphs.step(ids, *state[1:])
+    logits2, _, _ = graphs.step(ids, key, value, state.cross_key, state.cross_value)
+    for what, array in (("cross K/V", state.cross_key), ("prefill logits", logits), ("step logits", logits2)):
         if not np.isfinite(array).all():
             raise ExportError(f"{what} contain NaN or Inf")
 
@@ -367,7 +355,7 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
                                 "Conv/Gemm -> int8 + DequantizeLinear folded at load, bias-corrected; "
                                 "embedding tables -> int8 + DequantizeLinear",
                       "vision": measured}
-        check_finite(package, manifest)
+        check_finite(package, manifest, precision)
         shutil.copy(src / manifest["tokenizer"]["file"], package / manifest["tokenizer"]["file"])
         fields = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files", "graphs")}
         written = write_package(package, out, {**fields, "precision": precision, "source": {

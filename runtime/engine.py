@@ -21,10 +21,11 @@ from tokenizers import Tokenizer
 
 from . import providers as prov
 from .gpu import tensorrt_version
+from .graphs import Graphs, session_options
 from .providers import ProviderError
 from .manifest import GRAPHS, PackageError, load_manifest
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels
-from .search import GenerationConfig, cached, generate, initial_state
+from .search import GenerationConfig
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
 # The bundled model's variants. INT8 passes the fidelity gate (README "Quantization"), so it
@@ -55,29 +56,6 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
-class DeviceTensor:
-    """An OrtValue left on the execution device, shaped like the numpy arrays the search
-    functions take: the KV cache stays on the GPU between steps. Only beam reordering
-    (`tensor[:, rows]`) takes a trip through host memory."""
-
-    DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-    def __init__(self, value: ort.OrtValue):
-        self.value = value
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.value.shape())
-
-    @property
-    def dtype(self):
-        return np.dtype(self.DTYPES[self.value.data_type()])
-
-    def __getitem__(self, index) -> "DeviceTensor":
-        host = np.ascontiguousarray(self.value.numpy()[index])
-        return DeviceTensor(ort.OrtValue.ortvalue_from_numpy(host, self.value.device_name(), 0))
-
-
 class Captioner:
     def __init__(self, model: str | Path | None = None, provider: str = "auto", threads: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_batch: int = 8, io_binding: bool | None = None,
@@ -97,35 +75,22 @@ class Captioner:
         self.max_batch = max_batch
         names = prov.for_package(names, self.manifest.data["precision"], provider != "auto")
         self.max_pixels = max_pixels
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        # Two sessions run alternately; idle pool threads spinning after one session's run
-        # steal the cores the next one needs (2x slower per caption on a 2-core box).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self.manifest.data["precision"] == "int8":
-            # Conv weights are stored int8 + DequantizeLinear: fold them to FP32 at load
-            # rather than dequantize at every run (this CPU has no int8 convolutions).
-            opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        if threads:
-            opts.intra_op_num_threads = threads
-        (self.vision, self.decoder), fallbacks = self._load(names, provider != "auto", opts, max_batch)
+        opts = session_options(self.manifest.data["precision"], threads)
+        (vision, decoder), fallbacks = self._load(names, provider != "auto", opts, max_batch)
         # `notes`: a provider this onnxruntime has failed to start (news, always shown); `info`: which
         # providers the build lacks (expected with the CPU wheel: shown with --verbose and by doctor).
         self.notes = [n for n in fallbacks if n]
         self.info = [note] if note else []
-        self.provider = prov.LABELS[self.decoder.get_providers()[0]]
+        self.provider = prov.LABELS[decoder.get_providers()[0]]
         use_binding = self.provider != "CPU" if io_binding is None else io_binding
         # Where bound caches live: GPU memory under CUDA/TensorRT; host memory when forced on CPU.
-        self.device = None if not use_binding else ("cpu" if self.provider == "CPU" else "cuda")
+        self.graphs = Graphs(vision, decoder, None if not use_binding else ("cpu" if self.provider == "CPU" else "cuda"))
         try:
             self.tokenizer = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer["file"])))
         except Exception as e:
             raise PackageError(f"{self.manifest.root}: unusable tokenizer: {str(e).splitlines()[0]}") from None
         self.defaults = GenerationConfig(**{f.name: self.manifest.generation[f.name] for f in fields(GenerationConfig)})
         self.prompt = np.array(self.manifest.generation["prompt_ids"], dtype=np.int64)
-        self._vision_io = (self.manifest.input_names("vision"), [o["name"] for o in self.manifest.graph("vision")["outputs"]])
-        self._decoder_io = (self.manifest.input_names("decoder"), [o["name"] for o in self.manifest.graph("decoder")["outputs"]])
 
     def _load(self, names: list[str], explicit: bool, opts, max_batch: int):
         """Both sessions on the first provider that initialises: an explicit provider that
@@ -159,36 +124,6 @@ class Captioner:
             # "/onnxruntime_src/...cc:729 void f(Args&) Please install ..." -> "Please install ..."
             raise _LoadError(path, re.sub(r"^\S+\.cc:\d+ [^)]*\)\s*", "", reason)) from None
 
-    def graph_step(self, input_ids, past_key, past_value, cross_key, cross_value):
-        """The decoder-step graph as a `GraphStep` (see runtime.search)."""
-        feeds = (input_ids, past_key, past_value, cross_key, cross_value)
-        if self.device is None:
-            return tuple(self.decoder.run(None, dict(zip(self._decoder_io[0], feeds))))
-        logits, present_key, present_value = self._run_bound(self.decoder, self._decoder_io, feeds, host_outputs=1)
-        return logits.numpy(), DeviceTensor(present_key), DeviceTensor(present_value)
-
-    def _run_bound(self, session, io, feeds, host_outputs: int):
-        """Run with IO binding: device-resident inputs stay put; the first `host_outputs`
-        outputs come back to host memory, the rest stay on the device."""
-        binding = session.io_binding()
-        for name, value in zip(io[0], feeds):
-            if isinstance(value, DeviceTensor):
-                binding.bind_ortvalue_input(name, value.value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for i, name in enumerate(io[1]):
-            binding.bind_output(name, "cpu" if i < host_outputs else self.device)
-        session.run_with_iobinding(binding)
-        return binding.get_outputs()
-
-    def encode(self, pixels: np.ndarray):
-        """(N, 3, H, W) -> cross-attention K/V, once per image (left on the device with IO binding)."""
-        if self.device is None:
-            key, value = self.vision.run(None, {self._vision_io[0][0]: pixels})
-            return key, value
-        key, value = self._run_bound(self.vision, self._vision_io, [pixels], host_outputs=0)
-        return DeviceTensor(key), DeviceTensor(value)
-
     def generation_config(self, max_new_tokens=None, num_beams=None, length_penalty=None) -> GenerationConfig:
         given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
         cfg = replace(self.defaults, **{k: v for k, v in given.items() if v is not None})
@@ -205,15 +140,11 @@ class Captioner:
         TensorRT's profiles were built for (explicit profiles cannot grow at run time)."""
         return self.max_batch // num_beams
 
-    def generate(self, pixels: np.ndarray, cfg: GenerationConfig) -> list[list[int]]:
+    def generate(self, pixels: np.ndarray, cfg: GenerationConfig, cache: bool = True) -> list[list[int]]:
         """Tokens per image, in forward passes of at most `images_per_pass` images."""
-        n = self.images_per_pass(cfg.num_beams)
-        return [tokens for i in range(0, len(pixels), n) for tokens in self._generate(pixels[i : i + n], cfg)]
-
-    def _generate(self, pixels: np.ndarray, cfg: GenerationConfig) -> list[list[int]]:
-        prompt = np.tile(self.prompt, (pixels.shape[0], 1))
-        return generate(cached(self.graph_step), initial_state(*self.encode(pixels)), prompt,
-                        self.manifest.tokenizer["eos_id"], cfg)
+        n, eos = self.images_per_pass(cfg.num_beams), self.manifest.tokenizer["eos_id"]
+        return [tokens for i in range(0, len(pixels), n)
+                for tokens in self.graphs.generate(pixels[i : i + n], self.prompt, eos, cfg, cache)]
 
     def decode(self, tokens: list[int]) -> str:
         """Text as transformers' `decode(prompt + tokens, skip_special_tokens=True)` gives it:

@@ -3,110 +3,36 @@
 
 from pathlib import Path
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from helpers import generated, photos, transparent
 from runtime import DEFAULT_MODEL, Captioner
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def without_torch(module: str, *args) -> subprocess.CompletedProcess:
-    """`python -m MODULE ARGS` as on a runtime-only install: torch, torchvision and transformers
-    cannot be imported (as if absent); fails if any of them ends up imported anyway."""
-    code = f"""
-import runpy, sys
-class Absent:
-    def find_spec(self, name, path=None, target=None):
-        top = name.split('.')[0]
-        if top in ('torch', 'torchvision', 'transformers'):
-            raise ModuleNotFoundError(f"No module named '{{top}}'", name=top)
-sys.meta_path.insert(0, Absent())
-sys.argv = [{module!r}, *{[str(a) for a in args]!r}]
-try:
-    runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
-finally:
-    assert not {{'torch', 'transformers', 'torchvision'}} & set(sys.modules), sorted(sys.modules)
-"""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
-
-
-def caption_without_torch(*args) -> subprocess.CompletedProcess:
-    return without_torch("runtime.caption", *args)
-
-
-def _photos():
-    from skimage import data
-
-    return {
-        "chelsea": data.chelsea(),
-        "coffee": data.coffee(),
-        "astronaut": data.astronaut(),
-        "rocket": data.rocket(),
-        "motorcycle": data.stereo_motorcycle()[0],
-        "camera": data.camera(),  # grayscale
-    }
-
-
-def _generated(rng: np.random.Generator):
-    """Images unlike anything in training: noise, gradients, shapes, odd sizes."""
-    images = {"noise": rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)}
-    y, x = np.mgrid[0:300, 0:200]
-    images["gradient"] = np.stack([x * 255 // 199, y * 255 // 299, (x + y) % 256], -1).astype(np.uint8)
-    shapes = Image.new("RGB", (500, 260), (30, 120, 200))
-    draw = ImageDraw.Draw(shapes)
-    draw.ellipse((40, 40, 220, 220), fill=(250, 200, 0))
-    draw.rectangle((280, 60, 460, 200), fill=(200, 30, 30))
-    images["shapes"] = np.asarray(shapes)
-    images["stripes"] = np.kron((np.indices((8, 8)).sum(0) % 2 * 255).astype(np.uint8), np.ones((29, 37), np.uint8))
-    return images
+def written(tmp_path_factory, kind: str, images: dict, suffix: str, **save) -> dict[str, Path]:
+    """Images (arrays or PIL) saved as user files, name -> path."""
+    folder = tmp_path_factory.mktemp(kind)
+    paths = {name: folder / f"{name}{suffix}" for name in images}
+    for name, image in images.items():
+        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(paths[name], **save)
+    return paths
 
 
 @pytest.fixture(scope="session")
 def photo_paths(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("photos")
-    paths = {}
-    for name, array in _photos().items():
-        paths[name] = folder / f"{name}.jpg"
-        Image.fromarray(array).save(paths[name], quality=95)
-    return paths
+    return written(tmp_path_factory, "photos", photos(), ".jpg", quality=95)
 
 
 @pytest.fixture(scope="session")
 def generated_paths(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("generated")
-    paths = {}
-    for name, array in _generated(np.random.default_rng(0)).items():
-        paths[name] = folder / f"{name}.png"
-        Image.fromarray(array).save(paths[name])
-    return paths
-
-
-def _transparent() -> dict[str, Image.Image]:
-    """Icons as they come: RGBA with graded alpha, gray + alpha, a palette with a transparent index."""
-    rgba = Image.new("RGBA", (160, 120), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(rgba)
-    draw.ellipse((20, 10, 140, 110), fill=(200, 40, 40, 255))
-    draw.rectangle((60, 40, 150, 100), fill=(30, 90, 220, 128))
-    la = Image.fromarray(np.stack([np.tile(np.arange(160, dtype=np.uint8), (120, 1)),
-                                   np.tile(np.linspace(0, 255, 120, dtype=np.uint8)[:, None], (1, 160))], -1), "LA")
-    palette = rgba.convert("RGB").quantize(8)
-    palette.info["transparency"] = palette.getpixel((0, 0))
-    return {"rgba": rgba, "la": la, "palette": palette}
+    return written(tmp_path_factory, "generated", generated(np.random.default_rng(0)), ".png")
 
 
 @pytest.fixture(scope="session")
 def transparent_paths(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("transparent")
-    paths = {}
-    for name, image in _transparent().items():
-        paths[name] = folder / f"{name}.png"
-        image.save(paths[name])
-    return paths
+    return written(tmp_path_factory, "transparent", transparent(), ".png")
 
 
 @pytest.fixture(scope="session")
@@ -121,8 +47,8 @@ def captioner() -> Captioner:
 
 @pytest.fixture(scope="session")
 def reference(captioner):
-    from export.reference import Reference, checkpoint_for
     from export import DEFAULT_CHECKPOINT
+    from export.reference import Reference, checkpoint_for
 
     manifest = captioner.manifest.data
     return Reference(checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)

@@ -8,7 +8,7 @@ import sys
 import onnxruntime as ort
 import pytest
 
-from conftest import ROOT, caption_without_torch, without_torch
+from helpers import ROOT, caption_without_torch, without_torch
 
 
 def caption(*args):

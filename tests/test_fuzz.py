@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT
+from helpers import ROOT
 from export.preprocess import EFFICIENTNET_LITE0
 from runtime import DEFAULT_MODEL, ImageError, PackageError
 from runtime.manifest import MANIFEST, load_manifest

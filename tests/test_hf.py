@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, caption_without_torch
+from helpers import ROOT, caption_without_torch
 from export.check import ExportError, Tolerance
 from runtime import Captioner
 from runtime.preprocess import load_pixels
@@ -194,23 +194,21 @@ def test_cli_captions_an_hf_package_without_torch(exported, photo_paths):
     assert json.loads(r.stdout)["caption"]
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp16"])
-def test_reduced_precision_hf_packages(exported, photo_paths, tmp_path, precision):
-    """`export hf --precision`: a complete package the runtime reads, whose own greedy tokens
-    are the same with and without the KV cache."""
+@pytest.mark.parametrize("precision, min_top1", [("int8", 0.88), ("fp16", 0.97)])
+def test_reduced_precision_hf_packages(exported, photo_paths, tmp_path, precision, min_top1):
+    """`export hf --precision`: a complete package the runtime reads, whose greedy tokens are the
+    same with and without the KV cache, and whose next-token choices along transformers' own
+    captions agree with it (measured on these random weights, the worst case of near-ties:
+    int8 91%, fp16 100%; trained weights have wide margins)."""
+    from benchmarks.parity import run
     from export.hf import export_hf
-    from runtime.search import generate, initial_state, uncached
 
-    export_hf(exported["vit-gpt2"][0], tmp_path / "pkg", precision=precision)
-    captioner = Captioner(tmp_path / "pkg", provider="cpu")
-    assert captioner.manifest.data["precision"] == precision
-    paths = list(photo_paths.values())
-    pixels = np.stack([load_pixels(p, captioner.manifest.preprocess) for p in paths])
-    cfg = captioner.generation_config()
-    state = initial_state(*captioner.encode(pixels))
-    prompt = np.tile(captioner.prompt, (len(paths), 1))
-    without_cache = generate(uncached(captioner.graph_step), state, prompt, captioner.manifest.tokenizer["eos_id"], cfg)
-    assert captioner.generate(pixels, cfg) == without_cache
+    src = exported["vit-gpt2"][0]
+    export_hf(src, tmp_path / "pkg", precision=precision)
+    assert Captioner(tmp_path / "pkg", provider="cpu").manifest.data["precision"] == precision
+    result = run(tmp_path / "pkg", src, [str(p) for p in photo_paths.values()])
+    assert result["cache_agreement"] == 1.0 and not result["nan_or_inf"]
+    assert result["teacher_forced_top1"] >= min_top1
 
 
 @pytest.mark.parametrize("config, message", [

@@ -4,7 +4,7 @@ from every import statement in the source, deferred ones inside functions includ
 import ast
 from pathlib import Path
 
-from conftest import ROOT
+from helpers import ROOT
 
 PACKAGES = ("runtime", "export", "benchmarks")
 

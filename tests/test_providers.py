@@ -185,7 +185,7 @@ def test_explicit_provider_that_fails_to_initialise_is_an_error(manifest, monkey
 def test_io_binding_keeps_the_same_tokens(captioner, image_paths, num_beams):
     """The CUDA path (caches bound as device OrtValues between steps), run on CPU memory."""
     bound = Captioner(captioner.manifest.root, provider="cpu", io_binding=True)
-    assert bound.device == "cpu" and captioner.device is None
+    assert bound.graphs.device == "cpu" and captioner.graphs.device is None
     pixels = np.stack([load_pixels(p, captioner.manifest.preprocess) for p in image_paths])
     cfg = captioner.generation_config(num_beams=num_beams)
     assert bound.generate(pixels, cfg) == captioner.generate(pixels, cfg)
@@ -218,7 +218,7 @@ def test_doctor_reports_the_package_and_the_provider_choice():
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     r = subprocess.run([sys.executable, "-m", "runtime.doctor", "--json", "--model", "runtime/models/default"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -292,7 +292,7 @@ def test_every_forward_pass_fits_the_tensorrt_profile(manifest, captioners_by_ma
                 assert all(lo <= d <= hi for d, lo, hi in zip(shape, low, high, strict=True)), (role, name, shape)
 
     for cap in captioners_by_max_batch.values():
-        for role, session in (("vision", cap.vision), ("decoder", cap.decoder)):
+        for role, session in (("vision", cap.graphs.vision), ("decoder", cap.graphs.decoder)):
             run = session.run
             monkeypatch.setattr(session, "run", lambda out, feeds, role=role, run=run: fed.append((role, feeds))
                                 or run(out, feeds))

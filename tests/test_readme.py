@@ -6,7 +6,7 @@ import shlex
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers import ROOT
 from runtime.caption import build_parser
 
 README = (ROOT / "README.md").read_text()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from helpers import ROOT
 from runtime import DEFAULT_MODEL, Captioner, ImageError
 
 

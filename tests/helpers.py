@@ -1,0 +1,76 @@
+"""Helpers the tests share: the repository root, running a module as a runtime-only install
+would, and the images the fixtures write to disk (scikit-image's photos, generated ones, icons
+with transparency)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def without_torch(module: str, *args) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` as on a runtime-only install: torch, torchvision and transformers
+    cannot be imported (as if absent); fails if any of them ends up imported anyway."""
+    code = f"""
+import runpy, sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        top = name.split('.')[0]
+        if top in ('torch', 'torchvision', 'transformers'):
+            raise ModuleNotFoundError(f"No module named '{{top}}'", name=top)
+sys.meta_path.insert(0, Absent())
+sys.argv = [{module!r}, *{[str(a) for a in args]!r}]
+try:
+    runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+finally:
+    assert not {{'torch', 'transformers', 'torchvision'}} & set(sys.modules), sorted(sys.modules)
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def caption_without_torch(*args) -> subprocess.CompletedProcess:
+    return without_torch("runtime.caption", *args)
+
+
+def photos():
+    from skimage import data
+
+    return {
+        "chelsea": data.chelsea(),
+        "coffee": data.coffee(),
+        "astronaut": data.astronaut(),
+        "rocket": data.rocket(),
+        "motorcycle": data.stereo_motorcycle()[0],
+        "camera": data.camera(),  # grayscale
+    }
+
+
+def generated(rng: np.random.Generator):
+    """Images unlike anything in training: noise, gradients, shapes, odd sizes."""
+    images = {"noise": rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)}
+    y, x = np.mgrid[0:300, 0:200]
+    images["gradient"] = np.stack([x * 255 // 199, y * 255 // 299, (x + y) % 256], -1).astype(np.uint8)
+    shapes = Image.new("RGB", (500, 260), (30, 120, 200))
+    draw = ImageDraw.Draw(shapes)
+    draw.ellipse((40, 40, 220, 220), fill=(250, 200, 0))
+    draw.rectangle((280, 60, 460, 200), fill=(200, 30, 30))
+    images["shapes"] = np.asarray(shapes)
+    images["stripes"] = np.kron((np.indices((8, 8)).sum(0) % 2 * 255).astype(np.uint8), np.ones((29, 37), np.uint8))
+    return images
+
+
+def transparent() -> dict[str, Image.Image]:
+    """Icons as they come: RGBA with graded alpha, gray + alpha, a palette with a transparent index."""
+    rgba = Image.new("RGBA", (160, 120), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(rgba)
+    draw.ellipse((20, 10, 140, 110), fill=(200, 40, 40, 255))
+    draw.rectangle((60, 40, 150, 100), fill=(30, 90, 220, 128))
+    la = Image.fromarray(np.stack([np.tile(np.arange(160, dtype=np.uint8), (120, 1)),
+                                   np.tile(np.linspace(0, 255, 120, dtype=np.uint8)[:, None], (1, 160))], -1), "LA")
+    palette = rgba.convert("RGB").quantize(8)
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    return {"rgba": rgba, "la": la, "palette": palette}
