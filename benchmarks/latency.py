@@ -215,7 +215,7 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     def eager(fn):
         return in_torch(fn, threads)
 
-    encoder = ref.model.vision_model if ref.kind == "blip" else ref.model.encoder
+    encoder = ref.model.vision_model if ref.family.MODEL_TYPE == "blip" else ref.model.encoder
 
     def eager_vision(batch):
         return encoder(pixel_values=ref.pixels(batch))

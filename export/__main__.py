@@ -30,7 +30,7 @@ def run(args) -> str:
         return (f"trained {summary['steps']} steps: loss {summary['final_loss']:.4f}, held-out exact caption match "
                 f"{summary['heldout_exact_match']:.1%} ({summary['heldout']} unseen distributions) -> {args.out}")
     if args.command == "package":
-        from .onnx_export import export_package
+        from .bundled import export_package
 
         return export_package(args.checkpoint, args.out, Tolerance(args.rtol, args.atol))
     if args.command == "quantize":

@@ -33,7 +33,7 @@ from runtime.search import GenerationConfig, initial_state
 
 from .check import ExportError
 from .evaluation import evaluation_images
-from .onnx_export import write_package
+from .package import write_package
 from .progress import Progress
 
 FP32_OPS = ["LayerNormalization", "Softmax", "TopK"]

@@ -32,7 +32,7 @@ def test_training_is_deterministic(tmp_path):
 
 
 def test_export_reproduces_the_committed_package(tmp_path, photo_paths):
-    from export.onnx_export import export_package
+    from export.bundled import export_package
 
     out = tmp_path / "pkg"
     export_package(DEFAULT_CHECKPOINT, out)

@@ -100,9 +100,9 @@ def test_realistic_models_have_a_trained_checkpoints_scale(exported):
 
     for name in ("vit-gpt2-real", "blip-real"):
         src, pkg = exported[name]
-        kind, model = load_model(src)
+        family, model = load_model(src)
         manifest = Captioner(pkg, provider="cpu").manifest.data
-        encoder, lm = (model.vision_model, model.text_decoder) if kind == "blip" else (model.encoder, model.decoder)
+        encoder, lm = (model.vision_model, model.text_decoder) if family.MODEL_TYPE == "blip" else (model.encoder, model.decoder)
         pixels = torch.randn(2, 3, *manifest["graphs"]["vision"]["inputs"][0]["shape"][2:])
         ids = torch.tensor([[*manifest["generation"]["prompt_ids"], 5, 6, 7]] * 2)
         with torch.inference_mode():
@@ -242,7 +242,7 @@ def positions_ignoring_the_cache(past, t, device):
 def test_a_wrapper_that_loses_the_cache_position_is_refused(exported, tmp_path, monkeypatch):
     import export.hf as hf
 
-    monkeypatch.setattr(hf, "causal", positions_ignoring_the_cache)
+    monkeypatch.setattr(hf.decoders, "causal", positions_ignoring_the_cache)
     with pytest.raises(ExportError) as refused:
         hf.export_hf(exported["vit-gpt2-real"][0], tmp_path / "pkg")
     message = str(refused.value)
@@ -256,16 +256,16 @@ def test_a_graph_that_differs_from_eager_is_refused(exported, tmp_path, monkeypa
     """Right wrappers, wrong graph (traced with the position bug): at a realistic scale the
     relative check still refuses it, naming the graph, the shapes and the output."""
     import export.hf as hf
-    import export.onnx_export as onnx_export
+    import export.package as package
 
-    trace_graph = onnx_export.export_graph
+    trace_graph = package.export_graph
 
     def wrong_graph(*args):
         with monkeypatch.context() as patch:
-            patch.setattr(hf, "causal", positions_ignoring_the_cache)
+            patch.setattr(hf.decoders, "causal", positions_ignoring_the_cache)
             trace_graph(*args)
 
-    monkeypatch.setattr(onnx_export, "export_graph", wrong_graph)
+    monkeypatch.setattr(package, "export_graph", wrong_graph)
     with pytest.raises(ExportError, match=r"^decoder step graph at batch 1, past 5, length 1: logits differs by "
                                           r"\S+ \(relative \S+ of max \|value\| \S+\) at index") as refused:
         hf.export_hf(exported[name][0], tmp_path / "pkg")

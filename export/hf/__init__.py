@@ -1,0 +1,182 @@
+"""python -m export hf SRC --out PKG: a Hugging Face captioner folder -> model package.
+
+The folder is read with `local_files_only` (nothing comes from the hub) and selected by the
+architecture in its config.json: one module per family (`FAMILIES`), over the shared parts in
+`common` (config, tokenizer, preprocessing, generation settings) and `decoders` (decoder steps
+over transformers' own submodules). Cross-attention K/V move into the vision graph: computed once
+per image, not every step (which is what optimum's export does). The wrappers are checked
+against transformers' own forward before they are traced.
+
+A family module provides: ARCHITECTURE, MODEL_TYPE, SUPPORTS (its line in the refusal message),
+unsupported(config) -> reason or None, model_class(), captioner(model), text_config(model),
+describe(model), prompt_and_eos(src, model, tokenizer, prompt), reference_logits(model, pixels,
+ids) and generate(model, pixels, prompt, eos_id, **kwargs) (transformers' own, for parity).
+Adding a family is a module and a line in FAMILIES.
+"""
+
+import os
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never the hub
+
+import numpy as np
+import torch
+
+from runtime.preprocess import upright
+from runtime.search import GenerationConfig, until_eos
+
+from ..check import Agreement, ExportError, Tolerance, compare, compare_argmax
+from ..package import OPSET, GraphShape, report, trace, versions, write_package
+from ..progress import Progress
+from ..quantize import quantize_package
+from . import blip, decoders, vision_encoder_decoder
+from .common import (HFCaptioner, generation_settings, image_processor, load_tokenizer, preprocess_spec, read_config,
+                     single_eos)
+
+FAMILIES = {family.ARCHITECTURE: family for family in (vision_encoder_decoder, blip)}
+SUPPORTED = " and ".join(family.SUPPORTS for family in FAMILIES.values())
+
+
+class Unsupported(ExportError):
+    def __init__(self, src: Path, what: str):
+        super().__init__(f"{src}: {what}; supported: {SUPPORTED}")
+
+
+def load_model(src: Path, attention: str | None = None):
+    """(family module, transformers model in eval mode); unsupported architectures are refused
+    from config.json alone, before any weights are read. `attention` picks transformers'
+    attention implementation (its default, sdpa, is what users run)."""
+    config = read_config(src)
+    architectures, kind = config.get("architectures") or [], config.get("model_type")
+    by_type = [f for f in FAMILIES.values() if f.MODEL_TYPE == kind]
+    family = FAMILIES.get(architectures[0]) if architectures else (by_type or [None])[0]
+    if family is None:
+        raise Unsupported(src, f"{', '.join(architectures or [str(kind)])} is not a supported captioner")
+    if reason := family.unsupported(config):
+        raise Unsupported(src, reason)
+    return family, family.model_class().from_pretrained(src, local_files_only=True, attn_implementation=attention).eval()
+
+
+def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, int]) -> GraphShape:
+    with torch.inference_mode():
+        memory_tokens = captioner.memory(torch.zeros(1, 3, *image_size)).shape[1]
+    text = family.text_config(model)
+    layers, heads, width, positions = decoders.dims(text)
+    return GraphShape(layers, heads, width // heads, memory_tokens, text.vocab_size, positions, image_size)
+
+
+def check_wrappers(family, model, captioner: HFCaptioner, shape: GraphShape, tol: Tolerance) -> Agreement:
+    """The stacked-cache wrappers vs transformers' forward, prefill and one cached step,
+    judged like the graphs (export.check)."""
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 3, *shape.image_size, generator=gen)
+    ids = torch.randint(shape.vocab_size, (2, 6), generator=gen)
+    empty = torch.zeros(shape.layers, 2, shape.heads, 0, shape.head_dim)
+    with torch.inference_mode():
+        want = family.reference_logits(model, pixels, ids)
+        cross = captioner.vision(pixels)
+        first, key, value = captioner.step(ids[:, :5], empty, empty, *cross)
+        last, _, _ = captioner.step(ids[:, 5:], key, value, *cross)
+    got, want, seen = torch.cat([first, last], dim=1).numpy(), want.numpy(), Agreement()
+    what = "the decoder wrapper vs transformers' forward (prefill 5 tokens + 1 cached step, batch 2)"
+    compare(what, ["logits"], [got], [want], tol, seen)
+    compare_argmax(what, got, want, tol, seen)
+    return seen
+
+
+def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = "fp32",
+              tol: Tolerance = Tolerance()) -> str:
+    """A package of `precision` (int8 and fp16 are quantized from the FP32 export); returns
+    the summary lines (warnings first) for the entry point to print."""
+    if precision != "fp32":
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = export_hf(src, Path(tmp) / "fp32", prompt, tol=tol)
+            return summary + "\n" + quantize_package(Path(tmp) / "fp32", precision, out)
+    src = Path(src)
+    if not src.is_dir():
+        raise ExportError(f"{src}: not a folder (a local Hugging Face model folder is expected)")
+    progress = Progress("export", 4, every_s=0)
+    # Eager attention traces everywhere (Swin's sdpa path does not decompose for ONNX).
+    family, model = load_model(src, attention="eager")
+    tokenizer = load_tokenizer(src)
+    spec = preprocess_spec(src)
+    prompt_ids, eos = family.prompt_and_eos(src, model, tokenizer, prompt)
+    eos = single_eos(src, prompt_ids, eos)
+    generation, ignored = generation_settings(model, prompt_ids, eos)
+    captioner = family.captioner(model)
+    if not isinstance(spec["resize"], list) and spec["crop"] is None:
+        raise ExportError(f"{src}: the image processor keeps the aspect ratio without a crop; "
+                         "the vision graph needs a fixed size")
+    image_size = tuple(spec["crop"] or spec["resize"])
+    shape = graph_shape(family, model, captioner, image_size)
+    wrapper = check_wrappers(family, model, captioner, shape, tol)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        seen = trace(captioner, shape, folder, progress, tol, generation["prompt_ids"])
+        tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+        manifest = write_package(folder, out, {
+            "name": src.name,
+            "precision": "fp32",
+            "dims": shape.dims(),
+            "decoder": shape.decoder_section(),
+            "preprocess": spec,
+            "tokenizer": {"file": "tokenizer.json", "eos_id": eos,
+                          "clean_up_spaces": bool(tokenizer.clean_up_tokenization_spaces)},
+            "generation": generation,
+            "source": {
+                "model": family.describe(model),
+                "folder": src.name,
+                "prompt": prompt,
+                "ignored_generation_settings": ignored,
+                "wrapper_vs_transformers": wrapper.record(tol),
+                "onnx_vs_eager": seen.record(tol),
+                "opset": OPSET,
+                "versions": {**versions(), "transformers": version("transformers")},
+            },
+        })
+    progress.update(4, "written")
+    warnings = [f"warning: generation_config sets {setting}, which the runtime does not implement; ignored"
+                for setting in ignored]
+    return "\n".join([*warnings, report(out, manifest, seen, progress)])
+
+
+class HFReference:
+    """transformers' own image processor (PIL backend) and `generate`: the parity reference
+    for a package exported from `src`."""
+
+    def __init__(self, src: Path, manifest: dict):
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()  # generate's advice about max_length and masks
+        self.family, self.model = load_model(Path(src))
+        self.tokenizer = load_tokenizer(Path(src))
+        self.prompt = np.array(manifest["generation"]["prompt_ids"], dtype=np.int64)
+        self.eos_id = manifest["tokenizer"]["eos_id"]
+        self.processor = image_processor(Path(src))
+
+    def pixels(self, images) -> torch.Tensor:
+        # The runtime's decoding policy (formats, limits, EXIF), then transformers' own pipeline from
+        # the image as decoded: its convert_to_rgb composites transparency onto white (asked for
+        # explicitly, since processors such as ViT's leave it off by default).
+        return self.processor(images=[upright(i) for i in images], do_convert_rgb=True,
+                              return_tensors="pt").pixel_values
+
+    @torch.inference_mode()
+    def generate(self, images, cfg: GenerationConfig) -> list[list[int]]:
+        pixels = self.pixels(images)
+        prompt = torch.from_numpy(np.tile(self.prompt, (pixels.shape[0], 1)))
+        kwargs = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "do_sample": False,
+                  "length_penalty": cfg.length_penalty, "early_stopping": cfg.early_stopping,
+                  "no_repeat_ngram_size": cfg.no_repeat_ngram_size}
+        out = self.family.generate(self.model, pixels, prompt, self.eos_id, **kwargs)
+        rows = out[:, len(self.prompt):].tolist()
+        return [until_eos(row, self.eos_id) for row in rows]
+
+    @torch.inference_mode()
+    def logits(self, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+        return self.family.reference_logits(self.model, pixels, torch.from_numpy(ids)).numpy()
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode([*self.prompt, *tokens], skip_special_tokens=True)

@@ -1,0 +1,117 @@
+"""What every Hugging Face family shares: config, tokenizer, image processor settings in the
+manifest's terms, generation settings, and the captioner shape the tracer takes."""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..check import ExportError
+
+RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor configs store them
+
+
+class HFCaptioner(nn.Module):
+    """vision(pixels) -> cross K/V; step(...) as in runtime.search."""
+
+    def __init__(self, encoder: nn.Module, project: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.encoder, self.project, self.decoder = encoder, project, decoder
+
+    def memory(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.project(self.encoder(pixel_values=pixels)[0])
+
+    def vision(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.cross_kv(self.memory(pixels))
+
+    def step(self, input_ids, past_key, past_value, cross_key, cross_value):
+        return self.decoder(input_ids, past_key, past_value, cross_key, cross_value)
+
+
+def read_config(src: Path) -> dict:
+    try:
+        return json.loads((src / "config.json").read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{src}: no config.json; not a Hugging Face model folder") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{src}: unreadable config.json: {e}") from None
+
+
+def image_processor(src: Path):
+    """The PIL-backend image processor: the runtime resizes with Pillow too."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(src, local_files_only=True, backend="pil")
+    except OSError as e:
+        raise ExportError(f"{src}: no usable preprocessor_config.json ({str(e).splitlines()[0]})") from None
+
+
+def preprocess_spec(src: Path) -> dict:
+    """The image processor's settings in the manifest's terms."""
+    proc = image_processor(src)
+    size, crop = dict(proc.size), None
+    if "height" in size:
+        resize = [size["height"], size["width"]]
+    else:
+        resize = size["shortest_edge"]
+    if getattr(proc, "do_center_crop", False):
+        crop = [proc.crop_size["height"], proc.crop_size["width"]]
+    resample = int(proc.resample)
+    if resample not in RESAMPLE or not proc.do_resize or not proc.do_rescale or not proc.do_normalize:
+        raise ExportError(f"{src}: image processor settings the runtime does not implement "
+                         f"(resample {resample}, resize {proc.do_resize}, rescale {proc.do_rescale}, "
+                         f"normalize {proc.do_normalize})")
+    mean, std = proc.image_mean, proc.image_std
+    return {"resize": resize, "crop": crop, "crop_offset": "floor", "resample": RESAMPLE[resample],
+            "rescale": float(proc.rescale_factor), "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+            "layout": "NCHW"}
+
+
+# Settings that change which tokens `generate` picks and that the runtime does not do.
+UNSUPPORTED_GENERATION = ("do_sample", "repetition_penalty", "min_length", "min_new_tokens", "bad_words_ids",
+                          "forced_bos_token_id", "forced_eos_token_id", "num_beam_groups", "suppress_tokens",
+                          "begin_suppress_tokens", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty")
+
+
+def generation_settings(model, prompt_ids: list[int], eos) -> tuple[dict, list[str]]:
+    """(manifest `generation`, settings ignored) from the checkpoint's generation config, for a
+    prompt and EOS the family has worked out."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    gc, default = model.generation_config, HFGenerationConfig()
+    ignored = [f"{k}={getattr(gc, k)!r}" for k in UNSUPPORTED_GENERATION
+               if getattr(gc, k, None) not in (getattr(default, k, None), None)]
+
+    def setting(name: str, default):  # transformers 5 leaves unset fields None
+        value = getattr(gc, name, None)
+        return default if value is None else value
+
+    max_new = setting("max_new_tokens", None) or setting("max_length", 20) - len(prompt_ids)
+    return {"prompt_ids": [int(i) for i in prompt_ids], "max_new_tokens": int(max_new),
+            "num_beams": int(setting("num_beams", 1)), "length_penalty": float(setting("length_penalty", 1.0)),
+            "early_stopping": setting("early_stopping", False),
+            "no_repeat_ngram_size": int(setting("no_repeat_ngram_size", 0))}, ignored
+
+
+def single_eos(src: Path, prompt_ids: list, eos) -> int:
+    if isinstance(eos, list):
+        if len(eos) != 1:
+            raise ExportError(f"{src}: several EOS tokens {eos}; the runtime stops on one")
+        eos = eos[0]
+    if None in prompt_ids or eos is None:
+        raise ExportError(f"{src}: the config sets no decoder start / EOS token id")
+    return int(eos)
+
+
+def load_tokenizer(src: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{src}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+    if not tok.is_fast:
+        raise ExportError(f"{src}: the tokenizer has no fast (tokenizer.json) form for the runtime")
+    return tok

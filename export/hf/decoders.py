@@ -1,0 +1,85 @@
+"""Decoder steps over transformers' own submodules (same weights, nothing copied), with the
+cache as plain stacked tensors (layers, batch, heads, length, head_dim): transformers' cache
+objects cannot be graph inputs. Shared by the families whose text decoder they are."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import causal, merge_heads, split_heads
+
+
+class GPT2Decoder(nn.Module):
+    """`GPT2LMHeadModel` with cross-attention, as a decoder step over stacked caches."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm, self.n_head, self.width = lm, lm.config.n_head, lm.config.n_embd
+
+    def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = [block.crossattention.c_attn(memory).split(self.width, dim=2) for block in self.lm.transformer.h]
+        return (torch.stack([split_heads(k, self.n_head) for k, _ in kv]),
+                torch.stack([split_heads(v, self.n_head) for _, v in kv]))
+
+    def forward(self, input_ids, past_key, past_value, cross_key, cross_value):
+        t = self.lm.transformer
+        positions, mask = causal(past_key.shape[3], input_ids.shape[1], input_ids.device)
+        x = t.wte(input_ids) + t.wpe(positions)
+        keys, values = [], []
+        for i, block in enumerate(t.h):
+            attn, cross = block.attn, block.crossattention
+            q, k, v = (split_heads(z, self.n_head) for z in attn.c_attn(block.ln_1(x)).split(self.width, dim=2))
+            k, v = torch.cat([past_key[i], k], dim=2), torch.cat([past_value[i], v], dim=2)
+            x = x + attn.c_proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)))
+            q = split_heads(cross.q_attn(block.ln_cross_attn(x)), self.n_head)
+            x = x + cross.c_proj(merge_heads(F.scaled_dot_product_attention(q, cross_key[i], cross_value[i],
+                                                                            scale=cross.scaling)))
+            x = x + block.mlp(block.ln_2(x))
+            keys.append(k)
+            values.append(v)
+        return self.lm.lm_head(t.ln_f(x)), torch.stack(keys), torch.stack(values)
+
+
+class BertDecoder(nn.Module):
+    """`BertLMHeadModel` or BLIP's `BlipTextLMHeadModel` (post-LN, `.bert` + `.cls`), as a
+    decoder step over stacked caches."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm, self.n_head = lm, lm.config.num_attention_heads
+
+    def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layers = self.lm.bert.encoder.layer
+        return (torch.stack([split_heads(layer.crossattention.self.key(memory), self.n_head) for layer in layers]),
+                torch.stack([split_heads(layer.crossattention.self.value(memory), self.n_head) for layer in layers]))
+
+    def forward(self, input_ids, past_key, past_value, cross_key, cross_value):
+        emb = self.lm.bert.embeddings
+        positions, mask = causal(past_key.shape[3], input_ids.shape[1], input_ids.device)
+        x = emb.word_embeddings(input_ids)
+        if hasattr(emb, "token_type_embeddings"):  # BERT's segment 0; BLIP has none
+            x = x + emb.token_type_embeddings(torch.zeros_like(input_ids))
+        x = emb.LayerNorm(x + emb.position_embeddings(positions))
+        keys, values = [], []
+        for i, layer in enumerate(self.lm.bert.encoder.layer):
+            sa, ca = layer.attention.self, layer.crossattention.self
+            q, k, v = (split_heads(f(x), self.n_head) for f in (sa.query, sa.key, sa.value))
+            k, v = torch.cat([past_key[i], k], dim=2), torch.cat([past_value[i], v], dim=2)
+            a = layer.attention.output(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), x)
+            q = split_heads(ca.query(a), self.n_head)
+            c = layer.crossattention.output(merge_heads(F.scaled_dot_product_attention(q, cross_key[i], cross_value[i])), a)
+            x = layer.output(layer.intermediate(c), c)
+            keys.append(k)
+            values.append(v)
+        return self.lm.cls(x), torch.stack(keys), torch.stack(values)
+
+
+def wrap(lm: nn.Module) -> nn.Module:
+    return GPT2Decoder(lm) if lm.config.model_type == "gpt2" else BertDecoder(lm)
+
+
+def dims(text) -> tuple[int, int, int, int]:
+    """(layers, heads, width, positions) of a GPT-2 or BERT-style text config."""
+    if text.model_type == "gpt2":
+        return text.n_layer, text.n_head, text.n_embd, text.n_positions
+    return text.num_hidden_layers, text.num_attention_heads, text.hidden_size, text.max_position_embeddings
