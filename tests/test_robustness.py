@@ -92,6 +92,25 @@ def test_every_case_through_the_cli(cases):
         assert ("error" in rec) == (error is not None), (name, rec)
 
 
+def test_parity_over_every_case_reports_bad_files_in_one_line_each(cases):
+    """The parity tool skips what cannot be decoded (one line each) and measures the rest."""
+    paths = [str(p) for p, _ in cases.values()]
+    r = subprocess.run([sys.executable, "-m", "benchmarks.parity", "--model", str(DEFAULT_MODEL), *paths, "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    bad = [name for name, (_, error) in cases.items() if error is not None]
+    assert len(r.stderr.strip().splitlines()) == len(bad)
+    result = json.loads(r.stdout)
+    assert result["images"] == len(cases) - len(bad) and result["exact_caption_match"] == 1.0
+
+
+@pytest.mark.parametrize("model", ["missing.jpg", "zero.jpg", "doc.pdf"])
+def test_doctor_on_a_file_that_is_no_package(cases, model):
+    r = subprocess.run([sys.executable, "-m", "runtime.doctor", "--model", str(cases[model][0])],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr and "problem: " in r.stdout
+
+
 def test_modes_caption_like_their_source(captioner, cases, photo_paths):
     """Lossless re-encodings must give the very same tokens as the 8-bit RGB original."""
     gray = captioner.caption(cases["gray.png"][0]).tokens
