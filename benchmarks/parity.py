@@ -2,7 +2,8 @@
 
 Runs eager PyTorch (for a Hugging Face package: transformers' own `generate` and image
 processor) and the runtime side by side on the same images and prints:
-- exact_caption_match: fraction of images whose tokens are identical;
+- exact_caption_match: fraction of images whose tokens are identical, and its 95% Wilson
+  interval (exact_caption_match_ci95): the count of images bounds what a rate can say;
 - teacher_forced_top1: the reference's captions fed to the runtime's decoder graph
   in one pass; fraction of positions where both pick the same next token;
 - max_abs_logit_diff: the largest |logit| difference over those positions;
@@ -61,6 +62,14 @@ def teacher_forced(captioner: Captioner, ref, pixels: np.ndarray, ref_pixels, to
     return agree / total, worst, worst_rel
 
 
+def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a rate measured on n independent images: what n can tell
+    (12 images at 100% only say >= 76%; 200 images at 97.5% say 94.3% to 98.9%)."""
+    p, z2 = successes / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [round(max(0.0, float(centre - half)), 4), round(min(1.0, float(centre + half)), 4)]
+
+
 def run(model: Path, reference: Path | None, images: list[str], num_beams: int = 1, max_new_tokens: int | None = None):
     captioner = Captioner(model)
     manifest = captioner.manifest.data
@@ -86,6 +95,7 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
     return {
         "images": len(usable),
         "exact_caption_match": 1 - len(mismatches) / len(usable),
+        "exact_caption_match_ci95": wilson(len(usable) - len(mismatches), len(usable)),
         "teacher_forced_top1": top1,
         "max_abs_logit_diff": diff,
         "max_rel_logit_diff": rel,
@@ -128,7 +138,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"images {result['images']}  exact caption match {result['exact_caption_match']:.1%}  "
+        low, high = result["exact_caption_match_ci95"]
+        print(f"images {result['images']}  exact caption match {result['exact_caption_match']:.1%} "
+              f"(95% CI {low:.1%}-{high:.1%})  "
               f"teacher-forced top-1 {result['teacher_forced_top1']:.2%}  "
               f"max |logit diff| {result['max_abs_logit_diff']:.2e} (relative {result['max_rel_logit_diff']:.1e})  cache agreement {result['cache_agreement']:.1%}  "
               f"NaN/Inf {result['nan_or_inf']}  {result['precision']} {sum(result['size_mib'].values()):.1f} MiB  "

@@ -58,3 +58,11 @@ def test_beam_search_respects_max_tokens(captioner, photo_paths):
     for beams in (1, 4):
         c = captioner.caption(photo_paths["chelsea"], max_new_tokens=3, num_beams=beams)
         assert 1 <= len(c.tokens) <= 3
+
+
+def test_rates_come_with_what_their_image_count_can_tell():
+    from benchmarks.parity import wilson
+
+    assert wilson(12, 12) == [0.7575, 1.0]  # 12 of 12 only says >= 76%
+    assert wilson(195, 200) == [0.9428, 0.9893]
+    assert wilson(0, 5) == [0.0, 0.4345]
