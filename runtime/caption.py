@@ -72,9 +72,9 @@ def main(argv=None) -> int:
         return 2
     for note in captioner.info * args.verbose + captioner.notes:
         print(note, file=sys.stderr)
-    per_pass = captioner.images_per_pass(captioner.generation_config(**cfg).num_beams)
-    if args.batch_size > per_pass:
-        print(f"batch size {args.batch_size} x beams over --max-batch {args.max_batch}: "
+    beams = captioner.generation_config(**cfg).num_beams
+    if args.batch_size > (per_pass := captioner.images_per_pass(beams)):
+        print(f"batch size {args.batch_size} x {beams} beams is over --max-batch {args.max_batch}: "
               f"{per_pass} image(s) per forward pass", file=sys.stderr)
     images, failed = expand(args.images), 0
     for start in range(0, len(images), args.batch_size):

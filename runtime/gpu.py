@@ -22,8 +22,9 @@ def wheel_library_dirs() -> list[str]:
 
 
 def _load(names: tuple[str, ...]):
+    folders = wheel_library_dirs()
     for name in names:
-        for path in (name, *(f"{folder}/{name}" for folder in wheel_library_dirs())):
+        for path in (name, *(f"{folder}/{name}" for folder in folders)):
             try:
                 return ctypes.CDLL(path)
             except OSError:

@@ -50,9 +50,6 @@ class Manifest:
     def graph(self, role: str) -> dict:
         return self.data["graphs"][role]
 
-    def input_names(self, role: str) -> list[str]:
-        return [i["name"] for i in self.graph(role)["inputs"]]
-
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()

@@ -119,6 +119,6 @@ def test_batches_over_the_max_batch_are_split_and_said_so(photo_paths):
     paths = [photo_paths["chelsea"], photo_paths["coffee"]]
     r = caption(*paths, "--batch-size", "2", "--beams", "5", "--json")
     assert r.returncode == 0
-    assert r.stderr == "batch size 2 x beams over --max-batch 8: 1 image(s) per forward pass\n"
+    assert r.stderr == "batch size 2 x 5 beams is over --max-batch 8: 1 image(s) per forward pass\n"
     single = [json.loads(caption(p, "--beams", "5", "--json").stdout)["tokens"] for p in paths]
     assert [json.loads(line)["tokens"] for line in r.stdout.splitlines()] == single
