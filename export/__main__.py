@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     rh.add_argument("--decoder", choices=["gpt2", "bert"], default="gpt2")
     rh.add_argument("--size", choices=["tiny", "base"], default="tiny")
     rh.add_argument("--realistic", action="store_true",
-                    help="a trained checkpoint's magnitudes: logits ~100, a few residual dimensions at 400")
+                    help="a trained checkpoint's magnitudes: logits in the tens to hundreds, two residual "
+                                         "dimensions at +-400")
     args = parser.parse_args(argv)
 
     try:

@@ -27,8 +27,9 @@ class Tolerance:
     rtol: float = 1e-4
     atol: float = 1e-5
 
-    def bound(self, want: np.ndarray) -> float:
-        return self.atol + self.rtol * (float(np.abs(want).max()) if want.size else 0.0)
+    def bound(self, scale: float) -> float:
+        """The allowed difference for values whose largest |value| is `scale`."""
+        return self.atol + self.rtol * scale
 
 
 @dataclass
@@ -63,7 +64,7 @@ def compare(what: str, names: list[str], got: list[np.ndarray], want: list[np.nd
         worst = np.unravel_index(np.argmax(np.nan_to_num(diff, nan=np.inf)), diff.shape)
         abs_diff = float(diff[worst])
         rel_diff = abs_diff / scale if scale else abs_diff
-        if not abs_diff <= tol.bound(w):  # NaN fails too
+        if not abs_diff <= tol.bound(scale):  # NaN fails too
             raise ExportError(f"{what}: {name} differs by {abs_diff:.2e} (relative {rel_diff:.2e} of max |value| "
                               f"{scale:.3g}) at index {tuple(int(i) for i in worst)}, beyond atol {tol.atol:g} + "
                               f"rtol {tol.rtol:g}; {ADVICE}")
@@ -77,7 +78,7 @@ def compare_argmax(what: str, got: np.ndarray, want: np.ndarray, tol: Tolerance,
     picked, wanted = rows_got.argmax(-1), rows_want.argmax(-1)
     for row in np.flatnonzero(picked != wanted):
         margin = float(rows_want[row, wanted[row]] - rows_want[row, picked[row]])
-        if not margin <= tol.bound(rows_want[row]):
+        if not margin <= tol.bound(float(np.abs(rows_want[row]).max())):
             raise ExportError(f"{what}: the next token differs at row {int(row)} ({int(picked[row])} instead of "
                               f"{int(wanted[row])}, which leads by {margin:.2e}); {ADVICE}")
     seen.argmax_rows += len(picked)

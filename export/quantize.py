@@ -263,15 +263,15 @@ def int8_vision(src: Path, manifest: dict, folder: Path, calibration_images: int
     images = evaluation_images(calibration_images, calibration, seed=1)
     pixels = np.stack([load_pixels(p, manifest["preprocess"]) for p in images])
     model = onnx.load(str(src / manifest["graphs"]["vision"]["file"]))
-    decoder = session(src / manifest["graphs"]["decoder"]["file"], folder)
-    want = captions(session(model, folder), decoder, manifest, pixels)
+    vision, decoder = session(model, folder), session(src / manifest["graphs"]["decoder"]["file"], folder)
+    want = captions(vision, decoder, manifest, pixels)
 
     def agreement(names: list[str]) -> float:
         got = captions(session(quantizer.apply(names), folder), decoder, manifest, pixels)
         return float(np.mean([a == b for a, b in zip(got, want)]))
 
     feeds = {model.graph.input[0].name: pixels}
-    reference = session(model, folder).run(None, feeds)
+    reference = vision.run(None, feeds)
 
     def output_error(names: list[str]) -> float:
         got = session(quantizer.apply(names), folder).run(None, feeds)
