@@ -36,7 +36,8 @@ def test_vision_graph(benchmark, captioner, pixels):
 
 def test_decode_one_token(benchmark, captioner, pixels):
     step = cached(captioner.graphs.step)
-    logits, state = prefill(step, initial_state(*captioner.graphs.encode(pixels)), captioner.prompt[None])
+    slots = captioner.manifest.max_positions
+    logits, state = prefill(step, initial_state(*captioner.graphs.encode(pixels), slots), captioner.prompt[None])
     for _ in range(captioner.manifest.max_positions // 2):  # a half-full cache, like mid-caption
         logits, state = decode_one_token(step, state, logits.argmax(-1))
     out, _ = benchmark(decode_one_token, step, state, logits.argmax(-1))

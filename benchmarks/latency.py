@@ -125,7 +125,7 @@ def runtime_variant(cap, beams: int) -> Variant:
         return np.stack([load_pixels(i, cap.manifest.preprocess) for i in batch])
 
     def first_token(batch):
-        state = initial_state(*cap.graphs.encode(pixels(batch)))
+        state = initial_state(*cap.graphs.encode(pixels(batch)), len(cap.prompt))
         return prefill(cached(cap.graphs.step), state, np.tile(cap.prompt, (len(batch), 1)))
 
     return Variant(lambda b: [c.tokens for c in cap.caption(b, num_beams=beams, batch_size=8)],
@@ -157,7 +157,7 @@ def bundled_scenarios(args, threads: int) -> dict:
             return in_torch(fn, n_threads)
 
         def eager_first(batch):
-            state = initial_state(*ref.cross(ref.pixels(batch)))
+            state = initial_state(*ref.cross(ref.pixels(batch)), len(ref.prompt))
             return prefill(cached(ref.graph_step), state, np.tile(ref.prompt, (len(batch), 1)))
 
         out = {"eager PyTorch": Variant(eager(lambda b: ref.generate(b, cfg)), eager(lambda b: ref.cross(ref.pixels(b))),

@@ -29,7 +29,7 @@ from export.evaluation import evaluation_images
 from runtime import Captioner, ImageError, PackageError, ProviderError
 from runtime.caption import expand
 from runtime.preprocess import load_pixels
-from runtime.search import initial_state, reorder
+from runtime.search import initial_state, prefix_logits, reorder
 
 
 def load_reference(reference: Path | None, manifest: dict):
@@ -47,13 +47,13 @@ def teacher_forced(captioner: Captioner, ref, pixels: np.ndarray, ref_pixels, to
     """Top-1 agreement, max |logit diff| and max |logit diff| / max |reference logit| along
     the reference's own captions."""
     agree, total, worst, worst_rel = 0, 0, 0.0, 0.0
-    ort_state = initial_state(*captioner.graphs.encode(pixels))
+    ort_state = initial_state(*captioner.graphs.encode(pixels), captioner.manifest.max_positions)
     for i, seq in enumerate(tokens):
         # A caption that ran to the length limit never fed its last token back: the decoder has
         # no position for it.
         ids = np.array([[*ref.prompt, *seq]], dtype=np.int64)[:, : captioner.manifest.max_positions]
         row = np.array([i])
-        ort_logits = captioner.graphs.step(ids, *reorder(ort_state, row)[1:])[0]
+        ort_logits = prefix_logits(captioner.graphs.step, reorder(ort_state, row), ids)
         ref_logits = ref.logits(ref_pixels[i : i + 1], ids)
         agree += int((ort_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
         total += ids.shape[1]

@@ -2,8 +2,11 @@
 a GPT-2-style decoder with cross-attention and an explicit KV cache.
 
 Everything the runtime runs is traced from here, and parity is measured against it.
-Caches are plain stacked tensors, shaped (layers, batch, heads, length, head_dim),
-so the same `step` serves prefill (zero-length past) and decoding.
+Caches are fixed-capacity buffers, shaped (layers, batch, heads, capacity, head_dim), with
+`past_length` (shape (1,)) saying how many slots hold keys: a step writes its tokens' K/V at
+slots past_length.. and masks the unwritten ones, so one `step` serves prefill (past_length 0)
+and decoding, and no shape ever depends on how far a caption has got (no zero-length tensors,
+one TensorRT profile, buffers of one size for the whole caption).
 """
 
 import math
@@ -42,11 +45,21 @@ def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
     return x.view(b, t, n_head, d // n_head).transpose(1, 2)
 
 
-def causal(past: int, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of t new tokens after `past` cached ones, and the mask letting query i (at
-    absolute position past + i) see keys 0 .. past + i."""
-    positions = torch.arange(t, device=device) + past
-    return positions, torch.arange(past + t, device=device)[None, :] <= positions[:, None]
+def causal(past_length: torch.Tensor, t: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of t new tokens after `past_length` cached ones, and the (t, capacity) mask
+    letting query i (at absolute position past_length + i) see slots 0 .. past_length + i."""
+    positions = torch.arange(t, device=past_length.device) + past_length
+    return positions, torch.arange(capacity, device=past_length.device)[None, :] <= positions[:, None]
+
+
+def write(cache: torch.Tensor, new: torch.Tensor, past_length: torch.Tensor) -> torch.Tensor:
+    """(B, H, capacity, Dh) cache with `new` (B, H, t, Dh) at slots past_length .. past_length+t-1.
+    Gather + Where rather than an in-place or scatter write: exact, and plain ops for every
+    exporter and TensorRT."""
+    t, capacity = new.shape[2], cache.shape[2]
+    offset = torch.arange(capacity, device=cache.device) - past_length
+    fresh = (offset >= 0) & (offset < t)
+    return torch.where(fresh[:, None], new.index_select(2, offset.clamp(0, t - 1)), cache)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -68,9 +81,9 @@ class Block(nn.Module):
         self.cross_proj = nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
 
-    def forward(self, x, past_k, past_v, cross_k, cross_v, mask):
+    def forward(self, x, past_k, past_v, past_length, cross_k, cross_v, mask):
         q, k, v = (split_heads(t, self.n_head) for t in self.self_qkv(self.ln_1(x)).chunk(3, dim=-1))
-        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        k, v = write(past_k, k, past_length), write(past_v, v, past_length)
         x = x + self.self_proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
         q = split_heads(self.cross_q(self.ln_2(x)), self.n_head)
         x = x + self.cross_proj(merge_heads(F.scaled_dot_product_attention(q, cross_k, cross_v)))
@@ -119,27 +132,24 @@ class ConceptDecoder(nn.Module):
         values = torch.stack([split_heads(v, self.cfg.n_head) for _, v in kv])
         return keys, values
 
-    def step(self, input_ids, past_key, past_value, cross_key, cross_value):
-        """input_ids (B, T) + caches -> logits (B, T, V), present key/value (L, B, H, P+T, Dh)."""
-        positions, mask = causal(past_key.shape[3], input_ids.shape[1], input_ids.device)
+    def step(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
+        """input_ids (B, T) + caches -> logits (B, T, V), present key/value (L, B, H, capacity, Dh)."""
+        positions, mask = causal(past_length, input_ids.shape[1], past_key.shape[3])
         x = self.wte(input_ids) + self.wpe(positions)
         keys, values = [], []
         for i, block in enumerate(self.blocks):
-            x, k, v = block(x, past_key[i], past_value[i], cross_key[i], cross_value[i], mask)
+            x, k, v = block(x, past_key[i], past_value[i], past_length, cross_key[i], cross_value[i], mask)
             keys.append(k)
             values.append(v)
         logits = self.ln_f(x) @ self.wte.weight.T  # tied LM head
         return logits, torch.stack(keys), torch.stack(values)
 
-    def empty_past(self, batch: int, dtype=torch.float32) -> torch.Tensor:
-        c = self.cfg
-        return torch.zeros(c.n_layer, batch, c.n_head, 0, c.head_dim, dtype=dtype)
-
     def forward(self, class_ids, probs, input_ids):
-        """Teacher-forced logits for training: the same step with an empty cache."""
+        """Teacher-forced logits for training: the same step over an empty cache."""
         cross = self.cross_kv(self.memory(class_ids, probs))
-        past = self.empty_past(input_ids.shape[0])
-        return self.step(input_ids, past, past, *cross)[0]
+        c, (b, t) = self.cfg, input_ids.shape
+        past = torch.zeros(c.n_layer, b, c.n_head, t, c.head_dim, device=input_ids.device)
+        return self.step(input_ids, past, past, torch.zeros(1, dtype=torch.int64, device=input_ids.device), *cross)[0]
 
 
 class Captioner(nn.Module):
@@ -156,8 +166,8 @@ class Captioner(nn.Module):
     def vision(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decoder.cross_kv(self.decoder.memory(*self.concepts(pixels)))
 
-    def step(self, input_ids, past_key, past_value, cross_key, cross_value):
-        return self.decoder.step(input_ids, past_key, past_value, cross_key, cross_value)
+    def step(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
+        return self.decoder.step(input_ids, past_key, past_value, past_length, cross_key, cross_value)
 
 
 def load_decoder(path: Path = DEFAULT_CHECKPOINT):

@@ -3,8 +3,9 @@ a manifest), whichever model it is (the bundled one in export/bundled.py, the Hu
 families in export/hf/).
 
 - vision.onnx: pixel_values -> cross_key, cross_value (computed once per image)
-- decoder.onnx: input_ids + past/cross K/V -> logits + present K/V; the first step
-  takes a zero-length past, so one graph serves prefill and decoding (no `If`).
+- decoder.onnx: input_ids + fixed-capacity past K/V + past_length + cross K/V -> logits +
+  present K/V; the first step has past_length 0, so one graph serves prefill and decoding
+  (no `If`, no zero-length tensors).
 Both are checked with onnx.checker and against eager PyTorch in ONNX Runtime at
 shapes other than the export examples, and by greedy decoding of sample images, before
 anything is written to `out` (export.check says how agreement is judged).
@@ -25,7 +26,7 @@ from torch.export import Dim
 
 from runtime.graphs import Graphs
 from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256
-from runtime.search import GenerationConfig, cached, greedy, initial_state
+from runtime.search import GenerationConfig, cached, capacity, greedy, initial_state, past_length, prefix_logits
 
 from .check import Agreement, ExportError, Tolerance, compare, compare_argmax
 from .progress import Progress
@@ -33,7 +34,7 @@ from .reference import torch_graph_step
 
 OPSET = 18  # lowest the dynamo exporter targets natively; widest TensorRT/Jetson support
 VISION_IO = (["pixel_values"], ["cross_key", "cross_value"])
-DECODER_IO = (["input_ids", "past_key", "past_value", "cross_key", "cross_value"],
+DECODER_IO = (["input_ids", "past_key", "past_value", "past_length", "cross_key", "cross_value"],
               ["logits", "present_key", "present_value"])
 GREEDY_SAMPLES, GREEDY_TOKENS = 3, 16  # random images decoded greedily by both, without stopping at EOS
 
@@ -57,7 +58,7 @@ class GraphShape:
     def dims(self) -> dict:
         """Ranges of the graphs' symbolic dims: TensorRT profiles are built from these."""
         return {"batch": {"min": 1, "max": None}, "seq": {"min": 1, "max": self.max_positions},
-                "past": {"min": 0, "max": self.max_positions - 1}}
+                "capacity": {"min": 1, "max": self.max_positions}}
 
 
 class VisionGraph(nn.Module):
@@ -74,8 +75,8 @@ class DecoderStepGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, past_key, past_value, cross_key, cross_value):
-        return self.model.step(input_ids, past_key, past_value, cross_key, cross_value)
+    def forward(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
+        return self.model.step(input_ids, past_key, past_value, past_length, cross_key, cross_value)
 
 
 def export_graph(module, args, names, dynamic_shapes, path: Path) -> None:
@@ -109,15 +110,15 @@ def check_greedy(model: nn.Module, graphs: Graphs, shape: GraphShape, prompt: li
         cross = [t.numpy() for t in model.vision(pixels)]
     ids = np.array(prompt, np.int64)
     cfg = GenerationConfig(max_new_tokens=min(GREEDY_TOKENS, shape.max_positions - len(prompt) + 1))
-    eager_step, no_eos = torch_graph_step(model), -1
+    eager_step, no_eos, slots = torch_graph_step(model), -1, capacity(len(prompt), cfg.max_new_tokens)
     ours = graphs.generate(pixels.numpy(), ids, no_eos, cfg)
-    theirs = greedy(cached(eager_step), initial_state(*cross), np.tile(ids, (GREEDY_SAMPLES, 1)), no_eos, cfg)
+    theirs = greedy(cached(eager_step), initial_state(*cross, slots), np.tile(ids, (GREEDY_SAMPLES, 1)), no_eos, cfg)
     for row, (got, want) in enumerate(zip(ours, theirs, strict=True)):
         if got == want:
             continue
         t = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-        state = initial_state(*(c[:, row : row + 1] for c in cross))
-        logits = eager_step(np.array([[*prompt, *want[:t]]]), *state[1:])[0][0, -1]
+        fed = np.array([[*prompt, *want[:t]]])
+        logits = prefix_logits(eager_step, initial_state(*(c[:, row : row + 1] for c in cross), fed.shape[1]), fed)[0, -1]
         margin = float(logits[want[t]] - logits[got[t]])
         if not margin <= tol.bound(float(np.abs(logits).max())):
             raise ExportError(f"greedy decoding of sample image {row}: token {t} is {got[t]} in ONNX Runtime and "
@@ -137,11 +138,12 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
         with torch.inference_mode():
             cross = [t.numpy() for t in model.vision(pixels)]
         compare(f"vision graph at batch {batch}", VISION_IO[1], graphs.encode(pixels.numpy()), cross, tol, seen)
-        for past, seq in ((0, 1), (0, 7), (5, 1), (11, 3)):
+        # Capacities beyond past + seq: slots not yet written hold noise, which must stay masked.
+        for past, seq, slots in ((0, 1, 1), (0, 7, 9), (5, 1, 6), (11, 3, 17)):
             ids = torch.randint(shape.vocab_size, (batch, seq), generator=gen)
-            past_kv = [torch.randn(shape.layers, batch, shape.heads, past, shape.head_dim, generator=gen)
+            past_kv = [torch.randn(shape.layers, batch, shape.heads, slots, shape.head_dim, generator=gen)
                        for _ in range(2)]
-            feeds = [ids.numpy(), *(t.numpy() for t in past_kv), *cross]
+            feeds = [ids.numpy(), *(t.numpy() for t in past_kv), past_length(past), *cross]
             with torch.inference_mode():
                 want = [t.numpy() for t in model.step(*map(torch.from_numpy, feeds))]
             got = graphs.step(*feeds)
@@ -164,14 +166,15 @@ def trace(model: nn.Module, shape: GraphShape, folder: Path, progress: Progress,
                  {"pixel_values": {0: batch}}, folder / "vision.onnx")
     progress.update(1, "vision graph traced and checked")
     # Example sizes >= 2 everywhere, or the exporter specialises the dims to 0/1.
-    past, seq = Dim("past", min=0, max=shape.max_positions), Dim("seq", min=1, max=shape.max_positions)
-    kv = (shape.layers, 2, shape.heads, 4, shape.head_dim)
+    slots, seq = Dim("capacity", min=1, max=shape.max_positions), Dim("seq", min=1, max=shape.max_positions)
+    kv = (shape.layers, 2, shape.heads, 5, shape.head_dim)
     cross = (shape.layers, 2, shape.heads, shape.memory_tokens, shape.head_dim)
-    example = (torch.zeros(2, 3, dtype=torch.int64), torch.randn(kv), torch.randn(kv), torch.randn(cross), torch.randn(cross))
-    cache_dims = {1: batch, 3: past}
+    example = (torch.zeros(2, 3, dtype=torch.int64), torch.randn(kv), torch.randn(kv), torch.tensor([2]),
+               torch.randn(cross), torch.randn(cross))
+    cache_dims = {1: batch, 3: slots}
     export_graph(DecoderStepGraph(model).eval(), example, DECODER_IO,
                  {"input_ids": {0: batch, 1: seq}, "past_key": cache_dims, "past_value": cache_dims,
-                  "cross_key": {1: batch}, "cross_value": {1: batch}}, folder / "decoder.onnx")
+                  "past_length": None, "cross_key": {1: batch}, "cross_value": {1: batch}}, folder / "decoder.onnx")
     progress.update(2, "decoder step graph traced and checked")
     seen = validate(model, shape, folder, Progress("validate", 3, every_s=0), tol, prompt)
     progress.update(3, f"ONNX Runtime matches eager PyTorch ({seen.summary()}, {seen.argmax_rows} next tokens "

@@ -29,7 +29,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from runtime.graphs import CPU, Graphs, session_options
 from runtime.manifest import GRAPHS, load_manifest
 from runtime.preprocess import load_pixels
-from runtime.search import GenerationConfig, initial_state
+from runtime.search import GenerationConfig, initial_state, past_length
 
 from .check import ExportError
 from .evaluation import evaluation_images
@@ -313,10 +313,10 @@ def check_finite(folder: Path, manifest: dict, precision: str) -> None:
     graphs = Graphs.open(*(folder / manifest["graphs"][role]["file"] for role in GRAPHS), precision)
     shape = manifest["graphs"]["vision"]["inputs"][0]["shape"]
     pixels = np.random.default_rng(0).uniform(-1, 1, (3, 3, *shape[2:])).astype(np.float32)
-    state = initial_state(*graphs.encode(pixels))
     ids = np.tile(np.array(manifest["generation"]["prompt_ids"], np.int64), (len(pixels), 1))
-    logits, key, value = graphs.step(ids, *state[1:])
-    logits2, _, _ = graphs.step(ids, key, value, state.cross_key, state.cross_value)
+    state = initial_state(*graphs.encode(pixels), 2 * ids.shape[1])
+    logits, key, value = graphs.step(ids, state.key, state.value, past_length(0), state.cross_key, state.cross_value)
+    logits2, _, _ = graphs.step(ids, key, value, past_length(ids.shape[1]), state.cross_key, state.cross_value)
     for what, array in (("cross K/V", state.cross_key), ("prefill logits", logits), ("step logits", logits2)):
         if not np.isfinite(array).all():
             raise ExportError(f"{what} contain NaN or Inf")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from runtime.manifest import sha256
-from runtime.search import GenerationConfig, cached, generate, initial_state
+from runtime.search import GenerationConfig, cached, capacity, generate, initial_state, prefix_logits
 
 from .encoder import load_pretrained
 from .model import Captioner, load_decoder
@@ -19,8 +19,8 @@ def torch_graph_step(decoder):
     """Adapt `ConceptDecoder.step` to the `GraphStep` signature (numpy in, numpy out)."""
 
     @torch.inference_mode()
-    def step(input_ids, past_key, past_value, cross_key, cross_value):
-        args = (torch.from_numpy(np.ascontiguousarray(a)) for a in (input_ids, past_key, past_value, cross_key, cross_value))
+    def step(*feeds):
+        args = (torch.from_numpy(np.ascontiguousarray(a)) for a in feeds)
         return tuple(t.numpy() for t in decoder.step(*args))
 
     return step
@@ -45,13 +45,12 @@ class Reference:
         return tuple(t.numpy() for t in self.model.vision(pixels))
 
     def generate(self, images, cfg: GenerationConfig) -> list[list[int]]:
-        state = initial_state(*self.cross(self.pixels(images)))
+        state = initial_state(*self.cross(self.pixels(images)), capacity(len(self.prompt), cfg.max_new_tokens))
         return generate(cached(self.graph_step), state, np.tile(self.prompt, (len(images), 1)), self.eos_id, cfg)
 
     def logits(self, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:
         """Teacher-forced logits (N, T, V) for token rows that start with the prompt."""
-        state = initial_state(*self.cross(pixels))
-        return self.graph_step(ids, state.key, state.value, state.cross_key, state.cross_value)[0]
+        return prefix_logits(self.graph_step, initial_state(*self.cross(pixels), ids.shape[1]), ids)
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime.search import GenerationConfig, cached, greedy, initial_state
+from runtime.search import GenerationConfig, cached, capacity, greedy, initial_state
 
 from .check import ExportError
 from .concepts import class_names, describe, sample_distribution, with_article
@@ -82,8 +82,9 @@ def heldout_exact_match(model, tok, ids, probs, sentences) -> float:
     with torch.inference_mode():
         cross = [t.numpy() for t in model.cross_kv(model.memory(torch.from_numpy(ids), torch.from_numpy(probs)))]
     prompt = np.full((len(ids), 1), sp["bos_id"], dtype=np.int64)
-    out = greedy(cached(torch_graph_step(model)), initial_state(*cross), prompt, sp["eos_id"],
-                 GenerationConfig(max_new_tokens=model.cfg.max_positions))
+    cfg = GenerationConfig(max_new_tokens=model.cfg.max_positions)
+    out = greedy(cached(torch_graph_step(model)), initial_state(*cross, capacity(1, cfg.max_new_tokens)), prompt,
+                 sp["eos_id"], cfg)
     return float(np.mean([tok.decode(o) == s for o, s in zip(out, sentences)]))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .search import GenerationConfig, cached, generate, initial_state, uncached
+from .search import GenerationConfig, cached, capacity, generate, initial_state, uncached
 
 CPU = ["CPUExecutionProvider"]
 
@@ -81,9 +81,9 @@ class Graphs:
         key, value = self._run_bound(self.vision, self.vision_io, [pixels], host_outputs=0)
         return DeviceTensor(key), DeviceTensor(value)
 
-    def step(self, input_ids, past_key, past_value, cross_key, cross_value):
+    def step(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
         """The decoder-step graph as a `GraphStep`."""
-        feeds = (input_ids, past_key, past_value, cross_key, cross_value)
+        feeds = (input_ids, past_key, past_value, past_length, cross_key, cross_value)
         if self.device is None:
             return tuple(self.decoder.run(None, dict(zip(self.decoder_io[0], feeds))))
         logits, present_key, present_value = self._run_bound(self.decoder, self.decoder_io, feeds, host_outputs=1)
@@ -94,7 +94,8 @@ class Graphs:
         """Tokens per image; `cache=False` recomputes the whole prefix every step (the reference
         the KV cache must equal)."""
         step = cached(self.step) if cache else uncached(self.step)
-        return generate(step, initial_state(*self.encode(pixels)), np.tile(prompt, (len(pixels), 1)), eos_id, cfg)
+        state = initial_state(*self.encode(pixels), capacity(len(prompt), cfg.max_new_tokens))
+        return generate(step, state, np.tile(prompt, (len(pixels), 1)), eos_id, cfg)
 
     def _run_bound(self, session, io, feeds, host_outputs: int):
         """Run with IO binding: device-resident inputs stay put; the first `host_outputs`

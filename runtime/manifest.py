@@ -13,7 +13,7 @@ from pathlib import Path
 from .onnx_graph import ProtoError, graph_facts
 
 FORMAT = "edgecap-model-package"
-FORMAT_VERSION = 2  # 2: prompt_ids, HF generation settings, exact-size resize
+FORMAT_VERSION = 3  # 2: prompt_ids, HF generation settings, exact-size resize; 3: fixed-capacity KV cache
 MANIFEST = "manifest.json"
 REQUIRED = ("format", "format_version", "precision", "files", "graphs", "dims", "decoder", "preprocess", "tokenizer",
             "generation")
@@ -158,7 +158,7 @@ def load_manifest(root: Path | str) -> Manifest:
         raise PackageError(f"{root}: {MANIFEST} is not an {FORMAT} manifest")
     if data.get("format_version") != FORMAT_VERSION:
         raise PackageError(f"{root}: manifest format version {data.get('format_version')!r} is not supported "
-                           f"(this runtime reads version {FORMAT_VERSION})")
+                           f"(this runtime reads version {FORMAT_VERSION}); export it again with this version's python -m export")
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise PackageError(f"{root}: manifest is missing {', '.join(missing)}")

@@ -40,14 +40,16 @@ def cache_dir(manifest) -> Path | None:
 def profile_shapes(manifest, role: str, max_batch: int) -> dict[str, str]:
     """TensorRT optimisation profile covering every shape the package allows, so no
     engine is rebuilt mid-caption: symbolic dims span the manifest's `dims` ranges
-    (batch up to `max_batch`), optimised for batch 1, one new token, half-full cache."""
+    (batch up to `max_batch`), optimised for batch 1, one new token, a mid-sized cache.
+    Inputs of fixed shape (past_length) need no profile."""
     dims = manifest.data["dims"]
     bounds = {name: (d["min"], d["max"] if d["max"] is not None else max_batch) for name, d in dims.items()}
-    opt = {name: lo if name != "past" else (lo + hi) // 2 for name, (lo, hi) in bounds.items()}
+    opt = {name: lo if name != "capacity" else (lo + hi) // 2 for name, (lo, hi) in bounds.items()}
+    dynamic = [i for i in manifest.graph(role)["inputs"] if any(isinstance(d, str) for d in i["shape"])]
 
     def shapes(pick):
         return ",".join(f"{i['name']}:" + "x".join(str(d if isinstance(d, int) else pick(d)) for d in i["shape"])
-                        for i in manifest.graph(role)["inputs"])
+                        for i in dynamic)
 
     return {"trt_profile_min_shapes": shapes(lambda d: bounds[d][0]),
             "trt_profile_opt_shapes": shapes(lambda d: opt[d]),

@@ -2,12 +2,13 @@
 
 A `GraphStep` is the decoder-step graph itself, whoever runs it (ONNX Runtime here,
 eager PyTorch in the reference):
-    (input_ids (N, T), past_key, past_value, cross_key, cross_value)
+    (input_ids (N, T), past_key, past_value, past_length (1,), cross_key, cross_value)
         -> logits (N, T, V), present_key, present_value
-with caches shaped (layers, N, heads, length, head_dim). `cached` and `uncached`
-turn it into a `Step` over a `State`; greedy and beam search only see `Step`, so
-the same search runs over ONNX Runtime and over the eager reference, and the
-with-cache and without-cache paths differ in nothing else.
+with self-attention caches of fixed capacity, (layers, N, heads, capacity, head_dim): a step
+writes its T tokens at slots past_length .. past_length+T-1 and attends to the slots before
+them. `cached` and `uncached` turn it into a `Step` over a `State`; greedy and beam search
+only see `Step`, so the same search runs over ONNX Runtime and over the eager reference, and
+the with-cache and without-cache paths differ in nothing else.
 """
 
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ class GenerationConfig:
 
 
 class State(NamedTuple):
-    tokens: np.ndarray  # (N, P) int64: every token fed so far
-    key: np.ndarray  # (L, N, H, P, Dh) self-attention cache; stays empty when uncached
+    tokens: np.ndarray  # (N, P) int64: every token fed so far; the cache holds P slots
+    key: np.ndarray  # (L, N, H, capacity, Dh) self-attention cache; never written when uncached
     value: np.ndarray
     cross_key: np.ndarray  # (L, N, H, M, Dh): computed once per image by the vision graph
     cross_value: np.ndarray
@@ -39,20 +40,39 @@ GraphStep = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 Step = Callable[[State, np.ndarray], tuple[np.ndarray, State]]
 
 
-def initial_state(cross_key: np.ndarray, cross_value: np.ndarray) -> State:
-    """Zero-length past: the first step (prefill) runs the same graph as every other."""
+def capacity(prompt_length: int, max_new_tokens: int) -> int:
+    """Cache slots a generation fills: the prompt and every generated token but the last
+    (which is never fed back)."""
+    return prompt_length + max_new_tokens - 1
+
+
+def initial_state(cross_key: np.ndarray, cross_value: np.ndarray, slots: int) -> State:
+    """An empty cache of `slots` slots: the first step (prefill) runs the same graph as every
+    other, and every step feeds buffers of the same shape."""
     layers, n, heads, _, head_dim = cross_key.shape
-    empty = np.zeros((layers, n, heads, 0, head_dim), dtype=cross_key.dtype)
+    empty = np.zeros((layers, n, heads, slots, head_dim), dtype=cross_key.dtype)
     return State(np.zeros((n, 0), dtype=np.int64), empty, empty, cross_key, cross_value)
+
+
+def past_length(n: int) -> np.ndarray:
+    """The `past_length` feed."""
+    return np.array([n], dtype=np.int64)
 
 
 def cached(graph_step: GraphStep) -> Step:
     def step(state: State, ids: np.ndarray) -> tuple[np.ndarray, State]:
-        logits, key, value = graph_step(ids, state.key, state.value, state.cross_key, state.cross_value)
+        logits, key, value = graph_step(ids, state.key, state.value, past_length(state.tokens.shape[1]),
+                                        state.cross_key, state.cross_value)
         tokens = np.concatenate([state.tokens, ids], axis=1)
         return logits[:, -1], state._replace(tokens=tokens, key=key, value=value)
 
     return step
+
+
+def prefix_logits(graph_step: GraphStep, state: State, ids: np.ndarray) -> np.ndarray:
+    """Logits (N, T, V) at every position of `ids`, fed in one call over an empty cache of
+    at least T slots (teacher forcing)."""
+    return graph_step(ids, state.key, state.value, past_length(0), state.cross_key, state.cross_value)[0]
 
 
 def uncached(graph_step: GraphStep) -> Step:
@@ -60,8 +80,7 @@ def uncached(graph_step: GraphStep) -> Step:
 
     def step(state: State, ids: np.ndarray) -> tuple[np.ndarray, State]:
         tokens = np.concatenate([state.tokens, ids], axis=1)
-        logits, _, _ = graph_step(tokens, state.key, state.value, state.cross_key, state.cross_value)
-        return logits[:, -1], state._replace(tokens=tokens)
+        return prefix_logits(graph_step, state, tokens)[:, -1], state._replace(tokens=tokens)
 
     return step
 

@@ -233,10 +233,10 @@ def test_not_a_model_folder(tmp_path):
                                                      "(a local Hugging Face model folder is expected)"
 
 
-def positions_ignoring_the_cache(past, t, device):
+def positions_ignoring_the_cache(past_length, t, capacity):
     """The classic KV-cache export bug: cached steps restart positions at 0 (the mask is right)."""
-    positions = torch.arange(t, device=device)
-    return positions, torch.arange(past + t, device=device)[None, :] <= (positions + past)[:, None]
+    positions = torch.arange(t)
+    return positions, torch.arange(capacity)[None, :] <= (positions + past_length)[:, None]
 
 
 def test_a_wrapper_that_loses_the_cache_position_is_refused(exported, tmp_path, monkeypatch):

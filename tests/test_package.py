@@ -18,8 +18,8 @@ def test_default_package_is_complete_and_small():
     assert files == set(m.data["files"]) | {MANIFEST}
     assert {"vision.onnx.data", "decoder.onnx.data", "tokenizer.json"} <= files
     assert sum((DEFAULT_MODEL / f).stat().st_size for f in files) < 40 * 2**20
-    assert [i["name"] for i in m.graph("decoder")["inputs"]] == ["input_ids", "past_key", "past_value", "cross_key",
-                                                                 "cross_value"]
+    assert [i["name"] for i in m.graph("decoder")["inputs"]] == ["input_ids", "past_key", "past_value", "past_length",
+                                                                 "cross_key", "cross_value"]
     assert m.preprocess["crop"] == [224, 224]
     for key in ("torch", "onnx", "onnxruntime"):
         assert key in m.data["source"]["versions"]

@@ -57,11 +57,12 @@ def manifest(captioner):
 
 def test_tensorrt_profiles_cover_the_package_limits(manifest):
     decoder = provider_options(TRT, manifest, "decoder", max_batch=8)
-    assert decoder["trt_profile_min_shapes"] == ("input_ids:1x1,past_key:3x1x4x0x64,past_value:3x1x4x0x64,"
+    # past_length (shape [1]) has a fixed shape: no profile, and no dimension ever 0.
+    assert decoder["trt_profile_min_shapes"] == ("input_ids:1x1,past_key:3x1x4x1x64,past_value:3x1x4x1x64,"
                                                  "cross_key:3x1x4x5x64,cross_value:3x1x4x5x64")
-    assert decoder["trt_profile_max_shapes"] == ("input_ids:8x40,past_key:3x8x4x39x64,past_value:3x8x4x39x64,"
+    assert decoder["trt_profile_max_shapes"] == ("input_ids:8x40,past_key:3x8x4x40x64,past_value:3x8x4x40x64,"
                                                  "cross_key:3x8x4x5x64,cross_value:3x8x4x5x64")
-    assert decoder["trt_profile_opt_shapes"].startswith("input_ids:1x1,past_key:3x1x4x19x64")
+    assert decoder["trt_profile_opt_shapes"].startswith("input_ids:1x1,past_key:3x1x4x20x64")
     vision = provider_options(TRT, manifest, "vision", max_batch=4)
     assert (vision["trt_profile_min_shapes"], vision["trt_profile_max_shapes"]) == \
         ("pixel_values:1x3x224x224", "pixel_values:4x3x224x224")
@@ -210,7 +211,7 @@ def test_hygiene_check_catches_control_flow_and_custom_ops():
 def test_auto_on_this_machine_runs(manifest):
     first_available = prov.LABELS[resolve("auto")[0][0]]
     assert Captioner(manifest.root, provider="auto").provider == first_available
-    assert load_manifest(manifest.root).data["dims"]["past"] == {"min": 0, "max": 39}
+    assert load_manifest(manifest.root).data["dims"]["capacity"] == {"min": 1, "max": 40}
 
 
 def test_doctor_reports_the_package_and_the_provider_choice():
@@ -287,9 +288,14 @@ def test_every_forward_pass_fits_the_tensorrt_profile(manifest, captioners_by_ma
         fed.clear()
         assert len(cap.generate(pixels, cfg)) == images
         for role, feeds in fed:
-            for name, (low, high) in profile_bounds(manifest, role, max_batch).items():
+            bounds = profile_bounds(manifest, role, max_batch)
+            for name, (low, high) in bounds.items():
                 shape = list(feeds[name].shape)
                 assert all(lo <= d <= hi for d, lo, hi in zip(shape, low, high, strict=True)), (role, name, shape)
+            # The rest have fixed shapes, fed exactly as declared.
+            declared = {i["name"]: i["shape"] for i in manifest.graph(role)["inputs"]}
+            assert {n: list(feeds[n].shape) for n in feeds if n not in bounds} == \
+                {n: s for n, s in declared.items() if n not in bounds}
 
     for cap in captioners_by_max_batch.values():
         for role, session in (("vision", cap.graphs.vision), ("decoder", cap.graphs.decoder)):

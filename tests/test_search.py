@@ -6,17 +6,18 @@ import itertools
 import numpy as np
 import pytest
 
-from runtime.search import GenerationConfig, beam_search, cached, generate, greedy, initial_state, log_softmax, uncached
+from runtime.search import (GenerationConfig, beam_search, cached, generate, greedy, initial_state, log_softmax,
+                            prefix_logits, uncached)
 
 VOCAB, EOS, BOS = 4, 0, 3
 
 
 def toy_graph_step(seed: int):
     """A GraphStep whose next-token logits are a fixed random function of (image, prefix).
-    It needs the full prefix, so it runs under `uncached` (past tensors stay empty)."""
+    It needs the full prefix, so it runs under `uncached` (the cache is never written)."""
     table = np.random.default_rng(seed).normal(scale=2.0, size=(4096, VOCAB)).astype(np.float32)
 
-    def step(input_ids, past_key, past_value, cross_key, cross_value):
+    def step(input_ids, past_key, past_value, past_length, cross_key, cross_value):
         image = cross_key[0, :, 0, 0, 0].astype(np.int64)
         rows = [hash((int(i), *map(int, ids))) % len(table) for i, ids in zip(image, input_ids)]
         logits = np.zeros((len(rows), input_ids.shape[1], VOCAB), np.float32)
@@ -26,15 +27,14 @@ def toy_graph_step(seed: int):
     return step
 
 
-def toy_state(images):
+def toy_state(images, slots=16):
     cross = np.asarray(images, np.float32).reshape(1, -1, 1, 1, 1)
-    return initial_state(cross, cross)
+    return initial_state(cross, cross, slots)
 
 
 def toy_logprobs(step, image, prefix):
     ids = np.array([[BOS, *prefix]], dtype=np.int64)
-    state = toy_state([image])
-    return log_softmax(step(ids, state.key, state.value, state.cross_key, state.cross_value)[0][0, -1])
+    return log_softmax(prefix_logits(step, toy_state([image]), ids)[0, -1])
 
 
 def exhaustive_best(step, image, max_new, length_penalty):
@@ -90,17 +90,16 @@ def test_batched_search_equals_one_image_at_a_time(beams):
 
 
 def test_cached_and_uncached_feed_the_graph_differently():
-    """`cached` feeds one new token against the past; `uncached` the whole prefix."""
+    """`cached` feeds one new token after the cached ones; `uncached` the whole prefix over an
+    empty cache. Either way the cache has the same capacity at every step."""
     seen = []
 
-    def spy(input_ids, past_key, past_value, cross_key, cross_value):
-        seen.append((input_ids.shape[1], past_key.shape[3]))
-        layers, n, heads, past, dim = past_key.shape
-        present = np.zeros((layers, n, heads, past + input_ids.shape[1], dim), np.float32)
-        return np.tile(np.float32([0, 1, 0, 0]), (n, input_ids.shape[1], 1)), present, present
+    def spy(input_ids, past_key, past_value, past_length, cross_key, cross_value):
+        seen.append((input_ids.shape[1], int(past_length[0]), past_key.shape[3]))
+        return np.tile(np.float32([0, 1, 0, 0]), (len(input_ids), input_ids.shape[1], 1)), past_key, past_value
 
-    greedy(cached(spy), toy_state([0]), np.array([[BOS]]), EOS, GenerationConfig(3))
-    assert seen == [(1, 0), (1, 1), (1, 2)]
+    greedy(cached(spy), toy_state([0], slots=3), np.array([[BOS]]), EOS, GenerationConfig(3))
+    assert seen == [(1, 0, 3), (1, 1, 3), (1, 2, 3)]
     seen.clear()
-    greedy(uncached(spy), toy_state([0]), np.array([[BOS]]), EOS, GenerationConfig(3))
-    assert seen == [(1, 0), (2, 0), (3, 0)]
+    greedy(uncached(spy), toy_state([0], slots=3), np.array([[BOS]]), EOS, GenerationConfig(3))
+    assert seen == [(1, 0, 3), (2, 0, 3), (3, 0, 3)]

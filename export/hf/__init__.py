@@ -73,12 +73,12 @@ def check_wrappers(family, model, captioner: HFCaptioner, shape: GraphShape, tol
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn(2, 3, *shape.image_size, generator=gen)
     ids = torch.randint(shape.vocab_size, (2, 6), generator=gen)
-    empty = torch.zeros(shape.layers, 2, shape.heads, 0, shape.head_dim)
+    empty = torch.zeros(shape.layers, 2, shape.heads, 6, shape.head_dim)
     with torch.inference_mode():
         want = family.reference_logits(model, pixels, ids)
         cross = captioner.vision(pixels)
-        first, key, value = captioner.step(ids[:, :5], empty, empty, *cross)
-        last, _, _ = captioner.step(ids[:, 5:], key, value, *cross)
+        first, key, value = captioner.step(ids[:, :5], empty, empty, torch.tensor([0]), *cross)
+        last, _, _ = captioner.step(ids[:, 5:], key, value, torch.tensor([5]), *cross)
     got, want, seen = torch.cat([first, last], dim=1).numpy(), want.numpy(), Agreement()
     what = "the decoder wrapper vs transformers' forward (prefill 5 tokens + 1 cached step, batch 2)"
     compare(what, ["logits"], [got], [want], tol, seen)

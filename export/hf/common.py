@@ -25,8 +25,8 @@ class HFCaptioner(nn.Module):
     def vision(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decoder.cross_kv(self.memory(pixels))
 
-    def step(self, input_ids, past_key, past_value, cross_key, cross_value):
-        return self.decoder(input_ids, past_key, past_value, cross_key, cross_value)
+    def step(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
+        return self.decoder(input_ids, past_key, past_value, past_length, cross_key, cross_value)
 
 
 def read_config(src: Path) -> dict:

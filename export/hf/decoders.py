@@ -1,12 +1,13 @@
 """Decoder steps over transformers' own submodules (same weights, nothing copied), with the
-cache as plain stacked tensors (layers, batch, heads, length, head_dim): transformers' cache
-objects cannot be graph inputs. Shared by the families whose text decoder they are."""
+cache as fixed-capacity stacked buffers (layers, batch, heads, capacity, head_dim) plus
+`past_length`, as in export.model: transformers' cache objects cannot be graph inputs. Shared
+by the families whose text decoder they are."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import causal, merge_heads, split_heads
+from ..model import causal, merge_heads, split_heads, write
 
 
 class GPT2Decoder(nn.Module):
@@ -21,15 +22,15 @@ class GPT2Decoder(nn.Module):
         return (torch.stack([split_heads(k, self.n_head) for k, _ in kv]),
                 torch.stack([split_heads(v, self.n_head) for _, v in kv]))
 
-    def forward(self, input_ids, past_key, past_value, cross_key, cross_value):
+    def forward(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
         t = self.lm.transformer
-        positions, mask = causal(past_key.shape[3], input_ids.shape[1], input_ids.device)
+        positions, mask = causal(past_length, input_ids.shape[1], past_key.shape[3])
         x = t.wte(input_ids) + t.wpe(positions)
         keys, values = [], []
         for i, block in enumerate(t.h):
             attn, cross = block.attn, block.crossattention
             q, k, v = (split_heads(z, self.n_head) for z in attn.c_attn(block.ln_1(x)).split(self.width, dim=2))
-            k, v = torch.cat([past_key[i], k], dim=2), torch.cat([past_value[i], v], dim=2)
+            k, v = write(past_key[i], k, past_length), write(past_value[i], v, past_length)
             x = x + attn.c_proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)))
             q = split_heads(cross.q_attn(block.ln_cross_attn(x)), self.n_head)
             x = x + cross.c_proj(merge_heads(F.scaled_dot_product_attention(q, cross_key[i], cross_value[i],
@@ -53,9 +54,9 @@ class BertDecoder(nn.Module):
         return (torch.stack([split_heads(layer.crossattention.self.key(memory), self.n_head) for layer in layers]),
                 torch.stack([split_heads(layer.crossattention.self.value(memory), self.n_head) for layer in layers]))
 
-    def forward(self, input_ids, past_key, past_value, cross_key, cross_value):
+    def forward(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
         emb = self.lm.bert.embeddings
-        positions, mask = causal(past_key.shape[3], input_ids.shape[1], input_ids.device)
+        positions, mask = causal(past_length, input_ids.shape[1], past_key.shape[3])
         x = emb.word_embeddings(input_ids)
         if hasattr(emb, "token_type_embeddings"):  # BERT's segment 0; BLIP has none
             x = x + emb.token_type_embeddings(torch.zeros_like(input_ids))
@@ -64,7 +65,7 @@ class BertDecoder(nn.Module):
         for i, layer in enumerate(self.lm.bert.encoder.layer):
             sa, ca = layer.attention.self, layer.crossattention.self
             q, k, v = (split_heads(f(x), self.n_head) for f in (sa.query, sa.key, sa.value))
-            k, v = torch.cat([past_key[i], k], dim=2), torch.cat([past_value[i], v], dim=2)
+            k, v = write(past_key[i], k, past_length), write(past_value[i], v, past_length)
             a = layer.attention.output(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), x)
             q = split_heads(ca.query(a), self.n_head)
             c = layer.crossattention.output(merge_heads(F.scaled_dot_product_attention(q, cross_key[i], cross_value[i])), a)
