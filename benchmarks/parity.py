@@ -1,9 +1,11 @@
-"""python -m benchmarks.parity --model PKG [--reference CKPT|HF_DIR] [IMAGE...] [--eval-set N] [--json]
+"""python -m benchmarks.parity --model PKG [--reference CKPT|HF_DIR] [IMAGE...] [--eval-set N] [--held-out] [--json]
 
 Runs eager PyTorch (for a Hugging Face package: transformers' own `generate` and image
 processor) and the runtime side by side on the same images and prints:
 - exact_caption_match: fraction of images whose tokens are identical, and its 95% Wilson
   interval (exact_caption_match_ci95): the count of images bounds what a rate can say;
+- primary_concept_match: fraction whose captions name the same first ImageNet class (or
+  none): what kind of differences remain where the wording differs;
 - teacher_forced_top1: the reference's captions fed to the runtime's decoder graph
   in one pass; fraction of positions where both pick the same next token;
 - max_abs_logit_diff: the largest |logit| difference over those positions;
@@ -25,7 +27,8 @@ import numpy as np
 
 from export import DEFAULT_CHECKPOINT, needs_extra
 from export.check import ExportError
-from export.evaluation import evaluation_images
+from export.concepts import primary_concept
+from export.evaluation import evaluation_images, heldout_images
 from runtime import Captioner, ImageError, PackageError, ProviderError
 from runtime.caption import expand
 from runtime.preprocess import load_pixels
@@ -92,10 +95,13 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
     top1, diff, rel = teacher_forced(captioner, ref, pixels, ref.pixels(usable), theirs)
     mismatches = [{"image": str(img), "runtime": captioner.decode(a), "reference": ref.decode(b)}
                   for img, a, b in zip(usable, ours, theirs, strict=True) if a != b]
+    same_concept = len(usable) - sum(primary_concept(m["runtime"]) != primary_concept(m["reference"]) for m in mismatches)
     return {
         "images": len(usable),
         "exact_caption_match": 1 - len(mismatches) / len(usable),
         "exact_caption_match_ci95": wilson(len(usable) - len(mismatches), len(usable)),
+        "primary_concept_match": same_concept / len(usable),
+        "primary_concept_match_ci95": wilson(same_concept, len(usable)),
         "teacher_forced_top1": top1,
         "max_abs_logit_diff": diff,
         "max_rel_logit_diff": rel,
@@ -114,6 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("images", nargs="*", metavar="IMAGE")
     parser.add_argument("--eval-set", type=int, default=0, metavar="N",
                         help="add N standard fidelity images (photo crops and generated ones)")
+    parser.add_argument("--held-out", action="store_true",
+                        help="add the held-out set: real photos quantization never saw, whole and in crops "
+                             "(export/heldout)")
     parser.add_argument("--model", type=Path, required=True, help="model package folder")
     parser.add_argument("--reference", type=Path, default=None,
                         help="training checkpoint (.pt), or the Hugging Face folder the package was exported from")
@@ -121,11 +130,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if not args.images and not args.eval_set:
-        parser.error("give images or --eval-set N")
+    if not args.images and not args.eval_set and not args.held_out:
+        parser.error("give images, --eval-set N or --held-out")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             images = expand(args.images) + evaluation_images(args.eval_set, Path(tmp))
+            images += heldout_images(Path(tmp)) if args.held_out else []
             result = run(args.model, args.reference, images, args.beams, args.max_tokens)
         except (PackageError, ProviderError, ExportError, ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -140,7 +150,7 @@ def main(argv=None) -> int:
     else:
         low, high = result["exact_caption_match_ci95"]
         print(f"images {result['images']}  exact caption match {result['exact_caption_match']:.1%} "
-              f"(95% CI {low:.1%}-{high:.1%})  "
+              f"(95% CI {low:.1%}-{high:.1%})  same primary concept {result['primary_concept_match']:.1%}  "
               f"teacher-forced top-1 {result['teacher_forced_top1']:.2%}  "
               f"max |logit diff| {result['max_abs_logit_diff']:.2e} (relative {result['max_rel_logit_diff']:.1e})  cache agreement {result['cache_agreement']:.1%}  "
               f"NaN/Inf {result['nan_or_inf']}  {result['precision']} {sum(result['size_mib'].values()):.1f} MiB  "

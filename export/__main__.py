@@ -36,7 +36,8 @@ def run(args) -> str:
     if args.command == "quantize":
         from .quantize import quantize_package
 
-        return quantize_package(args.src, args.precision, args.out, args.calibration)
+        budget = {} if args.fp32_budget is None else {"fp32_budget": args.fp32_budget}
+        return quantize_package(args.src, args.precision, args.out, args.calibration, **budget)
     if args.command == "hf":
         from .hf import export_hf
 
@@ -68,6 +69,9 @@ def main(argv=None) -> int:
     qz.add_argument("--precision", choices=["int8", "fp16"], required=True)
     qz.add_argument("--out", type=Path, required=True)
     qz.add_argument("--calibration", type=int, default=96, help="int8: calibration images (default 96)")
+    qz.add_argument("--fp32-budget", type=float, default=None,
+                    help="int8: fraction of the encoder's Conv/Gemm weights kept FP32, most sensitive layers first "
+                         "(default: export.quantize.FP32_BUDGET; more is larger on disk and closer to FP32)")
     hf = sub.add_parser("hf", help="export a local Hugging Face captioner folder (VisionEncoderDecoder, BLIP)")
     hf.add_argument("src", type=Path, help="folder with config.json, weights, tokenizer, preprocessor_config.json")
     hf.add_argument("--out", type=Path, required=True)

@@ -6,6 +6,7 @@ The rule only writes *training targets*. At run time the trained decoder produce
 captions token by token from the encoder's top-k; nothing here ships to the runtime.
 """
 
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -68,6 +69,19 @@ def class_groups() -> tuple[str | None, ...]:
         for i in members:
             groups[i] = noun
     return tuple(groups)
+
+
+@lru_cache(maxsize=1)
+def _class_pattern() -> re.Pattern:
+    names = sorted(set(class_names()), key=len, reverse=True)  # longest first: "tiger cat" before "cat"
+    return re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+
+
+def primary_concept(caption: str) -> str | None:
+    """The first ImageNet class a caption names ("perhaps a malamute or a husky" -> "malamute"):
+    what two captions that differ in wording must share to say the same thing."""
+    found = _class_pattern().search(caption.lower())
+    return found.group(1) if found else None
 
 
 def with_article(noun: str) -> str:

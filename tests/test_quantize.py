@@ -1,11 +1,14 @@
-"""Reduced-precision packages and their fidelity gate, on the trained default model,
-measured on 200 inputs it never saw (photo crops and generated images)."""
+"""Reduced-precision packages and their fidelity gates, on the trained default model: on 200
+inputs it never saw (photo crops and generated images), and for INT8 on the held-out photos
+that quantization never reads (export/heldout)."""
+
+from pathlib import Path
 
 import pytest
 
 from benchmarks.parity import run
 from export.check import ExportError
-from export.evaluation import evaluation_images
+from export.evaluation import evaluation_images, heldout_images, heldout_record
 from export.quantize import quantize_package
 from runtime import DEFAULT_MODEL, Captioner
 from runtime.manifest import load_manifest
@@ -51,20 +54,44 @@ INT8 = DEFAULT_MODEL.parent / "default-int8"
 
 def test_int8_gate(tmp_path):
     """>= 95% identical captions and >= 99% teacher-forced top-1 vs FP32 eager on 200 unseen
-    inputs, cache == no cache, at most 35% of the FP32 package's size."""
+    inputs, cache == no cache, at most 70% of the FP32 package's size (the size/fidelity curve,
+    benchmarks/results/int8-curve.md, chose the FP32 encoder: 69.6%)."""
     result = run(INT8, None, evaluation_images(200, tmp_path))
     assert result["exact_caption_match"] >= 0.95, result["mismatches"]
     assert result["teacher_forced_top1"] >= 0.99
     assert result["cache_agreement"] == 1.0 and not result["nan_or_inf"]
     size = lambda m: sum(f["bytes"] for f in m["files"].values())  # noqa: E731
-    assert size(load_manifest(INT8).data) <= 0.35 * size(load_manifest(DEFAULT_MODEL).data)
+    assert size(load_manifest(INT8).data) <= 0.70 * size(load_manifest(DEFAULT_MODEL).data)
 
 
-def test_int8_quantization_reproduces_the_committed_variant(tmp_path, photo_paths):
+def test_int8_gate_on_held_out_photos(tmp_path):
+    """The photos no quantization step saw, whole and in crops: >= 97% identical captions,
+    >= 99.5% teacher-forced top-1 and >= 99% naming the same primary concept."""
+    result = run(INT8, None, heldout_images(tmp_path))
+    assert result["images"] == heldout_record()["inputs"] >= 150
+    assert result["exact_caption_match"] >= 0.97, result["mismatches"]
+    assert result["teacher_forced_top1"] >= 0.995
+    assert result["primary_concept_match"] >= 0.99
+    assert result["cache_agreement"] == 1.0
+
+
+def test_int8_quantization_reproduces_the_committed_variant(tmp_path, photo_paths, monkeypatch):
+    from PIL import Image
+
+    from export.evaluation import HELDOUT
+
+    decode = Image.open
+
+    def no_held_out_photo(fp, *args, **kwargs):  # every image quantization decodes passes here
+        assert HELDOUT.resolve() not in Path(getattr(fp, "name", str(fp))).resolve().parents, f"quantization read {fp}"
+        return decode(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", no_held_out_photo)
     quantize_package(DEFAULT_MODEL, "int8", tmp_path / "int8")
     fresh, committed = load_manifest(tmp_path / "int8").data, load_manifest(INT8).data
     ours, theirs = fresh["source"]["quantization"], committed["source"]["quantization"]
     assert ours["vision"]["fp32_layers"] == theirs["vision"]["fp32_layers"]  # the measured choice
+    assert ours["vision"]["held_out_set"] == theirs["vision"]["held_out_set"] == heldout_record()
     assert fresh["source"]["quantization"]["from_files"] == load_manifest(DEFAULT_MODEL).data["files"]
     paths = list(photo_paths.values())
     a, b = Captioner(tmp_path / "int8", provider="cpu"), Captioner(INT8, provider="cpu")
@@ -79,3 +106,14 @@ def test_int8_is_the_cpu_default_and_batches_like_single_images(photo_paths):
     assert [c.tokens for c in captioner.caption(paths)] == [captioner.caption(p).tokens for p in paths]
     with pytest.raises(ValueError, match="precision picks a variant of the bundled model"):
         Captioner(DEFAULT_MODEL, precision="int8")
+
+
+def test_primary_concept_is_the_first_class_a_caption_names():
+    from export.concepts import primary_concept
+
+    assert primary_concept("a photo of an egyptian cat or a tiger cat") == "egyptian cat"
+    assert primary_concept("an unclear photo, perhaps a nail or a marimba") == "nail"
+    assert primary_concept("an unclear photo, perhaps a marimba or a nail") == "marimba"
+    assert primary_concept("a photo of espresso, a kind of drink") == "espresso"
+    assert primary_concept("") is None
+
