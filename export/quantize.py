@@ -282,12 +282,13 @@ def int8_vision(src: Path, manifest: dict, folder: Path, calibration_images: int
 
     quantizer = WeightQuantizer(model, pixels, folder)
     layers, sensitivity = list(quantizer.nodes), {}
-    progress = Progress("int8 vision: sensitivity", len(layers), every_s=10)
-    for i, name in enumerate(layers):
-        sensitivity[name] = output_error([name])
-        progress.update(i + 1, name)
+    if fp32_budget < 1:  # with room for every layer there is nothing to rank
+        progress = Progress("int8 vision: sensitivity", len(layers), every_s=10)
+        for i, name in enumerate(layers):
+            sensitivity[name] = output_error([name])
+            progress.update(i + 1, name)
     kept, room = [], fp32_budget * sum(quantizer.weights[n].size for n in layers)
-    for name in sorted(sensitivity, key=lambda n: -sensitivity[n]):
+    for name in sorted(layers, key=lambda n: -sensitivity.get(n, 0.0)):
         if quantizer.weights[name].size <= room:
             kept.append(name)
             room -= quantizer.weights[name].size
