@@ -5,6 +5,7 @@ count is checked from the header before any pixel is decoded, and anything a dec
 raises becomes one `ImageError` line naming the file. Resize, crop and normalisation
 are bit-identical to the export side's torchvision reference."""
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,26 +27,28 @@ class ImageError(Exception):
     """An input that is not a usable image; the message is one line naming the cause."""
 
 
-def decode(path: Path, max_pixels: int) -> Image.Image:
+def decode(source: Path | io.BytesIO, max_pixels: int, name: str | None = None) -> Image.Image:
+    """A file, or encoded bytes in memory (`name` says what the messages call them)."""
+    name = name or str(source)
     try:
-        image = Image.open(path, formats=ALLOWED_FORMATS)
+        image = Image.open(source, formats=ALLOWED_FORMATS)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory with no images") from None
+        raise ImageError(f"{name}: is a directory with no images") from None
     except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
+        raise ImageError(f"{name}: permission denied") from None
     except Image.DecompressionBombError:
-        raise ImageError(f"{path}: declares more pixels than the limit of {max_pixels}") from None
+        raise ImageError(f"{name}: declares more pixels than the limit of {max_pixels}") from None
     except Exception as e:  # Pillow's "cannot identify image file" and friends
         if "cannot identify" in str(e):
-            raise ImageError(f"{path}: not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
-        raise ImageError(f"{path}: cannot open image: {type(e).__name__}: {e}") from None
-    check_size(image, max_pixels, str(path))
+            raise ImageError(f"{name}: not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
+        raise ImageError(f"{name}: cannot open image: {type(e).__name__}: {e}") from None
+    check_size(image, max_pixels, name)
     try:
         image.load()  # the first frame of an animation
     except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, zlib.error, ...
-        raise ImageError(f"{path}: cannot decode image: {type(e).__name__}: {e}".replace("\n", " ")) from None
+        raise ImageError(f"{name}: cannot decode image: {type(e).__name__}: {e}".replace("\n", " ")) from None
     return image
 
 
@@ -58,8 +61,9 @@ def check_size(image: Image.Image, max_pixels: int, name: str) -> None:
 
 
 def upright(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A path, PIL image or HxW[x3|x4] uint8 array -> upright PIL image in its own mode
-    (16-bit grayscale scaled to 8 bits), after every check of the decoding policy."""
+    """A path, encoded bytes (an uploaded file), PIL image or HxW[x3|x4] uint8 array -> upright
+    PIL image in its own mode (16-bit grayscale scaled to 8 bits), after every check of the
+    decoding policy."""
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (3, 4)):
             raise ImageError(f"array of dtype {source.dtype} and shape {source.shape}: expected uint8 HxW, HxWx3 or HxWx4")
@@ -68,6 +72,8 @@ def upright(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     elif isinstance(source, Image.Image):
         image = source
         check_size(image, max_pixels, "image")
+    elif isinstance(source, bytes):
+        image = decode(io.BytesIO(source), max_pixels, "image")
     else:
         image = decode(Path(source), max_pixels)
     try:
@@ -91,7 +97,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A path, PIL image or HxW[x3|x4] uint8 array -> upright RGB PIL image."""
+    """A path, encoded bytes, PIL image or HxW[x3|x4] uint8 array -> upright RGB PIL image."""
     return to_rgb(upright(source, max_pixels))
 
 

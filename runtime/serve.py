@@ -1,0 +1,66 @@
+"""python -m runtime.serve [--model PKG] [--host 127.0.0.1] [--port 8000] [--max-batch N]
+[--max-delay-ms T] [--max-queue Q] [--threads N] [--api-key KEY]
+
+A local caption service: Open Inference Protocol v2 (`tritonclient.http`, KServe) and
+`POST /caption` for curl, with dynamic batching and Prometheus metrics (runtime/service.py).
+Needs the serve extra: pip install "edgecap[serve]". Listens on loopback unless told otherwise;
+set an API key (--api-key or EDGECAP_API_KEY) before listening beyond it.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .engine import Captioner
+from .manifest import PackageError
+from .providers import CHOICES, ProviderError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="model package folder (default: the bundled model)")
+    parser.add_argument("--provider", choices=CHOICES, default="auto")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=8, help="images in one forward pass")
+    parser.add_argument("--max-delay-ms", type=float, default=5.0,
+                        help="how long the first image of a pass waits for others")
+    parser.add_argument("--max-queue", type=int, default=64, help="images waiting; beyond it requests get 503")
+    parser.add_argument("--timeout-s", type=float, default=30.0, help="per request; beyond it 504")
+    parser.add_argument("--max-body-mib", type=float, default=32, help="larger requests get 413")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--api-key", default=os.environ.get("EDGECAP_API_KEY"),
+                        help="require Authorization: Bearer KEY on every endpoint but health (default: "
+                             "$EDGECAP_API_KEY)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvicorn
+
+        from .service import ServiceConfig, build_app
+    except ModuleNotFoundError as e:
+        print(f"error: python -m runtime.serve needs the serve extra ({e.name} is missing): "
+              'pip install "edgecap[serve]"', file=sys.stderr)
+        return 1
+    try:
+        captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_batch=args.max_batch)
+    except (PackageError, ProviderError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in captioner.notes:
+        print(note, file=sys.stderr)
+    cfg = ServiceConfig(max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000, max_queue=args.max_queue,
+                        timeout_s=args.timeout_s, max_body_bytes=int(args.max_body_mib * 2**20), api_key=args.api_key)
+    # uvicorn stops accepting on SIGTERM/SIGINT and lets in-flight requests finish.
+    uvicorn.run(build_app(captioner, cfg), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=cfg.timeout_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
