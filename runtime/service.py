@@ -169,6 +169,9 @@ class Batcher:
                 except TimeoutError:
                     break
             self.metrics.queue.set(self.queue.qsize())
+            batch = [(image, future) for image, future in batch if not future.done()]  # skip timed-out requests
+            if not batch:
+                continue
             self.metrics.batch.observe(len(batch))
             caption = partial(self.captioner.caption, [image for image, _ in batch], batch_size=len(batch))
             try:
@@ -188,6 +191,8 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
     async def caption_images(images: list[bytes]) -> list[Caption]:
         if not images:
             raise HTTPError(400, "no images in the request")
+        if len(images) > cfg.max_queue:  # would never fit: no use retrying
+            raise HTTPError(413, f"{len(images)} images in one request; the queue holds {cfg.max_queue}")
         try:
             futures = batcher.submit(images)
         except QueueFull:

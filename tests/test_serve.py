@@ -3,6 +3,7 @@ tritonclient.http (the Open Inference Protocol's own client) and by plain HTTP. 
 started here is bounded in time and stopped at the end."""
 
 import base64
+import io
 import json
 import signal
 import socket
@@ -152,14 +153,36 @@ def test_refusals_are_one_line_json_with_their_status(keyed, images):
         assert status == 400 and "\n" not in reply["error"], bad
 
 
-def test_overload_deadline_and_size_limits():
+def test_deadline_and_size_limits():
     with server("--max-queue", "1", "--max-body-mib", "0.01", "--timeout-s", "0.001") as (url, _):
-        two = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AA==", "AA=="]}]}
-        status, reply, headers = call(f"{url}/v2/models/{MODEL}/infer", json.dumps(two).encode())
-        assert status == 503 and headers.get("retry-after", headers.get("Retry-After")) == "1"
         assert call(f"{url}/caption", (ROOT / "runtime/samples/coffee.jpg").read_bytes()[:5000])[0] == 504
         status, reply, _ = call(f"{url}/caption", bytes(20_000))
         assert status == 413 and "over" in reply["error"]
+        two = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AA==", "AA=="]}]}
+        status, reply, _ = call(f"{url}/v2/models/{MODEL}/infer", json.dumps(two).encode())
+        assert status == 413 and reply["error"] == "2 images in one request; the queue holds 1"
+
+
+def test_a_full_queue_answers_503_with_retry_after():
+    """Four 12-megapixel images fill a queue of four while the worker decodes them one at a time
+    (a few hundred ms); a request for two more meanwhile is refused, and nothing else is lost."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((4000, 3000)).convert("RGB").save(buffer, "JPEG")
+    big = base64.b64encode(buffer.getvalue()).decode()
+    with server("--max-queue", "4", "--max-batch", "1") as (url, _):
+        infer = f"{url}/v2/models/{MODEL}/infer"
+        first = []
+        worker = threading.Thread(target=lambda: first.append(call(infer, json.dumps(
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [4], "data": [big] * 4}]}).encode())))
+        worker.start()
+        time.sleep(0.15)
+        status, reply, headers = call(infer, json.dumps(
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [big] * 2}]}).encode())
+        worker.join(timeout=60)
+        assert status == 503 and headers.get("retry-after", headers.get("Retry-After")) == "1", reply
+        assert first[0][0] == 200 and len(first[0][1]["outputs"][0]["data"]) == 4
 
 
 def test_sigterm_lets_the_request_in_flight_finish(images):
