@@ -1,0 +1,212 @@
+"""python -m benchmarks.serve [--model PKG] [--levels 1 4 16 64] [--requests N] [--threads N]
+
+Load on the caption service: `python -m runtime.serve` in its own process on 127.0.0.1, closed-loop
+clients (each sends its next request when the last one is answered) at each concurrency level, a
+fixed number of requests per level, every request one real photo (export/heldout) through
+`POST /caption`. Reports images/s, p50/p90/p99 latency, errors by status, forward passes and
+images per pass (from the server's /metrics), and the server's RSS before and after; beside it,
+the same photos captioned one at a time in this process (the baseline the batching must beat).
+Then an overload run (concurrency 64 against a queue of 16): only 503s beyond the queue, and
+every caption that comes back is its own image's. Writes benchmarks/results/serve-cpu.{json,md,png}.
+"""
+
+import argparse
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from export.evaluation import heldout_photos
+from runtime import Captioner
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def passes(port: int) -> tuple[float, float]:
+    """(forward passes, images in them) so far, from the server's /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("edgecap_batch_images_")}
+    return value["edgecap_batch_images_count"], value["edgecap_batch_images_sum"]
+
+
+class Server:
+    def __init__(self, args: list[str]):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--port", str(self.port), *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the server did not start: {self.proc.stderr.read()}")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def load(port: int, images: list[bytes], expected: list[str], concurrency: int, requests: int) -> dict:
+    """Closed-loop clients; request i sends image i % len(images). Returns what was measured."""
+    latencies, statuses, wrong, lock, counter = [], {}, [0], threading.Lock(), iter(range(requests))
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                break
+            start = time.perf_counter()
+            conn.request("POST", "/caption", body=images[i % len(images)])
+            response = conn.getresponse()
+            body = json.loads(response.read())
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                statuses[response.status] = statuses.get(response.status, 0) + 1
+                wrong[0] += response.status == 200 and body["caption"] != expected[i % len(images)]
+        conn.close()
+
+    before = passes(port)
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    count, images_in = (a - b for a, b in zip(passes(port), before))
+    ms = np.array(latencies) * 1000
+    return {"concurrency": concurrency, "requests": requests, "images_per_s": round(statuses.get(200, 0) / elapsed, 2),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p90_ms": round(float(np.percentile(ms, 90)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1), "statuses": statuses, "wrong_captions": wrong[0],
+            "forward_passes": int(count), "images_per_pass": round(images_in / count, 2) if count else 0.0}
+
+
+def baseline(captioner: Captioner, images: list[bytes], requests: int) -> tuple[float, list[str]]:
+    """Images/s captioning one image at a time in-process, and each image's caption."""
+    expected = [c.text for c in captioner.caption(images, batch_size=1)]
+    start = time.perf_counter()
+    for i in range(requests):
+        captioner.caption(images[i % len(images)])
+    return requests / (time.perf_counter() - start), expected
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = result["levels"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    x = [r["concurrency"] for r in levels]
+    left.plot(x, [r["images_per_s"] for r in levels], "o-", label="service")
+    left.axhline(result["one_at_a_time_images_per_s"], color="gray", ls="--", label="one at a time, in-process")
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="images / s", title="throughput")
+    left.legend()
+    for key in ("p50_ms", "p90_ms", "p99_ms"):
+        right.plot(x, [r[key] for r in levels], "o-", label=key.removesuffix("_ms"))
+    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="latency")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def table(result: dict) -> str:
+    rows = [f"Caption service on {result['machine']}, bundled model ({result['precision']}), "
+            f"`--max-batch {result['max_batch']} --max-delay-ms {result['max_delay_ms']}`, "
+            f"{result['threads']} ONNX Runtime threads; clients in the same machine. "
+            f"One at a time in-process: {result['one_at_a_time_images_per_s']:.1f} images/s. "
+            f"Server RSS {result['rss_mib_before']:.0f} MiB before, {result['rss_mib_after']:.0f} MiB after.", "",
+            "| clients | requests | images/s | x one at a time | p50 ms | p90 ms | p99 ms | statuses | wrong captions "
+            "| passes | images/pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in [*result["levels"], {**result["overload"], "concurrency": f"{result['overload']['concurrency']} (queue 16)"}]:
+        rows.append(f"| {r['concurrency']} | {r['requests']} | {r['images_per_s']:.1f} | "
+                    f"{r['images_per_s'] / result['one_at_a_time_images_per_s']:.2f}x | {r['p50_ms']} | {r['p90_ms']} | "
+                    f"{r['p99_ms']} | {', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} | "
+                    f"{r['wrong_captions']} | {r['forward_passes']} | {r['images_per_pass']} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--requests", type=int, default=192, help="per level (the overload run sends twice that)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    images = [p.read_bytes() for p in heldout_photos()]
+    captioner = Captioner(args.model, provider="cpu", threads=args.threads)
+    one_at_a_time, expected = baseline(captioner, images, min(args.requests, 96))
+    common = ["--provider", "cpu", "--threads", str(args.threads), "--max-batch", str(args.max_batch),
+              "--max-delay-ms", str(args.max_delay_ms), *(["--model", str(args.model)] if args.model else [])]
+    server = Server(common + ["--max-queue", "256"])
+    try:
+        load(server.port, images, expected, 64, 128)  # warm-up at the largest passes: RSS after it is the baseline
+        rss_before = rss_mib(server.proc.pid)
+        levels = []
+        for level in args.levels:
+            levels.append(load(server.port, images, expected, level, args.requests))
+            print(json.dumps(levels[-1]), flush=True)
+        rss_after = rss_mib(server.proc.pid)
+    finally:
+        server.stop()
+    server = Server(common + ["--max-queue", "16"])
+    try:
+        overload = load(server.port, images, expected, 64, 2 * args.requests)
+        print(json.dumps(overload), flush=True)
+    finally:
+        server.stop()
+    import platform
+
+    result = {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
+              "precision": captioner.manifest.data["precision"], "threads": args.threads, "max_batch": args.max_batch,
+              "max_delay_ms": args.max_delay_ms, "one_at_a_time_images_per_s": round(one_at_a_time, 2),
+              "rss_mib_before": round(rss_before, 1), "rss_mib_after": round(rss_after, 1), "levels": levels,
+              "overload": overload}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serve-cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "serve-cpu.md").write_text(table(result))
+    plot(result, RESULTS / "serve-cpu.png")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
