@@ -1,5 +1,5 @@
-# Runtime-only image (no torch): ONNX Runtime with CUDA/TensorRT, the bundled model,
-# entrypoint `python -m runtime.caption`. The base image is a build argument:
+# Runtime-only image (no torch): ONNX Runtime with CUDA/TensorRT, the bundled model, the serve
+# extra; entrypoint `python -m runtime.caption`, or `python -m runtime.serve` (below). The base image is a build argument:
 #
 #   Jetson (JetPack 6, L4T r36: CUDA, cuDNN and TensorRT come with JetPack; onnxruntime-gpu
 #   from NVIDIA's Jetson wheel index, whose releases differ from PyPI's):
@@ -14,6 +14,9 @@
 #
 # Run (engines are cached in the /cache volume, keyed by model, onnxruntime, TensorRT and GPU):
 #     docker run --rm --runtime nvidia -v edgecap-cache:/cache -v "$PWD/photos:/photos:ro" edgecap:jetson /photos
+# Serve (the caption service, README "Caption service"; beyond loopback, always with a key):
+#     docker run -d --runtime nvidia -v edgecap-cache:/cache -p 127.0.0.1:8000:8000 -e EDGECAP_API_KEY=... \
+#       --entrypoint python edgecap:jetson -m runtime.serve --host 0.0.0.0
 ARG BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
@@ -45,7 +48,7 @@ COPY runtime ./runtime
 # (libnvinfer.so.10, libnvonnxparser.so.10) come from PyPI's tensorrt-cu12-libs on x86; the
 # loader finds them through LD_LIBRARY_PATH (Python 3.12 is Ubuntu 24.04's).
 # hadolint ignore=DL3013
-RUN pip install ${ORT_INDEX_URL:+--extra-index-url "$ORT_INDEX_URL"} . \
+RUN pip install ${ORT_INDEX_URL:+--extra-index-url "$ORT_INDEX_URL"} ".[serve]" \
  && pip uninstall -y onnxruntime \
  && pip install ${ORT_INDEX_URL:+--extra-index-url "$ORT_INDEX_URL"} --force-reinstall --no-deps \
         "onnxruntime-gpu${ORT_VERSION:+==$ORT_VERSION}" \
@@ -59,5 +62,9 @@ USER 10001
 WORKDIR /home/edgecap
 VOLUME ["/cache"]
 
+EXPOSE 8000
+# For the service; a one-shot caption run ends before the first check.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
 ENTRYPOINT ["python", "-m", "runtime.caption"]
 CMD ["--help"]

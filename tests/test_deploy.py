@@ -74,3 +74,31 @@ def test_x86_pins_are_what_the_pinned_onnxruntime_gpu_wheel_asks_for():
     assert f"NEEDED providers_tensorrt: libnvinfer.so.{trt.group(2)}" in facts
     assert f"NEEDED providers_tensorrt: libnvonnxparser.so.{trt.group(2)}" in facts
     assert "tensorrt_libs" in re.search(r"LD_LIBRARY_PATH=(\S+)", DOCKERFILE).group(1)
+
+
+def test_image_can_serve_with_a_healthcheck_on_readiness():
+    assert '".[serve]"' in INSTRUCTIONS
+    health = re.search(r"^HEALTHCHECK .*\n\s+CMD (.*)$", DOCKERFILE, re.M).group(1)
+    assert "/v2/health/ready" in health and re.search(r"^EXPOSE 8000$", DOCKERFILE, re.M)
+    serve = re.search(r"--entrypoint python \S+ -m runtime.serve (.*)", DOCKERFILE).group(1)
+    from runtime.serve import build_parser
+
+    assert build_parser().parse_args(serve.split()).host == "0.0.0.0"
+
+
+def test_kserve_example_runs_the_service_behind_its_probes():
+    import yaml
+
+    service = yaml.safe_load((ROOT / "deploy" / "kserve-inferenceservice.yaml").read_text())
+    assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    predictor = service["spec"]["predictor"]
+    container, = predictor["containers"]
+    assert predictor["protocolVersion"] == "v2" and container["command"] == ["python", "-m", "runtime.serve"]
+    from runtime.serve import build_parser
+
+    args = build_parser().parse_args(container["args"])
+    assert [p["containerPort"] for p in container["ports"]] == [args.port]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": args.port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": args.port}
+    key = next(e for e in container["env"] if e["name"] == "EDGECAP_API_KEY")
+    assert "secretKeyRef" in key["valueFrom"] and args.host == "0.0.0.0"
