@@ -13,6 +13,8 @@ every caption that comes back is its own image's. Writes benchmarks/results/serv
 import argparse
 import http.client
 import json
+import os
+import platform
 import signal
 import socket
 import subprocess
@@ -53,6 +55,9 @@ def passes(port: int) -> tuple[float, float]:
 
 
 class Server:
+    """`python -m runtime.serve ARGS` on a free loopback port, started and waited for; `stop`
+    sends SIGTERM (the service drains) and kills only if it does not exit."""
+
     def __init__(self, args: list[str]):
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--port", str(self.port), *args],
@@ -193,9 +198,7 @@ def main(argv=None) -> int:
         print(json.dumps(overload), flush=True)
     finally:
         server.stop()
-    import platform
-
-    result = {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
+    result = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
               "precision": captioner.manifest.data["precision"], "threads": args.threads, "max_batch": args.max_batch,
               "max_delay_ms": args.max_delay_ms, "one_at_a_time_images_per_s": round(one_at_a_time, 2),
               "rss_mib_before": round(rss_before, 1), "rss_mib_after": round(rss_after, 1), "levels": levels,

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
+from benchmarks.serve import Server
 from helpers import ROOT
 from runtime import Captioner
 
@@ -27,31 +27,12 @@ KEY = "test-key"
 
 @contextmanager
 def server(*args):
-    """`python -m runtime.serve ARGS` on a free loopback port; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--port", str(port), "--provider", "cpu", *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    """The service on a free loopback port (benchmarks.serve.Server); yields its URL and process."""
+    running = Server(["--provider", "cpu", *args])
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
-                time.sleep(0.2)
-        yield url, proc
+        yield f"http://127.0.0.1:{running.port}", running.proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        running.stop()
 
 
 def call(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, dict]:
