@@ -1,5 +1,5 @@
 # Runtime-only image (no torch): ONNX Runtime with CUDA/TensorRT, the bundled model, the serve
-# extra; entrypoint `python -m runtime.caption`, or `python -m runtime.serve` (below). The base image is a build argument:
+# and video extras; entrypoint `python -m runtime.caption`, or `python -m runtime.serve` (below). The base image is a build argument:
 #
 #   Jetson (JetPack 6, L4T r36: CUDA, cuDNN and TensorRT come with JetPack; onnxruntime-gpu
 #   from NVIDIA's Jetson wheel index, whose releases differ from PyPI's):
@@ -48,7 +48,7 @@ COPY runtime ./runtime
 # (libnvinfer.so.10, libnvonnxparser.so.10) come from PyPI's tensorrt-cu12-libs on x86; the
 # loader finds them through LD_LIBRARY_PATH (Python 3.12 is Ubuntu 24.04's).
 # hadolint ignore=DL3013
-RUN pip install ${ORT_INDEX_URL:+--extra-index-url "$ORT_INDEX_URL"} ".[serve]" \
+RUN pip install ${ORT_INDEX_URL:+--extra-index-url "$ORT_INDEX_URL"} ".[serve,video]" \
  && pip uninstall -y onnxruntime \
  && pip install ${ORT_INDEX_URL:+--extra-index-url "$ORT_INDEX_URL"} --force-reinstall --no-deps \
         "onnxruntime-gpu${ORT_VERSION:+==$ORT_VERSION}" \

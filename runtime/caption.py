@@ -1,10 +1,13 @@
-"""python -m runtime.caption IMAGE [IMAGE ...]: one caption per image.
+"""python -m runtime.caption IMAGE|VIDEO [...]: one caption per image, or per interval of a
+video file, network stream or camera (`--every`).
 
-Exit status: 0 when every image was captioned, 1 when any failed (the others are
-still printed), 2 for usage errors (bad option, unusable model package or provider).
+Exit status: 0 when every input was captioned, 1 when any failed (an image that does not
+decode, a stream that broke or ended early; the other results are still printed), 2 for
+usage errors (bad option, unusable model package or provider).
 """
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -13,10 +16,11 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .engine import BUNDLED, Captioner
+from .engine import BUNDLED, Caption, Captioner
 from .manifest import PackageError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .providers import CHOICES, ProviderError
+from .stream import Stream, StreamError, VttWriter, is_stream, require_av
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -35,7 +39,9 @@ def expand(paths: list[str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.caption", description="Caption images on the edge.")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    parser.add_argument("images", nargs="+", metavar="IMAGE|VIDEO",
+                        help="image files, folders of images, video files, rtsp:// URLs, /dev/videoN cameras, "
+                             "or - for a video stream on stdin")
     parser.add_argument("--model", type=Path, default=None, help="model package folder (default: the bundled model)")
     parser.add_argument("--precision", choices=sorted(BUNDLED), default=None,
                         help="variant of the bundled model (default: int8 on the CPU, fp32 on a GPU)")
@@ -48,9 +54,51 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"refuse larger images before decoding them (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--max-batch", type=int, default=8, help="TensorRT profile bound on images x beams")
+    parser.add_argument("--every", type=float, default=1.0, metavar="SECONDS",
+                        help="caption one video frame per interval (default 1)")
+    parser.add_argument("--vtt", type=Path, default=None, metavar="FILE",
+                        help="also write the captions of the one video input as WebVTT subtitles")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--verbose", action="store_true", help="also say which providers this onnxruntime lacks")
     return parser
+
+
+def report(c: Caption, as_json: bool, time: float | None = None) -> None:
+    """One result on stdout (an error on stderr unless --json); `time` for a video frame."""
+    at = {} if time is None else {"time": round(time, 3)}
+    if as_json:
+        record = {"image": c.image, **at, "error": c.error} if c.error else \
+            {"image": c.image, **at, "caption": c.text, "tokens": c.tokens, "ms": round(c.ms, 2)}
+        print(json.dumps(record), flush=True)
+    elif c.error:
+        print(f"error: {c.error}", file=sys.stderr, flush=True)
+    else:
+        print(f"{c.image}{'' if time is None else f'@{time:.2f}s'}: {c.text}", flush=True)
+
+
+def caption_stream(captioner: Captioner, source: str, cfg: dict, every: float, as_json: bool,
+                   vtt: VttWriter | None) -> bool:
+    """Captions a video source frame by frame as it decodes; False when it failed, after
+    printing (and adding to `vtt`, which it closes) every caption made before the failure."""
+    stream = None
+    try:
+        stream = Stream(source, every)
+        with stream:
+            for t, frame in stream:
+                c = captioner.caption([frame], **cfg)[0]
+                c.image = source
+                report(c, as_json, t)
+                if vtt and not c.error:
+                    vtt.add(t, c.text)
+        return True
+    except StreamError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return False
+    finally:
+        if vtt:
+            vtt.close(stream.end if stream else 0.0)
+        if stream and stream.skipped:
+            print(f"{source}: skipped {stream.skipped} undecodable packet(s)", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
@@ -63,12 +111,22 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError("batch size must be at least 1")
+        if not args.every > 0:
+            raise ValueError("--every must be a positive number of seconds")
+        if args.vtt and sum(map(is_stream, args.images)) != 1:
+            raise ValueError("--vtt writes the subtitles of one video input; give exactly one")
+        if any(map(is_stream, args.images)):
+            require_av()
         captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels,
                               max_batch=args.max_batch, precision=args.precision)
         cfg = dict(max_new_tokens=args.max_tokens, num_beams=args.beams, length_penalty=args.length_penalty)
         captioner.generation_config(**cfg)  # reject bad options before any image is read
-    except (PackageError, ProviderError, ValueError) as e:
+        vtt = VttWriter(args.vtt, args.every) if args.vtt else None
+    except (PackageError, ProviderError, StreamError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     for note in captioner.info * args.verbose + captioner.notes:
         print(note, file=sys.stderr)
@@ -76,18 +134,19 @@ def main(argv=None) -> int:
     if args.batch_size > (per_pass := captioner.images_per_pass(beams)):
         print(f"batch size {args.batch_size} x {beams} beams is over --max-batch {args.max_batch}: "
               f"{per_pass} image(s) per forward pass", file=sys.stderr)
-    images, failed = expand(args.images), 0
-    for start in range(0, len(images), args.batch_size):
-        for c in captioner.caption(images[start : start + args.batch_size], batch_size=args.batch_size, **cfg):
-            failed += c.error is not None
-            if args.json:
-                record = {"image": c.image, "error": c.error} if c.error else \
-                    {"image": c.image, "caption": c.text, "tokens": c.tokens, "ms": round(c.ms, 2)}
-                print(json.dumps(record), flush=True)
-            elif c.error:
-                print(f"error: {c.error}", file=sys.stderr, flush=True)
-            else:
-                print(f"{c.image}: {c.text}", flush=True)
+    failed = 0
+    try:
+        for video, group in itertools.groupby(args.images, key=is_stream):
+            if video:
+                failed += sum(not caption_stream(captioner, s, cfg, args.every, args.json, vtt) for s in group)
+                continue
+            images = expand(list(group))
+            for start in range(0, len(images), args.batch_size):
+                for c in captioner.caption(images[start : start + args.batch_size], batch_size=args.batch_size, **cfg):
+                    failed += c.error is not None
+                    report(c, args.json)
+    except KeyboardInterrupt:  # the way a camera or live stream is stopped: keep what was written
+        return 130
     return 1 if failed else 0
 
 

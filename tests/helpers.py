@@ -12,15 +12,16 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def without_torch(module: str, *args) -> subprocess.CompletedProcess:
+def without_torch(module: str, *args, absent=(), stdin: bytes | None = None) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS` as on a runtime-only install: torch, torchvision and transformers
-    cannot be imported (as if absent); fails if any of them ends up imported anyway."""
+    (and the `absent` modules) cannot be imported (as if not installed); fails if any of them
+    ends up imported anyway. `stdin`: bytes piped to the program."""
     code = f"""
 import runpy, sys
 class Absent:
     def find_spec(self, name, path=None, target=None):
         top = name.split('.')[0]
-        if top in ('torch', 'torchvision', 'transformers'):
+        if top in ('torch', 'torchvision', 'transformers', *{tuple(absent)!r}):
             raise ModuleNotFoundError(f"No module named '{{top}}'", name=top)
 sys.meta_path.insert(0, Absent())
 sys.argv = [{module!r}, *{[str(a) for a in args]!r}]
@@ -29,11 +30,12 @@ try:
 finally:
     assert not {{'torch', 'transformers', 'torchvision'}} & set(sys.modules), sorted(sys.modules)
 """
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True, cwd=ROOT, timeout=300)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
 
 
-def caption_without_torch(*args) -> subprocess.CompletedProcess:
-    return without_torch("runtime.caption", *args)
+def caption_without_torch(*args, **kw) -> subprocess.CompletedProcess:
+    return without_torch("runtime.caption", *args, **kw)
 
 
 def photos():
@@ -74,3 +76,19 @@ def transparent() -> dict[str, Image.Image]:
     palette = rgba.convert("RGB").quantize(8)
     palette.info["transparency"] = palette.getpixel((0, 0))
     return {"rgba": rgba, "la": la, "palette": palette}
+
+
+def write_video(path: Path, segments: list[np.ndarray], codec: str, fps: int = 10) -> Path:
+    """A video showing each HxWx3 frame for one second. ffv1 in Matroska is lossless (frames
+    decode to exactly these pixels); libx264 is what cameras and phones write."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = segments[0].shape[:2]
+        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
+        for frame in segments:
+            for _ in range(fps):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path

@@ -77,7 +77,7 @@ def test_x86_pins_are_what_the_pinned_onnxruntime_gpu_wheel_asks_for():
 
 
 def test_image_can_serve_with_a_healthcheck_on_readiness():
-    assert '".[serve]"' in INSTRUCTIONS
+    assert '".[serve,video]"' in INSTRUCTIONS
     health = re.search(r"^HEALTHCHECK .*\n\s+CMD (.*)$", DOCKERFILE, re.M).group(1)
     assert "/v2/health/ready" in health and re.search(r"^EXPOSE 8000$", DOCKERFILE, re.M)
     serve = re.search(r"--entrypoint python \S+ -m runtime.serve (.*)", DOCKERFILE).group(1)
