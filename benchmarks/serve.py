@@ -1,12 +1,13 @@
-"""python -m benchmarks.serve [--model PKG] [--levels 1 4 16 64] [--requests N] [--threads N]
+"""python -m benchmarks.serve [--model PKG] [--levels 1 4 16 64] [--requests N] [--threads N] [--rounds N]
 
 Load on the caption service: `python -m runtime.serve` in its own process on 127.0.0.1, closed-loop
 clients (each sends its next request when the last one is answered) at each concurrency level, a
 fixed number of requests per level, every request one real photo (export/heldout) through
 `POST /caption`. Reports images/s, p50/p90/p99 latency, errors by status, forward passes and
-images per pass (from the server's /metrics), and the server's RSS before and after; beside it,
-the same photos captioned one at a time in this process (the baseline the batching must beat).
-Then an overload run (concurrency 64 against a queue of 16): only 503s beyond the queue, and
+images per pass (from the server's /metrics), and the server's RSS before and after. The comparison
+with captioning in this process is interleaved: rounds of (the photos one at a time, the photos in
+batches of --max-batch, the service at --compare clients), medians of the rates and of the per-round
+ratios, so that drift of the machine's speed falls on both sides. Then an overload run (concurrency 64 against a queue of 16): only 503s beyond the queue, and
 every caption that comes back is its own image's. Writes benchmarks/results/serve-cpu.{json,md,png}.
 """
 
@@ -120,13 +121,27 @@ def load(port: int, images: list[bytes], expected: list[str], concurrency: int, 
             "forward_passes": int(count), "images_per_pass": round(images_in / count, 2) if count else 0.0}
 
 
-def baseline(captioner: Captioner, images: list[bytes], requests: int) -> tuple[float, list[str]]:
-    """Images/s captioning one image at a time in-process, and each image's caption."""
-    expected = [c.text for c in captioner.caption(images, batch_size=1)]
-    start = time.perf_counter()
-    for i in range(requests):
-        captioner.caption(images[i % len(images)])
-    return requests / (time.perf_counter() - start), expected
+def interleaved(port: int, captioner: Captioner, images: list[bytes], expected: list[str], concurrency: int,
+                rounds: int, requests: int, max_batch: int) -> dict:
+    """Medians over rounds of: in-process one at a time, in-process batches of `max_batch`, the
+    service at `concurrency` clients (images/s each, and the per-round ratios)."""
+    rates = []
+    for r in range(rounds):
+        chunk = [images[(r * requests // 2 + i) % len(images)] for i in range(requests // 2)]
+        start = time.perf_counter()
+        for image in chunk:
+            captioner.caption(image)
+        one = len(chunk) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        captioner.caption(chunk, batch_size=max_batch)
+        batched = len(chunk) / (time.perf_counter() - start)
+        rates.append((one, batched, load(port, images, expected, concurrency, requests)["images_per_s"]))
+    one, batched, service = np.array(rates).T
+    median = lambda x: round(float(np.median(x)), 2)  # noqa: E731
+    return {"concurrency": concurrency, "rounds": rounds, "requests_per_round": requests,
+            "one_at_a_time_images_per_s": median(one), "batched_images_per_s": median(batched),
+            "service_images_per_s": median(service), "service_vs_one_at_a_time": median(service / one),
+            "batched_vs_one_at_a_time": median(batched / one), "service_vs_batched": median(service / batched)}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -139,7 +154,10 @@ def plot(result: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     x = [r["concurrency"] for r in levels]
     left.plot(x, [r["images_per_s"] for r in levels], "o-", label="service")
-    left.axhline(result["one_at_a_time_images_per_s"], color="gray", ls="--", label="one at a time, in-process")
+    left.axhline(result["interleaved"]["one_at_a_time_images_per_s"], color="gray", ls="--",
+                 label="one at a time, in-process")
+    left.axhline(result["interleaved"]["batched_images_per_s"], color="gray", ls=":",
+                 label=f"batches of {result['max_batch']}, in-process")
     left.set(xscale="log", xlabel="concurrent clients", ylabel="images / s", title="throughput")
     left.legend()
     for key in ("p50_ms", "p90_ms", "p99_ms"):
@@ -151,16 +169,21 @@ def plot(result: dict, path: Path) -> None:
 
 
 def table(result: dict) -> str:
+    c = result["interleaved"]
     rows = [f"Caption service on {result['machine']}, bundled model ({result['precision']}), "
             f"`--max-batch {result['max_batch']} --max-delay-ms {result['max_delay_ms']}`, "
             f"{result['threads']} ONNX Runtime threads; clients in the same machine. "
-            f"One at a time in-process: {result['one_at_a_time_images_per_s']:.1f} images/s. "
             f"Server RSS {result['rss_mib_before']:.0f} MiB before, {result['rss_mib_after']:.0f} MiB after.", "",
+            f"Interleaved, medians of {c['rounds']} rounds: in-process one at a time "
+            f"{c['one_at_a_time_images_per_s']:.1f} images/s, in-process batches of {result['max_batch']} "
+            f"{c['batched_images_per_s']:.1f} ({c['batched_vs_one_at_a_time']:.2f}x), the service at "
+            f"{c['concurrency']} clients {c['service_images_per_s']:.1f} ({c['service_vs_one_at_a_time']:.2f}x one at a "
+            f"time, {c['service_vs_batched']:.2f}x in-process batches).", "",
             "| clients | requests | images/s | x one at a time | p50 ms | p90 ms | p99 ms | statuses | wrong captions "
             "| passes | images/pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in [*result["levels"], {**result["overload"], "concurrency": f"{result['overload']['concurrency']} (queue 16)"}]:
         rows.append(f"| {r['concurrency']} | {r['requests']} | {r['images_per_s']:.1f} | "
-                    f"{r['images_per_s'] / result['one_at_a_time_images_per_s']:.2f}x | {r['p50_ms']} | {r['p90_ms']} | "
+                    f"{r['images_per_s'] / c['one_at_a_time_images_per_s']:.2f}x | {r['p50_ms']} | {r['p90_ms']} | "
                     f"{r['p99_ms']} | {', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} | "
                     f"{r['wrong_captions']} | {r['forward_passes']} | {r['images_per_pass']} |")
     return "\n".join(rows) + "\n"
@@ -175,10 +198,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    parser.add_argument("--compare", type=int, default=16, help="clients in the interleaved comparison")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the interleaved comparison")
     args = parser.parse_args(argv)
     images = [p.read_bytes() for p in heldout_photos()]
     captioner = Captioner(args.model, provider="cpu", threads=args.threads)
-    one_at_a_time, expected = baseline(captioner, images, min(args.requests, 96))
+    expected = [c.text for c in captioner.caption(images, batch_size=1)]
     common = ["--provider", "cpu", "--threads", str(args.threads), "--max-batch", str(args.max_batch),
               "--max-delay-ms", str(args.max_delay_ms), *(["--model", str(args.model)] if args.model else [])]
     server = Server(common + ["--max-queue", "256"])
@@ -189,6 +214,9 @@ def main(argv=None) -> int:
         for level in args.levels:
             levels.append(load(server.port, images, expected, level, args.requests))
             print(json.dumps(levels[-1]), flush=True)
+        compared = interleaved(server.port, captioner, images, expected, args.compare, args.rounds,
+                               min(args.requests, 96), args.max_batch)
+        print(json.dumps(compared), flush=True)
         rss_after = rss_mib(server.proc.pid)
     finally:
         server.stop()
@@ -200,7 +228,7 @@ def main(argv=None) -> int:
         server.stop()
     result = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
               "precision": captioner.manifest.data["precision"], "threads": args.threads, "max_batch": args.max_batch,
-              "max_delay_ms": args.max_delay_ms, "one_at_a_time_images_per_s": round(one_at_a_time, 2),
+              "max_delay_ms": args.max_delay_ms, "interleaved": compared,
               "rss_mib_before": round(rss_before, 1), "rss_mib_after": round(rss_after, 1), "levels": levels,
               "overload": overload}
     RESULTS.mkdir(exist_ok=True)
