@@ -6,8 +6,11 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
-from runtime.caption import build_parser
+from runtime.batch import build_parser as batch_parser
+from runtime.caption import build_parser as caption_parser
 
 README = (ROOT / "README.md").read_text()
 
@@ -36,9 +39,11 @@ def test_quoted_commands_print_what_the_readme_quotes():
         assert r.stdout == output, command
 
 
-def test_cli_usage_block_lists_every_option():
-    usage = next(b for b in fenced("bash") if b.startswith("python -m runtime.caption IMAGE"))
-    options = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+@pytest.mark.parametrize("start, parser", [("python -m runtime.caption IMAGE", caption_parser),
+                                           ("python -m runtime.batch INPUT", batch_parser)])
+def test_cli_usage_block_lists_every_option(start, parser):
+    usage = next(b for b in fenced("bash") if b.startswith(start))
+    options = {o for a in parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
     assert set(re.findall(r"--[a-z-]+", usage)) == options
 
 

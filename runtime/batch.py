@@ -1,0 +1,224 @@
+"""python -m runtime.batch INPUT --out OUT: caption a whole photo library or dataset with Ray Data
+(the `scale` extra), on this machine or on a Ray cluster (`--address`).
+
+INPUT is a folder (searched recursively), a glob, or a Parquet/CSV file with a `path` column.
+OUT is a Parquet dataset, one row per input image: path, caption, tokens, ms, error, and the
+package that made it (name, precision, SHA-256 of its manifest, which pins every graph file).
+
+Resumable, exactly once: a rerun with the same OUT skips the paths already written. Parquet
+writes its footer last, so a file cut short by a killed job has none; such files are deleted
+and their images captioned again. A bad image is a row with an error, never a failed job.
+
+Exit status: 0 when every image has a caption, 1 when some rows carry an error, 2 for usage
+errors (bad INPUT, OUT, model package, or resources the cluster cannot give).
+"""
+
+import argparse
+import csv
+import glob
+import hashlib
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .caption import IMAGE_SUFFIXES
+from .manifest import MANIFEST, PackageError, load_manifest
+from .providers import CHOICES
+
+WRITER_CPUS = 0.25  # the Parquet writer's share: actors must leave it room, or the job waits forever
+COLUMNS = ("path", "caption", "tokens", "ms", "error", "model", "precision", "package_sha256")
+
+
+class BatchError(Exception):
+    """A job that cannot start; one line."""
+
+
+def schema():
+    import pyarrow as pa
+
+    return pa.schema([("path", pa.string()), ("caption", pa.string()), ("tokens", pa.list_(pa.int32())),
+                      ("ms", pa.float32()), ("error", pa.string()), ("model", pa.string()),
+                      ("precision", pa.string()), ("package_sha256", pa.string())])
+
+
+def list_inputs(spec: str) -> list[str]:
+    """The image paths INPUT names, in a stable order, each once."""
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    elif path.suffix.lower() in (".parquet", ".csv") and path.is_file():
+        found = path_column(path)
+    else:
+        found = sorted(glob.glob(spec, recursive=True))
+        if not found and not glob.has_magic(spec):
+            raise BatchError(f"{spec}: no such folder, file or glob")
+    if not found:
+        raise BatchError(f"{spec}: no images found")
+    return list(dict.fromkeys(found))
+
+
+def path_column(table: Path) -> list[str]:
+    if table.suffix.lower() == ".csv":
+        with open(table, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if "path" not in (reader.fieldnames or []):
+                raise BatchError(f"{table}: no 'path' column (columns: {', '.join(reader.fieldnames or [])})")
+            return [row["path"] for row in reader if row["path"]]
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(table).names
+    except Exception as e:
+        raise BatchError(f"{table}: not a Parquet file: {e}") from None
+    if "path" not in names:
+        raise BatchError(f"{table}: no 'path' column (columns: {', '.join(names)})")
+    return [p for p in pq.read_table(table, columns=["path"]).column("path").to_pylist() if p]
+
+
+def written(out: Path) -> set[str]:
+    """Paths already in OUT. A file without a readable footer was cut short: deleted, redone."""
+    import pyarrow.parquet as pq
+
+    done = set()
+    for part in sorted(out.glob("*.parquet")) if out.is_dir() else []:
+        try:
+            paths = pq.read_table(part, columns=["path"]).column("path").to_pylist()
+        except Exception:
+            part.unlink()
+            continue
+        done.update(paths)
+    return done
+
+
+class CaptionActor:
+    """One per actor: loads the package once, captions batches of paths. Files are read and
+    decoded here, inside the actors, so that a missing or broken file is a row with an error."""
+
+    def __init__(self, model: str | None, provider: str, threads: int):
+        from .engine import Captioner
+
+        warnings.filterwarnings("ignore", module="PIL")
+        self.captioner = Captioner(model, provider=provider, threads=threads)
+        manifest = self.captioner.manifest
+        self.identity = {"model": manifest.data["name"], "precision": manifest.data["precision"],
+                         "package_sha256": hashlib.sha256(manifest.path(MANIFEST).read_bytes()).hexdigest()}
+
+    def __call__(self, batch: dict):
+        import pyarrow as pa
+
+        paths = [str(p) for p in batch["path"]]
+        results = self.captioner.caption(paths, batch_size=len(paths))
+        columns = {"path": paths, "caption": [r.text for r in results], "tokens": [r.tokens for r in results],
+                   "ms": [r.ms if r.error is None else None for r in results], "error": [r.error for r in results],
+                   **{k: [v] * len(paths) for k, v in self.identity.items()}}
+        return pa.table(columns, schema=schema())
+
+
+def actor_resources(total_cpus: float, actors: int, cpus: float | None, gpus: float) -> float:
+    """CPUs per actor: as asked, or an equal share of what the writer leaves. Refuses what could
+    never be scheduled instead of waiting for it forever."""
+    if actors < 1:
+        raise BatchError("--actors must be at least 1")
+    if cpus is None:  # on CPUs the actors share the machine; beside a GPU an actor needs a core to decode
+        cpus = (total_cpus - WRITER_CPUS) / actors if gpus == 0 else min(1.0, (total_cpus - WRITER_CPUS) / actors)
+    if cpus <= 0 or actors * cpus + WRITER_CPUS > total_cpus:
+        raise BatchError(f"{actors} actor(s) x {cpus:g} CPU + {WRITER_CPUS:g} for the writer need "
+                         f"{actors * cpus + WRITER_CPUS:g} CPUs; the cluster has {total_cpus:g}")
+    return cpus
+
+
+def run(inputs: list[str], out: Path, model: str | None, provider: str, actors: int, batch_size: int,
+        cpus: float | None, gpus: float, threads: int | None) -> dict:
+    """Captions the inputs not yet in OUT; returns counts for the summary. Ray must be initialised."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import ray
+
+    todo = [p for p in inputs if p not in written(out)]
+    start = time.perf_counter()
+    if todo:
+        per_actor = actor_resources(ray.cluster_resources().get("CPU", 0), actors, cpus, gpus)
+        # Each block becomes one Parquet file: small enough that an interrupted job redoes little,
+        # few enough (at most ~1,000 per run) that a million images do not make a million files.
+        rows = max(4 * batch_size, -(-len(todo) // 1000))
+        items = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=-(-len(todo) // rows))
+        captions = items.map_batches(
+            CaptionActor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+            fn_constructor_kwargs={"model": model, "provider": provider,
+                                   "threads": threads or max(1, round(per_actor))},
+            num_cpus=per_actor, num_gpus=gpus or None, batch_format="numpy")
+        captions.write_parquet(str(out), ray_remote_args={"num_cpus": WRITER_CPUS}, schema=schema())
+    elapsed = time.perf_counter() - start
+    table = pads.dataset(str(out), format="parquet", schema=schema()).to_table(columns=["path", "error"])
+    mine = pc.is_in(table.column("path"), value_set=pa.array(todo, type=pa.string()))
+    errors = pc.sum(pc.and_(mine, pc.is_valid(table.column("error")))).as_py() or 0
+    return {"images": len(todo), "skipped": len(inputs) - len(todo), "errors": errors, "seconds": elapsed,
+            "rows": table.num_rows, "errors_in_out": pc.sum(pc.is_valid(table.column("error"))).as_py() or 0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime.batch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("input", metavar="INPUT", help="folder (recursive), glob, or Parquet/CSV file with a path column")
+    parser.add_argument("--out", type=Path, required=True, help="Parquet dataset folder; a rerun resumes it")
+    parser.add_argument("--model", default=None, help="model package folder (default: the bundled model)")
+    parser.add_argument("--provider", choices=CHOICES, default="auto")
+    parser.add_argument("--actors", type=int, default=1, help="actors, each holding the model once (default 1)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    parser.add_argument("--cpus-per-actor", type=float, default=None,
+                        help="default: an equal share of the CPUs the writer leaves (at most 1 with --gpus-per-actor)")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 1, or 0.5 for two actors per GPU")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per actor (default: its CPUs)")
+    parser.add_argument("--address", default=None, help="an existing Ray cluster (default: a local one)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import ray
+    except ImportError:
+        print("error: batch captioning needs Ray Data: pip install 'edgecap[scale]'", file=sys.stderr)
+        return 2
+    try:
+        if args.batch_size < 1:
+            raise BatchError("--batch-size must be at least 1")
+        if args.model is not None:
+            load_manifest(args.model)  # refuse a bad package here, not in every actor
+        inputs = list_inputs(args.input)
+        if args.out.exists() and not args.out.is_dir():
+            raise BatchError(f"{args.out}: exists and is not a folder")
+    except (BatchError, PackageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # Paths must mean the same files to every actor: relative ones are made absolute here.
+    inputs = [os.path.abspath(p) for p in inputs]
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    try:
+        ray.init(address=args.address, logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
+    except Exception as e:  # no cluster at --address, no room for the object store, ...
+        print(f"error: cannot start Ray: {(str(e).strip().splitlines() or [type(e).__name__])[-1]}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(inputs, args.out, args.model and os.path.abspath(args.model), args.provider, args.actors,
+                      args.batch_size, args.cpus_per_actor, args.gpus_per_actor, args.threads)
+    except BatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ray.exceptions.RayError as e:  # e.g. actors that die on every retry: a rerun resumes
+        print(f"error: the job failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    rate = summary["images"] / summary["seconds"] if summary["seconds"] else 0.0
+    print(f"{summary['images']} images captioned ({summary['errors']} errors) in {summary['seconds']:.1f} s, "
+          f"{rate:.1f} images/s; {summary['skipped']} already in {args.out}; "
+          f"{summary['rows']} rows there, {summary['errors_in_out']} with errors", file=sys.stderr)
+    return 1 if summary["errors_in_out"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
