@@ -152,6 +152,27 @@ class Captioner:
         text = self.tokenizer.decode([*self.prompt.tolist(), *tokens])
         return clean_up_tokenization(text) if self.manifest.tokenizer["clean_up_spaces"] else text
 
+    def score(self, image, texts: list[str], mean: bool = False) -> list[float]:
+        """log p(text | image) for each text: the sum over the text's tokens and the end of
+        sequence, after the model's prompt (teacher forcing; a text is what the model would
+        generate after its prompt). `mean` divides by those tokens. All texts of the image share
+        one encoder pass and go through the decoder together, `max_batch` at a time. Raises
+        ImageError for a bad image, ValueError for an empty list or a text too long."""
+        if not texts:
+            raise ValueError("no texts to score")
+        limit, eos = self.manifest.max_positions - len(self.prompt), self.manifest.tokenizer["eos_id"]
+        sequences = []
+        for text in texts:
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            if not 1 <= len(ids) <= limit:
+                raise ValueError(f"text {text!r} is {len(ids)} tokens; this model scores 1 to {limit}")
+            sequences.append(np.array([*self.prompt, *ids, eos], dtype=np.int64))
+        pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
+        scores = self.graphs.score(pixels, sequences, len(self.prompt), self.max_batch)
+        if mean:
+            scores = scores / np.array([len(s) - len(self.prompt) for s in sequences])
+        return scores.tolist()
+
     def caption(self, images, max_new_tokens=None, num_beams=None, length_penalty=None, batch_size: int = 8):
         """One image -> Caption (raises ImageError); a list -> list of Caption, where a
         bad image gets `error` set and the others are still captioned."""

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .search import GenerationConfig, cached, capacity, generate, initial_state, uncached
+from .search import (GenerationConfig, cached, capacity, generate, initial_state, prefix_logits, text_logprobs,
+                     uncached)
 
 CPU = ["CPUExecutionProvider"]
 
@@ -96,6 +97,25 @@ class Graphs:
         step = cached(self.step) if cache else uncached(self.step)
         state = initial_state(*self.encode(pixels), capacity(len(prompt), cfg.max_new_tokens))
         return generate(step, state, np.tile(prompt, (len(pixels), 1)), eos_id, cfg)
+
+    def score(self, pixels: np.ndarray, sequences: list[np.ndarray], start: int, per_pass: int) -> np.ndarray:
+        """Log-probability of each sequence's tokens from `start` on, given one image (1, 3, H, W)
+        and the tokens before them (teacher forcing): the image encoded once, then decoder
+        passes of up to `per_pass` sequences sharing its K/V."""
+        key, value = self.encode(pixels)
+        scores = []
+        for i in range(0, len(sequences), per_pass):
+            chunk = sequences[i : i + per_pass]
+            # Right padding: under causal attention no pad reaches a position before it.
+            ids = np.zeros((len(chunk), max(map(len, chunk))), dtype=np.int64)
+            for row, sequence in zip(ids, chunk):
+                row[: len(sequence)] = sequence
+            same = np.zeros(len(chunk), dtype=np.int64)  # every row attends to the one image
+            state = initial_state(key[:, same], value[:, same], ids.shape[1] - 1)
+            logits = prefix_logits(self.step, state, ids[:, :-1])
+            lengths = np.array([len(sequence) - start for sequence in chunk])
+            scores.append(text_logprobs(logits[:, start - 1 :], ids[:, start:], lengths))
+        return np.concatenate(scores)
 
     def _run_bound(self, session, io, feeds, host_outputs: int):
         """Run with IO binding: device-resident inputs stay put; the first `host_outputs`

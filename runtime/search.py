@@ -75,6 +75,15 @@ def prefix_logits(graph_step: GraphStep, state: State, ids: np.ndarray) -> np.nd
     return graph_step(ids, state.key, state.value, past_length(0), state.cross_key, state.cross_value)[0]
 
 
+def text_logprobs(logits: np.ndarray, targets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per row, the sum of log p(targets[i, t]) over t < lengths[i]: logits (N, T, V) are the
+    teacher-forced predictions of targets (N, T); rows are right-padded beyond their length."""
+    x = logits.astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    logp = np.take_along_axis(x, targets[..., None], -1)[..., 0] - np.log(np.exp(x).sum(-1))
+    return np.where(np.arange(targets.shape[1]) < lengths[:, None], logp, 0.0).sum(1)
+
+
 def uncached(graph_step: GraphStep) -> Step:
     """Recompute the whole prefix every step: the reference the KV cache must equal."""
 

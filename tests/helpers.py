@@ -92,3 +92,21 @@ def write_video(path: Path, segments: list[np.ndarray], codec: str, fps: int = 1
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+TEXTS = ["a photo of a cat", "espresso", "a picture of a dog running on a beach near the sea at sunset",
+         "two people"]  # texts of different lengths, scored in one batch
+
+
+def reference_scores(ref, image, captioner, texts: list[str]) -> list[float]:
+    """log p(text | image) from a reference's own teacher-forced logits (eager PyTorch or
+    transformers), one text at a time: no padding, no batching, no shared encoder pass."""
+    import torch
+
+    prompt, eos = captioner.prompt.tolist(), captioner.manifest.tokenizer["eos_id"]
+    scores = []
+    for text in texts:
+        seq = np.array([[*prompt, *captioner.tokenizer.encode(text, add_special_tokens=False).ids, eos]])
+        logp = torch.log_softmax(torch.from_numpy(ref.logits(ref.pixels([image]), seq[:, :-1])).double(), -1)[0]
+        scores.append(float(sum(logp[t - 1, seq[0, t]] for t in range(len(prompt), seq.shape[1]))))
+    return scores

@@ -294,3 +294,17 @@ def test_parity_handles_captions_that_run_to_the_length_limit(exported, photo_pa
     result = run(pkg, src, paths, max_new_tokens=limit)
     assert result["exact_caption_match"] == 1.0 and result["teacher_forced_top1"] == 1.0
     assert any(len(c.tokens) == limit for c in captioner.caption(paths, max_new_tokens=limit))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_scores_equal_transformers_teacher_forced_log_likelihood(exported, photo_paths, name):
+    from helpers import TEXTS, reference_scores
+
+    captioner, ref = pair(exported, name)
+    for text in TEXTS:  # the same tokens as transformers' own tokenizer
+        assert captioner.tokenizer.encode(text, add_special_tokens=False).ids == \
+            ref.tokenizer(text, add_special_tokens=False).input_ids
+    for image in (photo_paths["chelsea"], photo_paths["rocket"]):
+        got, want = np.array(captioner.score(image, TEXTS)), np.array(reference_scores(ref, image, captioner, TEXTS))
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+        assert len(set(np.round(got, 3))) == len(TEXTS)  # scores that tell the texts apart
