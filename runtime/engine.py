@@ -160,18 +160,19 @@ class Captioner:
         ImageError for a bad image, ValueError for an empty list or a text too long."""
         if not texts:
             raise ValueError("no texts to score")
-        limit, eos = self.manifest.max_positions - len(self.prompt), self.manifest.tokenizer["eos_id"]
-        sequences = []
-        for text in texts:
-            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-            if not 1 <= len(ids) <= limit:
-                raise ValueError(f"text {text!r} is {len(ids)} tokens; this model scores 1 to {limit}")
-            sequences.append(np.array([*self.prompt, *ids, eos], dtype=np.int64))
+        sequences = [self.scored_sequence(text) for text in texts]
         pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
         scores = self.graphs.score(pixels, sequences, len(self.prompt), self.max_batch)
         if mean:
             scores = scores / np.array([len(s) - len(self.prompt) for s in sequences])
         return scores.tolist()
+
+    def scored_sequence(self, text: str) -> np.ndarray:
+        """prompt + the text's tokens + end of sequence; ValueError if the text does not fit."""
+        ids, limit = self.tokenizer.encode(text, add_special_tokens=False).ids, self.manifest.max_positions - len(self.prompt)
+        if not 1 <= len(ids) <= limit:
+            raise ValueError(f"text {text!r} is {len(ids)} tokens; this model scores 1 to {limit}")
+        return np.array([*self.prompt, *ids, self.manifest.tokenizer["eos_id"]], dtype=np.int64)
 
     def caption(self, images, max_new_tokens=None, num_beams=None, length_penalty=None, batch_size: int = 8):
         """One image -> Caption (raises ImageError); a list -> list of Caption, where a

@@ -11,6 +11,7 @@ import pytest
 from helpers import ROOT
 from runtime.batch import build_parser as batch_parser
 from runtime.caption import build_parser as caption_parser
+from runtime.classify import build_parser as classify_parser
 
 README = (ROOT / "README.md").read_text()
 
@@ -40,7 +41,8 @@ def test_quoted_commands_print_what_the_readme_quotes():
 
 
 @pytest.mark.parametrize("start, parser", [("python -m runtime.caption IMAGE", caption_parser),
-                                           ("python -m runtime.batch INPUT", batch_parser)])
+                                           ("python -m runtime.batch INPUT", batch_parser),
+                                           ("python -m runtime.classify IMAGE", classify_parser)])
 def test_cli_usage_block_lists_every_option(start, parser):
     usage = next(b for b in fenced("bash") if b.startswith(start))
     options = {o for a in parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}

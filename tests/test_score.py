@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import TEXTS, caption_without_torch, reference_scores
+from helpers import TEXTS, reference_scores, without_torch
 from runtime import Captioner, ImageError
 
 
@@ -43,3 +43,30 @@ def test_bad_score_requests(captioner, photo_paths):
         captioner.score(photo_paths["chelsea"], ["a cat " * 30])
     with pytest.raises(ImageError, match="no such file"):
         captioner.score("missing.jpg", ["a cat"])
+
+
+def test_classify_ranks_labels_by_likelihood(photo_paths, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\n\nespresso\nrocket\ncat\n")  # blank lines and repeats are dropped
+    r = without_torch("runtime.classify", photo_paths["chelsea"], photo_paths["coffee"],
+                                          tmp_path / "missing.jpg", "--labels-file", labels,
+                                          "--template", "a photo of {}", "--json", "--top", "2")
+    assert r.returncode == 1, r.stderr
+    chelsea, coffee, missing = map(json.loads, r.stdout.splitlines())
+    assert chelsea["labels"][0]["label"] == "cat"
+    assert coffee["labels"][0]["label"] == "espresso" and len(coffee["labels"]) == 2
+    assert chelsea["labels"][0]["probability"] > 0.5 > chelsea["labels"][1]["probability"]
+    captioner = Captioner(provider="cpu")
+    want = captioner.score(photo_paths["coffee"], ["a photo of cat", "a photo of espresso", "a photo of rocket"])
+    assert coffee["labels"][0]["logprob"] == pytest.approx(want[1], abs=1e-4)
+    assert missing == {"image": str(tmp_path / "missing.jpg"), "error": f"{tmp_path / 'missing.jpg'}: no such file"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--labels", " , "], "no labels given"),
+    (["--labels", "cat " * 50], "is 50 tokens; this model scores 1 to 39"),
+    (["--labels", "cat", "--template", "a photo"], "--template must contain {} where the label goes"),
+])
+def test_classify_usage_errors(photo_paths, args, message):
+    r = without_torch("runtime.classify", photo_paths["chelsea"], *args)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr and len(r.stderr.splitlines()) == 1
