@@ -34,11 +34,12 @@ RESULTS = Path(__file__).parent / "results"
 
 def agreement(captioner: Captioner, images: list[str], labels: list[str], truth: np.ndarray) -> dict:
     top_sum, top_mean, ms = [], [], []
+    scored_tokens = np.array([len(captioner.scored_sequence(t)) - len(captioner.prompt) for t in labels])
     for image in images:
         start = time.perf_counter()
         scores = np.array(captioner.score(image, labels))
         ms.append((time.perf_counter() - start) * 1000)
-        per_token = scores / np.array([len(captioner.scored_sequence(t)) - len(captioner.prompt) for t in labels])
+        per_token = scores / scored_tokens
         top_sum.append(int(scores.argmax()))
         top_mean.append(int(per_token.argmax()))
     return {"top1_agreement_sum": round(float(np.mean(np.array(top_sum) == truth)), 4),

@@ -29,7 +29,6 @@ from .manifest import MANIFEST, PackageError, load_manifest
 from .providers import CHOICES
 
 WRITER_CPUS = 0.25  # the Parquet writer's share: actors must leave it room, or the job waits forever
-COLUMNS = ("path", "caption", "tokens", "ms", "error", "model", "precision", "package_sha256")
 
 
 class BatchError(Exception):
@@ -138,7 +137,8 @@ def run(inputs: list[str], out: Path, model: str | None, provider: str, actors: 
     import pyarrow.dataset as pads
     import ray
 
-    todo = [p for p in inputs if p not in written(out)]
+    done = written(out)
+    todo = [p for p in inputs if p not in done]
     start = time.perf_counter()
     if todo:
         per_actor = actor_resources(ray.cluster_resources().get("CPU", 0), actors, cpus, gpus)
