@@ -1,5 +1,5 @@
 """Hugging Face captioner folders with random weights, built offline from configs: the
-architectures real users bring (nlpconnect/vit-gpt2-image-captioning, BLIP-base), for
+architectures real users bring (nlpconnect/vit-gpt2-image-captioning, BLIP-base, BLIP VQA, GIT), for
 tests and benchmarks, since no pretrained captioner can be downloaded here.
 
     python -m export random-hf OUT --encoder vit --decoder gpt2 [--size base]
@@ -183,6 +183,63 @@ def build_blip(out: Path, size: str = "tiny", conditioned: bool = True, seed: in
               "intermediate_size": 4 * s["hidden"], "image_size": image, "patch_size": s["patch"],
               "initializer_range": init}
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, initializer_range=init)).eval()
+    if conditioned:
+        boost_eos(model.text_decoder, tok.sep_token_id)
+    if realistic:
+        realistic_scale(model.text_decoder)
+    model.generation_config.update(max_length=16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    BlipImageProcessor(size={"height": image, "width": image}).save_pretrained(out)
+    return out
+
+
+def build_git(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0) -> Path:
+    """GIT (microsoft/git-base's shape at "base": CLIP ViT-B/16, 6 text layers): a BERT tokenizer,
+    CLIP's image processor (shortest edge, then a centre crop)."""
+    from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM
+
+    s, init = (TINY if size == "tiny" else BASE), (0.3 if conditioned else 0.02)
+    torch.manual_seed(seed)
+    tok = wordpiece_tokenizer(s.get("blip_vocab", s["vocab"]))
+    vision = {"hidden_size": s["hidden"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
+              "intermediate_size": 4 * s["hidden"], "image_size": s["image"], "patch_size": s["patch"],
+              "initializer_range": init}
+    config = GitConfig(vision_config=vision, vocab_size=max(len(tok), s.get("blip_vocab", 0)), hidden_size=s["hidden"],
+                       num_hidden_layers=s["layers"] if size == "tiny" else 6, num_attention_heads=s["heads"],
+                       intermediate_size=4 * s["hidden"], max_position_embeddings=64 if size == "tiny" else 1024,
+                       initializer_range=init, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                       pad_token_id=tok.pad_token_id)
+    model = GitForCausalLM(config).eval()
+    if conditioned:
+        with torch.no_grad():
+            model.output.bias[tok.sep_token_id] += 3.5
+    model.generation_config.update(max_length=16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": s["image"]},
+                       crop_size={"height": s["image"], "width": s["image"]}).save_pretrained(out)
+    return out
+
+
+def build_blip_vqa(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0,
+                   realistic: bool = False) -> Path:
+    """BLIP VQA (Salesforce/blip-vqa-base's shape at "base"): the captioner's parts plus a question encoder."""
+    from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor
+
+    s, init = (TINY if size == "tiny" else BASE), (0.3 if conditioned else 0.02)
+    torch.manual_seed(seed)
+    tok = wordpiece_tokenizer(s.get("blip_vocab", s["vocab"]))
+    image = s.get("blip_image", s["image"])
+    text = {"vocab_size": max(len(tok), s.get("blip_vocab", 0)), "hidden_size": s["hidden"], "num_hidden_layers": s["layers"],
+            "num_attention_heads": s["heads"], "intermediate_size": 4 * s["hidden"], "encoder_hidden_size": s["hidden"],
+            "max_position_embeddings": 64 if size == "tiny" else 512, "initializer_range": init,
+            "bos_token_id": tok.bos_token_id, "sep_token_id": tok.sep_token_id, "eos_token_id": tok.sep_token_id,
+            "pad_token_id": tok.pad_token_id}
+    vision = {"hidden_size": s["hidden"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
+              "intermediate_size": 4 * s["hidden"], "image_size": image, "patch_size": s["patch"],
+              "initializer_range": init}
+    model = BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision, initializer_range=init)).eval()
     if conditioned:
         boost_eos(model.text_decoder, tok.sep_token_id)
     if realistic:

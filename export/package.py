@@ -2,10 +2,14 @@
 a manifest), whichever model it is (the bundled one in export/bundled.py, the Hugging Face
 families in export/hf/).
 
-- vision.onnx: pixel_values -> cross_key, cross_value (computed once per image)
-- decoder.onnx: input_ids + fixed-capacity past K/V + past_length + cross K/V -> logits +
+- vision.onnx: pixel_values [+ question_ids] -> the decoder's memory K/V, every layer's,
+  computed once per image (and question)
+- decoder.onnx: input_ids + fixed-capacity past K/V + past_length + memory K/V -> logits +
   present K/V; the first step has past_length 0, so one graph serves prefill and decoding
   (no `If`, no zero-length tensors).
+The memory is of one of two kinds (`GraphShape.memory`, the manifest's `decoder.memory`):
+"cross", read by cross-attention (ViT-GPT2, BLIP), or "prefix", keys and values that precede
+the self-attention cache in one softmax (GIT's image tokens). The runtime runs both alike.
 Both are checked with onnx.checker and against eager PyTorch in ONNX Runtime at
 shapes other than the export examples, and by greedy decoding of sample images, before
 anything is written to `out` (export.check says how agreement is judged).
@@ -33,9 +37,6 @@ from .progress import Progress
 from .reference import torch_graph_step
 
 OPSET = 18  # lowest the dynamo exporter targets natively; widest TensorRT/Jetson support
-VISION_IO = (["pixel_values"], ["cross_key", "cross_value"])
-DECODER_IO = (["input_ids", "past_key", "past_value", "past_length", "cross_key", "cross_value"],
-              ["logits", "present_key", "present_value"])
 GREEDY_SAMPLES, GREEDY_TOKENS = 3, 16  # random images decoded greedily by both, without stopping at EOS
 
 
@@ -50,15 +51,34 @@ class GraphShape:
     vocab_size: int
     max_positions: int
     image_size: tuple[int, int]
+    memory: str = "cross"  # "cross" or "prefix" (module docstring)
+    # > 0: the vision graph also takes question_ids (batch, question <= this many tokens), and
+    # the memory is the question's encoding, as long as the question (BLIP VQA).
+    question_positions: int = 0
 
     def decoder_section(self) -> dict:
-        return {"layers": self.layers, "heads": self.heads, "head_dim": self.head_dim,
-                "memory_tokens": self.memory_tokens, "vocab_size": self.vocab_size, "max_positions": self.max_positions}
+        return {"layers": self.layers, "heads": self.heads, "head_dim": self.head_dim, "memory": self.memory,
+                "memory_tokens": None if self.question_positions else self.memory_tokens,
+                "vocab_size": self.vocab_size, "max_positions": self.max_positions}
 
     def dims(self) -> dict:
         """Ranges of the graphs' symbolic dims: TensorRT profiles are built from these."""
+        question = {"question": {"min": 1, "max": self.question_positions}} if self.question_positions else {}
         return {"batch": {"min": 1, "max": None}, "seq": {"min": 1, "max": self.max_positions},
-                "capacity": {"min": 1, "max": self.max_positions}}
+                "capacity": {"min": 1, "max": self.max_positions}, **question}
+
+    def io(self) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
+        """(inputs, outputs) names of the vision graph, then of the decoder-step graph."""
+        memory = [f"{self.memory}_key", f"{self.memory}_value"]
+        vision = ["pixel_values", *(["question_ids"] if self.question_positions else [])]
+        return (vision, memory), (["input_ids", "past_key", "past_value", "past_length", *memory],
+                                  ["logits", "present_key", "present_value"])
+
+    def vision_inputs(self, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
+        """Random vision-graph inputs: pixels, and a 5-token question where there is one."""
+        pixels = torch.randn(batch, 3, *self.image_size, generator=gen)
+        question = [torch.randint(self.vocab_size, (batch, 5), generator=gen)] if self.question_positions else []
+        return [pixels, *question]
 
 
 class VisionGraph(nn.Module):
@@ -66,8 +86,8 @@ class VisionGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values):
-        return self.model.vision(pixel_values)
+    def forward(self, pixel_values, question_ids=None):
+        return self.model.vision(pixel_values, *([] if question_ids is None else [question_ids]))
 
 
 class DecoderStepGraph(nn.Module):
@@ -75,8 +95,8 @@ class DecoderStepGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
-        return self.model.step(input_ids, past_key, past_value, past_length, cross_key, cross_value)
+    def forward(self, input_ids, past_key, past_value, past_length, memory_key, memory_value):
+        return self.model.step(input_ids, past_key, past_value, past_length, memory_key, memory_value)
 
 
 def export_graph(module, args, names, dynamic_shapes, path: Path) -> None:
@@ -105,13 +125,13 @@ def check_greedy(model: nn.Module, graphs: Graphs, shape: GraphShape, prompt: li
     """Greedy decoding of random images through the graphs and through eager PyTorch gives the
     same tokens; where a row diverges, the reference must have scored the two picks within the
     tolerance (a tie), else the export is refused."""
-    pixels = torch.randn(GREEDY_SAMPLES, 3, *shape.image_size, generator=torch.Generator().manual_seed(2))
+    inputs = shape.vision_inputs(GREEDY_SAMPLES, torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        cross = [t.numpy() for t in model.vision(pixels)]
+        cross = [t.numpy() for t in model.vision(*inputs)]
     ids = np.array(prompt, np.int64)
     cfg = GenerationConfig(max_new_tokens=min(GREEDY_TOKENS, shape.max_positions - len(prompt) + 1))
     eager_step, no_eos, slots = torch_graph_step(model), -1, capacity(len(prompt), cfg.max_new_tokens)
-    ours = graphs.generate(pixels.numpy(), ids, no_eos, cfg)
+    ours = graphs.generate(inputs[0].numpy(), ids, no_eos, cfg, inputs=[t.numpy() for t in inputs[1:]])
     theirs = greedy(cached(eager_step), initial_state(*cross, slots), np.tile(ids, (GREEDY_SAMPLES, 1)), no_eos, cfg)
     for row, (got, want) in enumerate(zip(ours, theirs, strict=True)):
         if got == want:
@@ -133,11 +153,12 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
     graphs = Graphs.open(folder / "vision.onnx", folder / "decoder.onnx")
     gen = torch.Generator().manual_seed(1)
     seen = Agreement()
+    (_, memory), (_, outputs) = shape.io()
     for batch in (1, 3):
-        pixels = torch.randn(batch, 3, *shape.image_size, generator=gen)
+        inputs = shape.vision_inputs(batch, gen)
         with torch.inference_mode():
-            cross = [t.numpy() for t in model.vision(pixels)]
-        compare(f"vision graph at batch {batch}", VISION_IO[1], graphs.encode(pixels.numpy()), cross, tol, seen)
+            cross = [t.numpy() for t in model.vision(*inputs)]
+        compare(f"vision graph at batch {batch}", memory, graphs.encode(*(t.numpy() for t in inputs)), cross, tol, seen)
         # Capacities beyond past + seq: slots not yet written hold noise, which must stay masked.
         for past, seq, slots in ((0, 1, 1), (0, 7, 9), (5, 1, 6), (11, 3, 17)):
             ids = torch.randint(shape.vocab_size, (batch, seq), generator=gen)
@@ -148,7 +169,7 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
                 want = [t.numpy() for t in model.step(*map(torch.from_numpy, feeds))]
             got = graphs.step(*feeds)
             what = f"decoder step graph at batch {batch}, past {past}, length {seq}"
-            compare(what, DECODER_IO[1], got, want, tol, seen)
+            compare(what, outputs, got, want, tol, seen)
             compare_argmax(what, got[0], want[0], tol, seen)
         progress.update(batch, seen.summary())
     check_greedy(model, graphs, shape, prompt, tol, seen)
@@ -159,22 +180,25 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
 def trace(model: nn.Module, shape: GraphShape, folder: Path, progress: Progress, tol: Tolerance,
           prompt: list[int]) -> Agreement:
     """Both graphs into `folder`, checked by onnx.checker and against eager in ONNX Runtime.
-    `model` has `vision(pixels) -> cross K/V` and `step(...)` as in runtime.search; `prompt`
+    `model` has `vision(pixels[, question_ids]) -> memory K/V` and `step(...)` as in runtime.search; `prompt`
     starts the greedy check as it starts every caption."""
     batch = Dim("batch", min=1, max=1024)
-    export_graph(VisionGraph(model).eval(), (torch.randn(2, 3, *shape.image_size),), VISION_IO,
-                 {"pixel_values": {0: batch}}, folder / "vision.onnx")
+    vision_io, decoder_io = shape.io()
+    question = Dim("question", min=1, max=shape.question_positions) if shape.question_positions else None
+    vision_dims = {"pixel_values": {0: batch}, **({"question_ids": {0: batch, 1: question}} if question else {})}
+    export_graph(VisionGraph(model).eval(), tuple(shape.vision_inputs(2, torch.Generator())), vision_io, vision_dims,
+                 folder / "vision.onnx")
     progress.update(1, "vision graph traced and checked")
     # Example sizes >= 2 everywhere, or the exporter specialises the dims to 0/1.
     slots, seq = Dim("capacity", min=1, max=shape.max_positions), Dim("seq", min=1, max=shape.max_positions)
     kv = (shape.layers, 2, shape.heads, 5, shape.head_dim)
-    cross = (shape.layers, 2, shape.heads, shape.memory_tokens, shape.head_dim)
+    cross = (shape.layers, 2, shape.heads, 4 if question else shape.memory_tokens, shape.head_dim)
     example = (torch.zeros(2, 3, dtype=torch.int64), torch.randn(kv), torch.randn(kv), torch.tensor([2]),
                torch.randn(cross), torch.randn(cross))
-    cache_dims = {1: batch, 3: slots}
-    export_graph(DecoderStepGraph(model).eval(), example, DECODER_IO,
-                 {"input_ids": {0: batch, 1: seq}, "past_key": cache_dims, "past_value": cache_dims,
-                  "past_length": None, "cross_key": {1: batch}, "cross_value": {1: batch}}, folder / "decoder.onnx")
+    cache_dims, memory_dims = {1: batch, 3: slots}, {1: batch, **({3: question} if question else {})}
+    names = dict(zip(["input_ids", "past_key", "past_value", "past_length", "memory_key", "memory_value"],
+                     [{0: batch, 1: seq}, cache_dims, cache_dims, None, memory_dims, memory_dims]))
+    export_graph(DecoderStepGraph(model).eval(), example, decoder_io, names, folder / "decoder.onnx")
     progress.update(2, "decoder step graph traced and checked")
     seen = validate(model, shape, folder, Progress("validate", 3, every_s=0), tol, prompt)
     progress.update(3, f"ONNX Runtime matches eager PyTorch ({seen.summary()}, {seen.argmax_rows} next tokens "

@@ -48,6 +48,10 @@ BLOCK = 32
 FP32_BUDGET = 1.0
 
 
+READS_QUESTIONS = ("its vision graph also reads the question; int8 and fp16 are calibrated and checked on "
+                   "images alone, so it stays fp32")
+
+
 def topological_sort(graph: onnx.GraphProto) -> None:
     """The float16 tool appends its input casts at the end; ONNX wants producers first."""
     ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
@@ -338,6 +342,8 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
     manifest = load_manifest(src).data
     if manifest["precision"] != "fp32":
         raise ExportError(f"{src} is a {manifest['precision']} package; start from an fp32 one")
+    if manifest.get("question", {}).get("input") == "encoder":
+        raise ExportError(f"{src}: {READS_QUESTIONS}")
     progress = Progress(f"quantize {precision}", len(GRAPHS) + 1, every_s=0)
     with tempfile.TemporaryDirectory() as tmp:
         scratch, package = Path(tmp), Path(tmp) / "package"

@@ -1,5 +1,6 @@
 """python -m runtime.caption IMAGE|VIDEO [...]: one caption per image, or per interval of a
-video file, network stream or camera (`--every`).
+video file, network stream or camera (`--every`); with --question, the answer to it (visual
+question answering, on a model that takes questions).
 
 Exit status: 0 when every input was captioned, 1 when any failed (an image that does not
 decode, a stream that broke or ended early; the other results are still printed), 2 for
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=sorted(BUNDLED), default=None,
                         help="variant of the bundled model (default: int8 on the CPU, fp32 on a GPU)")
     parser.add_argument("--provider", choices=CHOICES, default="auto")
+    parser.add_argument("--question", default=None,
+                        help="answer this question about each image instead of captioning it (VQA models)")
     parser.add_argument("--beams", type=int, default=None, help="beam width (default: the model's, greedy)")
     parser.add_argument("--length-penalty", type=float, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
@@ -67,8 +70,10 @@ def report(c: Caption, as_json: bool, time: float | None = None) -> None:
     """One result on stdout (an error on stderr unless --json); `time` for a video frame."""
     at = {} if time is None else {"time": round(time, 3)}
     if as_json:
-        record = {"image": c.image, **at, "error": c.error} if c.error else \
-            {"image": c.image, **at, "caption": c.text, "tokens": c.tokens, "ms": round(c.ms, 2)}
+        asked = {} if c.question is None else {"question": c.question}
+        answer = {} if c.question is None else {"answer": c.text}
+        record = {"image": c.image, **at, **asked, "error": c.error} if c.error else \
+            {"image": c.image, **at, **asked, "caption": c.text, **answer, "tokens": c.tokens, "ms": round(c.ms, 2)}
         print(json.dumps(record), flush=True)
     elif c.error:
         print(f"error: {c.error}", file=sys.stderr, flush=True)
@@ -119,7 +124,8 @@ def main(argv=None) -> int:
             require_av()
         captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels,
                               max_batch=args.max_batch, precision=args.precision)
-        cfg = dict(max_new_tokens=args.max_tokens, num_beams=args.beams, length_penalty=args.length_penalty)
+        cfg = dict(max_new_tokens=args.max_tokens, num_beams=args.beams, length_penalty=args.length_penalty,
+                   question=args.question)
         captioner.generation_config(**cfg)  # reject bad options before any image is read
         vtt = VttWriter(args.vtt, args.every) if args.vtt else None
     except (PackageError, ProviderError, StreamError, ValueError) as e:

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from . import providers as prov
 from .gpu import tensorrt_version
-from .graphs import Graphs, session_options
+from .graphs import Graphs, host, session_options
 from .providers import ProviderError
 from .manifest import GRAPHS, PackageError, load_manifest
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels
@@ -41,8 +41,11 @@ class _LoadError(Exception):
 
 @dataclass
 class Caption:
+    """A caption, or with `question` set, the answer to it."""
+
     image: str
     text: str | None = None
+    question: str | None = None
     tokens: list[int] = field(default_factory=list)
     ms: float = 0.0
     error: str | None = None
@@ -124,82 +127,143 @@ class Captioner:
             # "/onnxruntime_src/...cc:729 void f(Args&) Please install ..." -> "Please install ..."
             raise _LoadError(path, re.sub(r"^\S+\.cc:\d+ [^)]*\)\s*", "", reason)) from None
 
-    def generation_config(self, max_new_tokens=None, num_beams=None, length_penalty=None) -> GenerationConfig:
-        given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
-        cfg = replace(self.defaults, **{k: v for k, v in given.items() if v is not None})
+    def generation_config(self, max_new_tokens=None, num_beams=None, length_penalty=None,
+                          question: str | None = None) -> GenerationConfig:
+        """The package's settings with these overrides; the default length is cut to what fits
+        after a question's tokens."""
+        prompt = self.ask(question)[0]
         # The prompt takes positions too; the last generated token is never fed back.
-        limit = self.manifest.max_positions - len(self.prompt) + 1
+        limit = self.manifest.max_positions - len(prompt) + 1
+        default = min(self.defaults.max_new_tokens, limit)
+        given = {"max_new_tokens": default if max_new_tokens is None else max_new_tokens, "num_beams": num_beams,
+                 "length_penalty": length_penalty}
+        cfg = replace(self.defaults, **{k: v for k, v in given.items() if v is not None})
         if not 1 <= cfg.max_new_tokens <= limit:
             raise ValueError(f"max tokens must be between 1 and {limit} for this model")
         if not 1 <= cfg.num_beams <= self.max_batch:
             raise ValueError(f"beams must be between 1 and the max batch ({self.max_batch})")
         return cfg
 
+    def ask(self, question: str | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(prompt, the vision graph's inputs beyond pixels, per image) for a question, or for a
+        caption when it is None, as the package says a question is read (Manifest.question).
+        ValueError where the model takes no question, needs one, or it does not fit."""
+        kind = self.manifest.question
+        if question is None:
+            if kind == "encoder":
+                raise ValueError("this model answers questions: give it one (--question)")
+            return self.prompt, []
+        if kind is None:
+            raise ValueError("this model captions; it does not take questions")
+        if not question.strip():
+            raise ValueError("the question is empty")
+        ids = self.tokenizer.encode(question, add_special_tokens=kind == "encoder").ids
+        if kind == "encoder":
+            limit = self.manifest.data["dims"]["question"]["max"]
+            if len(ids) > limit:
+                raise ValueError(f"the question is {len(ids)} tokens; this model reads 1 to {limit}")
+            return self.prompt, [np.array(ids, dtype=np.int64)]
+        limit = self.manifest.max_positions - len(self.prompt) - 1
+        if not 1 <= len(ids) <= limit:
+            raise ValueError(f"the question is {len(ids)} tokens; this model reads 1 to {limit}")
+        return np.concatenate([self.prompt, np.array(ids, dtype=np.int64)]), []
+
     def images_per_pass(self, num_beams: int) -> int:
         """Images in one forward pass: images x beams stays within `max_batch`, the batch
         TensorRT's profiles were built for (explicit profiles cannot grow at run time)."""
         return self.max_batch // num_beams
 
-    def generate(self, pixels: np.ndarray, cfg: GenerationConfig, cache: bool = True) -> list[list[int]]:
+    def generate(self, pixels: np.ndarray, cfg: GenerationConfig, cache: bool = True,
+                 question: str | None = None) -> list[list[int]]:
         """Tokens per image, in forward passes of at most `images_per_pass` images."""
         n, eos = self.images_per_pass(cfg.num_beams), self.manifest.tokenizer["eos_id"]
-        return [tokens for i in range(0, len(pixels), n)
-                for tokens in self.graphs.generate(pixels[i : i + n], self.prompt, eos, cfg, cache)]
+        prompt, inputs = self.ask(question)
+        tokens = []
+        for i in range(0, len(pixels), n):
+            chunk = pixels[i : i + n]
+            tokens += self.graphs.generate(chunk, prompt, eos, cfg, cache, [np.tile(x, (len(chunk), 1)) for x in inputs])
+        return tokens
 
     def decode(self, tokens: list[int]) -> str:
         """Text as transformers' `decode(prompt + tokens, skip_special_tokens=True)` gives it:
-        a text prompt (BLIP's "a picture of") is part of the caption."""
+        a text prompt (BLIP's "a picture of") is part of the caption; a question is not part of
+        its answer."""
         text = self.tokenizer.decode([*self.prompt.tolist(), *tokens])
         return clean_up_tokenization(text) if self.manifest.tokenizer["clean_up_spaces"] else text
 
-    def score(self, image, texts: list[str], mean: bool = False) -> list[float]:
+    def encode(self, image) -> tuple[np.ndarray, np.ndarray]:
+        """The image's memory K/V in host memory, batch 1 (what score_memories takes; a
+        retrieval index keeps it). Raises ImageError."""
+        pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
+        return tuple(host(x) for x in self.graphs.encode(pixels, *(x[None] for x in self.ask(None)[1])))
+
+    def score(self, image, texts: list[str], mean: bool = False, question: str | None = None) -> list[float]:
         """log p(text | image) for each text: the sum over the text's tokens and the end of
         sequence, after the model's prompt (teacher forcing; a text is what the model would
-        generate after its prompt). `mean` divides by those tokens. All texts of the image share
-        one encoder pass and go through the decoder together, `max_batch` at a time. Raises
-        ImageError for a bad image, ValueError for an empty list or a text too long."""
+        generate after its prompt, or the answer to `question`). `mean` divides by those tokens.
+        All texts of the image share one encoder pass and go through the decoder together,
+        `max_batch` at a time. Raises ImageError for a bad image, ValueError for an empty list
+        or a text too long."""
         if not texts:
             raise ValueError("no texts to score")
-        sequences = [self.scored_sequence(text) for text in texts]
+        prompt, inputs = self.ask(question)
+        sequences = [self.scored_sequence(text, prompt) for text in texts]
         pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
-        scores = self.graphs.score(pixels, sequences, len(self.prompt), self.max_batch)
+        key, value = self.graphs.encode(pixels, *(x[None] for x in inputs))
+        return self._scores(key, value, np.zeros(len(texts), dtype=np.int64), sequences, len(prompt), mean)
+
+    def score_memories(self, key: np.ndarray, value: np.ndarray, text: str, mean: bool = False) -> list[float]:
+        """log p(text | image) for each image whose memory (`encode`) is a row of key/value:
+        retrieval's ranking, `max_batch` images per decoder pass."""
+        sequence = self.scored_sequence(text, self.prompt)
+        return self._scores(key, value, np.arange(key.shape[1]), [sequence] * key.shape[1], len(self.prompt), mean)
+
+    def _scores(self, key, value, rows: np.ndarray, sequences: list[np.ndarray], start: int, mean: bool) -> list[float]:
+        """Sequence i scored against memory row rows[i], `max_batch` sequences per decoder pass."""
+        n = self.max_batch
+        scores = np.concatenate([self.graphs.score(key[:, rows[i : i + n]], value[:, rows[i : i + n]],
+                                                   sequences[i : i + n], start) for i in range(0, len(sequences), n)])
         if mean:
-            scores = scores / np.array([len(s) - len(self.prompt) for s in sequences])
+            scores = scores / np.array([len(s) - start for s in sequences])
         return scores.tolist()
 
-    def scored_sequence(self, text: str) -> np.ndarray:
+    def scored_sequence(self, text: str, prompt: np.ndarray | None = None) -> np.ndarray:
         """prompt + the text's tokens + end of sequence; ValueError if the text does not fit."""
-        ids, limit = self.tokenizer.encode(text, add_special_tokens=False).ids, self.manifest.max_positions - len(self.prompt)
+        prompt = self.prompt if prompt is None else prompt
+        ids, limit = self.tokenizer.encode(text, add_special_tokens=False).ids, self.manifest.max_positions - len(prompt)
         if not 1 <= len(ids) <= limit:
             raise ValueError(f"text {text!r} is {len(ids)} tokens; this model scores 1 to {limit}")
-        return np.array([*self.prompt, *ids, self.manifest.tokenizer["eos_id"]], dtype=np.int64)
+        return np.array([*prompt, *ids, self.manifest.tokenizer["eos_id"]], dtype=np.int64)
 
-    def caption(self, images, max_new_tokens=None, num_beams=None, length_penalty=None, batch_size: int = 8):
+    def caption(self, images, max_new_tokens=None, num_beams=None, length_penalty=None, batch_size: int = 8,
+                question: str | None = None):
         """One image -> Caption (raises ImageError); a list -> list of Caption, where a
-        bad image gets `error` set and the others are still captioned."""
-        cfg = self.generation_config(max_new_tokens, num_beams, length_penalty)
+        bad image gets `error` set and the others are still captioned. With `question`, each
+        Caption's text answers it (ValueError on a model that takes none)."""
+        cfg = self.generation_config(max_new_tokens, num_beams, length_penalty, question)
         if not isinstance(images, (list, tuple)):
-            result = self._caption_batch([images], cfg)[0]
+            result = self._caption_batch([images], cfg, question)[0]
             if result.error:
                 raise ImageError(result.error)
             return result
         results = []
         for start in range(0, len(images), batch_size):
-            results += self._caption_batch(images[start : start + batch_size], cfg)
+            results += self._caption_batch(images[start : start + batch_size], cfg, question)
         return results
 
-    def _caption_batch(self, images, cfg: GenerationConfig) -> list[Caption]:
+    def _caption_batch(self, images, cfg: GenerationConfig, question: str | None) -> list[Caption]:
         start = time.perf_counter()
         results, pixels = [], []
         for image in images:
-            results.append(Caption(image=str(image) if isinstance(image, (str, Path)) else type(image).__name__))
+            results.append(Caption(image=str(image) if isinstance(image, (str, Path)) else type(image).__name__,
+                                   question=question))
             try:
                 pixels.append(load_pixels(image, self.manifest.preprocess, self.max_pixels))
             except ImageError as e:
                 results[-1].error = str(e)
         ok = [r for r in results if r.error is None]
         if ok:
-            tokens = self.generate(np.stack(pixels), cfg)
+            tokens = self.generate(np.stack(pixels), cfg, question=question)
             ms = (time.perf_counter() - start) * 1000 / len(ok)
             for r, t in zip(ok, tokens, strict=True):
                 r.tokens, r.text, r.ms = t, self.decode(t), ms

@@ -55,12 +55,18 @@ class DeviceTensor:
         return DeviceTensor(ort.OrtValue.ortvalue_from_numpy(host, self.value.device_name(), 0))
 
 
+def host(x) -> np.ndarray:
+    """A graph output in host memory, wherever it was left."""
+    return x.value.numpy() if isinstance(x, DeviceTensor) else x
+
+
 def io_names(session: ort.InferenceSession) -> tuple[list[str], list[str]]:
     return [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
 
 
 class Graphs:
-    """vision: pixels -> cross-attention K/V; decoder: one step over the KV cache (runtime.search).
+    """vision: pixels [+ question ids] -> the decoder's memory K/V (cross-attention or prefix; the
+    search runs both alike); decoder: one step over the KV cache (runtime.search).
     `device` None runs with numpy feeds; "cuda" (or "cpu", to test the path) binds inputs and
     outputs so that caches stay where the provider computes."""
 
@@ -74,12 +80,13 @@ class Graphs:
         opts = session_options(precision)
         return cls(*(ort.InferenceSession(str(path), opts, providers=CPU) for path in (vision, decoder)))
 
-    def encode(self, pixels: np.ndarray):
-        """(N, 3, H, W) -> cross-attention K/V, once per image (left on the device with IO binding)."""
+    def encode(self, pixels: np.ndarray, *inputs: np.ndarray):
+        """(N, 3, H, W) [+ the graph's other inputs, such as question ids (N, Q)] -> memory K/V,
+        once per image (left on the device with IO binding)."""
         if self.device is None:
-            key, value = self.vision.run(None, {self.vision_io[0][0]: pixels})
+            key, value = self.vision.run(None, dict(zip(self.vision_io[0], (pixels, *inputs))))
             return key, value
-        key, value = self._run_bound(self.vision, self.vision_io, [pixels], host_outputs=0)
+        key, value = self._run_bound(self.vision, self.vision_io, [pixels, *inputs], host_outputs=0)
         return DeviceTensor(key), DeviceTensor(value)
 
     def step(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
@@ -91,31 +98,23 @@ class Graphs:
         return logits.numpy(), DeviceTensor(present_key), DeviceTensor(present_value)
 
     def generate(self, pixels: np.ndarray, prompt: np.ndarray, eos_id: int, cfg: GenerationConfig,
-                 cache: bool = True) -> list[list[int]]:
-        """Tokens per image; `cache=False` recomputes the whole prefix every step (the reference
-        the KV cache must equal)."""
+                 cache: bool = True, inputs: list[np.ndarray] = ()) -> list[list[int]]:
+        """Tokens per image; `inputs`: the vision graph's other inputs, one row per image;
+        `cache=False` recomputes the whole prefix every step (the reference the KV cache must equal)."""
         step = cached(self.step) if cache else uncached(self.step)
-        state = initial_state(*self.encode(pixels), capacity(len(prompt), cfg.max_new_tokens))
+        state = initial_state(*self.encode(pixels, *inputs), capacity(len(prompt), cfg.max_new_tokens))
         return generate(step, state, np.tile(prompt, (len(pixels), 1)), eos_id, cfg)
 
-    def score(self, pixels: np.ndarray, sequences: list[np.ndarray], start: int, per_pass: int) -> np.ndarray:
-        """Log-probability of each sequence's tokens from `start` on, given one image (1, 3, H, W)
-        and the tokens before them (teacher forcing): the image encoded once, then decoder
-        passes of up to `per_pass` sequences sharing its K/V."""
-        key, value = self.encode(pixels)
-        scores = []
-        for i in range(0, len(sequences), per_pass):
-            chunk = sequences[i : i + per_pass]
-            # Right padding: under causal attention no pad reaches a position before it.
-            ids = np.zeros((len(chunk), max(map(len, chunk))), dtype=np.int64)
-            for row, sequence in zip(ids, chunk):
-                row[: len(sequence)] = sequence
-            same = np.zeros(len(chunk), dtype=np.int64)  # every row attends to the one image
-            state = initial_state(key[:, same], value[:, same], ids.shape[1] - 1)
-            logits = prefix_logits(self.step, state, ids[:, :-1])
-            lengths = np.array([len(sequence) - start for sequence in chunk])
-            scores.append(text_logprobs(logits[:, start - 1 :], ids[:, start:], lengths))
-        return np.concatenate(scores)
+    def score(self, key, value, sequences: list[np.ndarray], start: int) -> np.ndarray:
+        """Log-probability of each sequence's tokens from `start` on (teacher forcing), in one
+        decoder pass: row i attends to memory row i of `key`/`value` (the vision graph's output)."""
+        # Right padding: under causal attention no pad reaches a position before it.
+        ids = np.zeros((len(sequences), max(map(len, sequences))), dtype=np.int64)
+        for row, sequence in zip(ids, sequences):
+            row[: len(sequence)] = sequence
+        logits = prefix_logits(self.step, initial_state(key, value, ids.shape[1] - 1), ids[:, :-1])
+        lengths = np.array([len(sequence) - start for sequence in sequences])
+        return text_logprobs(logits[:, start - 1 :], ids[:, start:], lengths)
 
     def _run_bound(self, session, io, feeds, host_outputs: int):
         """Run with IO binding: device-resident inputs stay put; the first `host_outputs`

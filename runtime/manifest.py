@@ -47,6 +47,13 @@ class Manifest:
     def max_positions(self) -> int:
         return self.data["decoder"]["max_positions"]
 
+    @property
+    def question(self) -> str | None:
+        """Where a question goes: "prompt" (its tokens follow the prompt, as GIT reads one),
+        "encoder" (with the tokenizer's special tokens, into the vision graph's second input,
+        as BLIP VQA reads one: the model then needs a question), or None (a captioner)."""
+        return self.data.get("question", {}).get("input")
+
     def graph(self, role: str) -> dict:
         return self.data["graphs"][role]
 
@@ -82,6 +89,7 @@ SCHEMA = {
     "decoder": {"max_positions": int},
 }
 GRAPHS = ("vision", "decoder")
+QUESTION_INPUTS, MEMORY_KINDS = (None, "prompt", "encoder"), ("cross", "prefix")
 CHOICES = {("preprocess", "resample"): ("bilinear", "bicubic"), ("preprocess", "crop_offset"): ("round", "floor"),
            ("generation", "early_stopping"): (True, False, "never")}
 
@@ -89,6 +97,19 @@ CHOICES = {("preprocess", "resample"): ("bilinear", "bicubic"), ("preprocess", "
 def has_type(value, kind) -> bool:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return bool in kinds if isinstance(value, bool) else isinstance(value, kinds)
+
+
+def check_question(root: Path, data: dict) -> None:
+    """The optional `question` and `decoder.memory` fields, and the vision graph's inputs they imply."""
+    question = data.get("question", {"input": None})
+    if not isinstance(question, dict) or question.get("input") not in QUESTION_INPUTS:
+        raise PackageError(f"{root}: manifest field question.input must be one of {', '.join(QUESTION_INPUTS[1:])}")
+    if data["decoder"].get("memory", "cross") not in MEMORY_KINDS:
+        raise PackageError(f"{root}: manifest field decoder.memory must be one of {', '.join(MEMORY_KINDS)}")
+    inputs = 2 if question["input"] == "encoder" else 1
+    if len(data["graphs"]["vision"]["inputs"]) != inputs:
+        raise PackageError(f"{root}: the vision graph must take {inputs} input(s) for question.input "
+                           f"{question['input']!r}")
 
 
 def check_schema(root: Path, data: dict) -> None:
@@ -114,6 +135,7 @@ def check_schema(root: Path, data: dict) -> None:
     for name, meta in data["files"].items():
         if not isinstance(meta["sha256"], str) or not isinstance(meta["bytes"], int):
             raise PackageError(f"{root}: manifest entry for {name} is malformed")
+    check_question(root, data)
 
 
 def check_files(root: Path, data: dict) -> None:

@@ -98,15 +98,18 @@ TEXTS = ["a photo of a cat", "espresso", "a picture of a dog running on a beach 
          "two people"]  # texts of different lengths, scored in one batch
 
 
-def reference_scores(ref, image, captioner, texts: list[str]) -> list[float]:
-    """log p(text | image) from a reference's own teacher-forced logits (eager PyTorch or
-    transformers), one text at a time: no padding, no batching, no shared encoder pass."""
+def reference_scores(ref, image, captioner, texts: list[str], question: str | None = None) -> list[float]:
+    """log p(text | image[, question]) from a reference's own teacher-forced logits (eager
+    PyTorch or transformers), one text at a time: no padding, no batching, no shared encoder
+    pass; the question tokenized by transformers' tokenizer."""
     import torch
 
-    prompt, eos = captioner.prompt.tolist(), captioner.manifest.tokenizer["eos_id"]
+    asked = {} if question is None else {"question": question}
+    prompt, eos = [int(i) for i in ref.ask(question)[0]] if asked else captioner.prompt.tolist(), \
+        captioner.manifest.tokenizer["eos_id"]
     scores = []
     for text in texts:
         seq = np.array([[*prompt, *captioner.tokenizer.encode(text, add_special_tokens=False).ids, eos]])
-        logp = torch.log_softmax(torch.from_numpy(ref.logits(ref.pixels([image]), seq[:, :-1])).double(), -1)[0]
+        logp = torch.log_softmax(torch.from_numpy(ref.logits(ref.pixels([image]), seq[:, :-1], **asked)).double(), -1)[0]
         scores.append(float(sum(logp[t - 1, seq[0, t]] for t in range(len(prompt), seq.shape[1]))))
     return scores

@@ -25,7 +25,7 @@ from runtime.search import until_eos
 # (encoder, decoder, seed, realistic): seeds whose random weights give a meaningful subject (checked below).
 FAMILIES = {"vit-gpt2": ("vit", "gpt2", 0, False), "deit-bert": ("deit", "bert", 0, False),
             "swin-gpt2": ("swin", "gpt2", 1, False), "blip": ("blip", None, 0, False),
-            "vit-gpt2-real": ("vit", "gpt2", 4, True), "blip-real": ("blip", None, 3, True)}
+            "vit-gpt2-real": ("vit", "gpt2", 4, True), "blip-real": ("blip", None, 3, True), "git": ("git", None, 4, False)}
 
 
 def export_cli(*args):
@@ -37,13 +37,15 @@ def export_cli(*args):
 def exported(tmp_path_factory):
     """name -> (HF folder, package), built and exported once per module."""
     from export.hf import export_hf
-    from export.hf_random import build_blip, build_vision_encoder_decoder
+    from export.hf_random import build_blip, build_git, build_vision_encoder_decoder
 
     root, out = tmp_path_factory.mktemp("hf"), {}
     for name, (encoder, decoder, seed, realistic) in FAMILIES.items():
         src = root / name
         if encoder == "blip":
             build_blip(src, seed=seed, realistic=realistic)
+        elif encoder == "git":
+            build_git(src, seed=seed)
         else:
             build_vision_encoder_decoder(src, encoder, decoder, seed=seed, realistic=realistic)
         export_hf(src, root / f"{name}.pkg")
@@ -217,6 +219,7 @@ def test_reduced_precision_hf_packages(exported, photo_paths, tmp_path, precisio
      "encoder 'beit'"),
     ({"model_type": "vision-encoder-decoder", "encoder": {"model_type": "vit"},
       "decoder": {"model_type": "gpt2", "add_cross_attention": False}}, "no cross-attention"),
+    ({"model_type": "git", "architectures": ["GitForCausalLM"], "num_image_with_embedding": 6}, "a video GIT"),
 ])
 def test_unsupported_models_get_one_line(tmp_path, config, message):
     (tmp_path / "config.json").write_text(json.dumps(config))

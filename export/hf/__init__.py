@@ -8,14 +8,18 @@ per image, not every step (which is what optimum's export does). The wrappers ar
 against transformers' own forward before they are traced.
 
 A family module provides: ARCHITECTURE, MODEL_TYPE, SUPPORTS (its line in the refusal message),
-unsupported(config) -> reason or None, model_class(), captioner(model), text_config(model),
-describe(model), prompt_and_eos(src, model, tokenizer, prompt), reference_logits(model, pixels,
-ids) and generate(model, pixels, prompt, eos_id, **kwargs) (transformers' own, for parity).
+MEMORY ("cross" or "prefix": export.package), QUESTION (None, "prompt" or "encoder":
+runtime.manifest), unsupported(config) -> reason or None, model_class(), captioner(model),
+text_config(model), describe(model), prompt_and_eos(src, model, tokenizer, prompt),
+reference_logits(model, inputs, ids) and generate(model, inputs, prompt, eos_id, **kwargs)
+(transformers' own, for parity), where `inputs` are the vision graph's: [pixels] or
+[pixels, question_ids].
 Adding a family is a module and a line in FAMILIES.
 """
 
 import os
 import tempfile
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -30,12 +34,12 @@ from runtime.search import GenerationConfig, until_eos
 from ..check import Agreement, ExportError, Tolerance, compare, compare_argmax
 from ..package import OPSET, GraphShape, report, trace, versions, write_package
 from ..progress import Progress
-from ..quantize import quantize_package
-from . import blip, decoders, vision_encoder_decoder
+from ..quantize import READS_QUESTIONS, quantize_package
+from . import blip, blip_vqa, decoders, git, vision_encoder_decoder
 from .common import (HFCaptioner, generation_settings, image_processor, load_tokenizer, preprocess_spec, read_config,
                      single_eos)
 
-FAMILIES = {family.ARCHITECTURE: family for family in (vision_encoder_decoder, blip)}
+FAMILIES = {family.ARCHITECTURE: family for family in (vision_encoder_decoder, blip, blip_vqa, git)}
 SUPPORTED = " and ".join(family.SUPPORTS for family in FAMILIES.values())
 
 
@@ -44,10 +48,9 @@ class Unsupported(ExportError):
         super().__init__(f"{src}: {what}; supported: {SUPPORTED}")
 
 
-def load_model(src: Path, attention: str | None = None):
-    """(family module, transformers model in eval mode); unsupported architectures are refused
-    from config.json alone, before any weights are read. `attention` picks transformers'
-    attention implementation (its default, sdpa, is what users run)."""
+def family_of(src: Path):
+    """The family module for a folder, from config.json alone: unsupported architectures are
+    refused before any weights are read."""
     config = read_config(src)
     architectures, kind = config.get("architectures") or [], config.get("model_type")
     by_type = [f for f in FAMILIES.values() if f.MODEL_TYPE == kind]
@@ -56,27 +59,36 @@ def load_model(src: Path, attention: str | None = None):
         raise Unsupported(src, f"{', '.join(architectures or [str(kind)])} is not a supported captioner")
     if reason := family.unsupported(config):
         raise Unsupported(src, reason)
+    return family
+
+
+def load_model(src: Path, attention: str | None = None):
+    """(family module, transformers model in eval mode). `attention` picks transformers'
+    attention implementation (its default, sdpa, is what users run)."""
+    family = family_of(src)
     return family, family.model_class().from_pretrained(src, local_files_only=True, attn_implementation=attention).eval()
 
 
 def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, int]) -> GraphShape:
-    with torch.inference_mode():
-        memory_tokens = captioner.memory(torch.zeros(1, 3, *image_size)).shape[1]
     text = family.text_config(model)
     layers, heads, width, positions = decoders.dims(text)
-    return GraphShape(layers, heads, width // heads, memory_tokens, text.vocab_size, positions, image_size)
+    shape = GraphShape(layers, heads, width // heads, 0, text.vocab_size, positions, image_size, family.MEMORY,
+                       positions if family.QUESTION == "encoder" else 0)
+    with torch.inference_mode():
+        memory_tokens = captioner.memory(*shape.vision_inputs(1, torch.Generator())).shape[1]
+    return replace(shape, memory_tokens=memory_tokens)
 
 
 def check_wrappers(family, model, captioner: HFCaptioner, shape: GraphShape, tol: Tolerance) -> Agreement:
     """The stacked-cache wrappers vs transformers' forward, prefill and one cached step,
     judged like the graphs (export.check)."""
     gen = torch.Generator().manual_seed(0)
-    pixels = torch.randn(2, 3, *shape.image_size, generator=gen)
+    inputs = shape.vision_inputs(2, gen)
     ids = torch.randint(shape.vocab_size, (2, 6), generator=gen)
     empty = torch.zeros(shape.layers, 2, shape.heads, 6, shape.head_dim)
     with torch.inference_mode():
-        want = family.reference_logits(model, pixels, ids)
-        cross = captioner.vision(pixels)
+        want = family.reference_logits(model, inputs, ids)
+        cross = captioner.vision(*inputs)
         first, key, value = captioner.step(ids[:, :5], empty, empty, torch.tensor([0]), *cross)
         last, _, _ = captioner.step(ids[:, 5:], key, value, torch.tensor([5]), *cross)
     got, want, seen = torch.cat([first, last], dim=1).numpy(), want.numpy(), Agreement()
@@ -91,6 +103,8 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
     """A package of `precision` (int8 and fp16 are quantized from the FP32 export); returns
     the summary lines (warnings first) for the entry point to print."""
     if precision != "fp32":
+        if Path(src).is_dir() and family_of(Path(src)).QUESTION == "encoder":
+            raise ExportError(f"{src}: {READS_QUESTIONS}")
         with tempfile.TemporaryDirectory() as tmp:
             summary = export_hf(src, Path(tmp) / "fp32", prompt, tol=tol)
             return summary + "\n" + quantize_package(Path(tmp) / "fp32", precision, out)
@@ -125,6 +139,7 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
             "tokenizer": {"file": "tokenizer.json", "eos_id": eos,
                           "clean_up_spaces": bool(tokenizer.clean_up_tokenization_spaces)},
             "generation": generation,
+            **({"question": {"input": family.QUESTION}} if family.QUESTION else {}),
             "source": {
                 "model": family.describe(model),
                 "folder": src.name,
@@ -163,20 +178,33 @@ class HFReference:
         return self.processor(images=[upright(i) for i in images], do_convert_rgb=True,
                               return_tensors="pt").pixel_values
 
+    def ask(self, question: str | None) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """(prompt, question ids for the model's encoder) as transformers' processor and model
+        cards build them: GIT appends the question's tokens to [CLS]; BLIP VQA encodes
+        [CLS] question [SEP]."""
+        if question is None:
+            return self.prompt, []
+        if self.family.QUESTION == "prompt":
+            return np.array([*self.prompt, *self.tokenizer(question, add_special_tokens=False).input_ids]), []
+        return self.prompt, [torch.tensor([self.tokenizer(question).input_ids])]
+
     @torch.inference_mode()
-    def generate(self, images, cfg: GenerationConfig) -> list[list[int]]:
+    def generate(self, images, cfg: GenerationConfig, question: str | None = None) -> list[list[int]]:
         pixels = self.pixels(images)
-        prompt = torch.from_numpy(np.tile(self.prompt, (pixels.shape[0], 1)))
+        prompt, asked = self.ask(question)
         kwargs = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "do_sample": False,
                   "length_penalty": cfg.length_penalty, "early_stopping": cfg.early_stopping,
                   "no_repeat_ngram_size": cfg.no_repeat_ngram_size}
-        out = self.family.generate(self.model, pixels, prompt, self.eos_id, **kwargs)
-        rows = out[:, len(self.prompt):].tolist()
-        return [until_eos(row, self.eos_id) for row in rows]
+        inputs = [pixels, *(q.repeat(len(pixels), 1) for q in asked)]
+        out = self.family.generate(self.model, inputs, torch.from_numpy(np.tile(prompt, (len(pixels), 1))),
+                                   self.eos_id, **kwargs)
+        return [until_eos(row, self.eos_id) for row in out[:, len(prompt):].tolist()]
 
     @torch.inference_mode()
-    def logits(self, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:
-        return self.family.reference_logits(self.model, pixels, torch.from_numpy(ids)).numpy()
+    def logits(self, pixels: torch.Tensor, ids: np.ndarray, question: str | None = None) -> np.ndarray:
+        """Teacher-forced logits of token rows that start with the prompt (and question)."""
+        inputs = [pixels, *(q.repeat(len(pixels), 1) for q in self.ask(question)[1])]
+        return self.family.reference_logits(self.model, inputs, torch.from_numpy(ids)).numpy()
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode([*self.prompt, *tokens], skip_special_tokens=True)

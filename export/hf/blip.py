@@ -11,6 +11,7 @@ from .common import HFCaptioner
 
 ARCHITECTURE, MODEL_TYPE = "BlipForConditionalGeneration", "blip"
 SUPPORTS = "BlipForConditionalGeneration"
+MEMORY, QUESTION = "cross", None
 
 
 def unsupported(config: dict) -> str | None:
@@ -41,12 +42,12 @@ def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[lis
     return [model.config.text_config.bos_token_id, *ids[1:-1]], model.config.text_config.sep_token_id
 
 
-def reference_logits(model, pixels, ids):
-    memory = model.vision_model(pixel_values=pixels)[0]
+def reference_logits(model, inputs, ids):
+    memory = model.vision_model(pixel_values=inputs[0])[0]
     return model.text_decoder(input_ids=ids, encoder_hidden_states=memory).logits
 
 
-def generate(model, pixels, prompt, eos_id: int, **kwargs):
+def generate(model, inputs, prompt, eos_id: int, **kwargs):
     # Its generate drops the last prompt token (the [SEP] a processor adds).
-    sep = torch.full((pixels.shape[0], 1), eos_id)
-    return model.generate(pixel_values=pixels, input_ids=torch.cat([prompt, sep], dim=1), **kwargs)
+    sep = torch.full((prompt.shape[0], 1), eos_id)
+    return model.generate(pixel_values=inputs[0], input_ids=torch.cat([prompt, sep], dim=1), **kwargs)

@@ -13,20 +13,22 @@ RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor configs
 
 
 class HFCaptioner(nn.Module):
-    """vision(pixels) -> cross K/V; step(...) as in runtime.search."""
+    """vision(pixels[, question_ids]) -> memory K/V; step(...) as in runtime.search. `encoder`
+    maps the vision inputs to hidden states (its output's first item), `project` those to
+    the decoder's width, `decoder.memory_kv` them to every layer's keys and values."""
 
     def __init__(self, encoder: nn.Module, project: nn.Module, decoder: nn.Module):
         super().__init__()
         self.encoder, self.project, self.decoder = encoder, project, decoder
 
-    def memory(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.project(self.encoder(pixel_values=pixels)[0])
+    def memory(self, pixels: torch.Tensor, *question_ids: torch.Tensor) -> torch.Tensor:
+        return self.project(self.encoder(pixels, *question_ids)[0])
 
-    def vision(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.cross_kv(self.memory(pixels))
+    def vision(self, pixels: torch.Tensor, *question_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.memory_kv(self.memory(pixels, *question_ids))
 
-    def step(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
-        return self.decoder(input_ids, past_key, past_value, past_length, cross_key, cross_value)
+    def step(self, input_ids, past_key, past_value, past_length, memory_key, memory_value):
+        return self.decoder(input_ids, past_key, past_value, past_length, memory_key, memory_value)
 
 
 def read_config(src: Path) -> dict:

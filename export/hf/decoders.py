@@ -17,7 +17,7 @@ class GPT2Decoder(nn.Module):
         super().__init__()
         self.lm, self.n_head, self.width = lm, lm.config.n_head, lm.config.n_embd
 
-    def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv = [block.crossattention.c_attn(memory).split(self.width, dim=2) for block in self.lm.transformer.h]
         return (torch.stack([split_heads(k, self.n_head) for k, _ in kv]),
                 torch.stack([split_heads(v, self.n_head) for _, v in kv]))
@@ -49,7 +49,7 @@ class BertDecoder(nn.Module):
         super().__init__()
         self.lm, self.n_head = lm, lm.config.num_attention_heads
 
-    def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layers = self.lm.bert.encoder.layer
         return (torch.stack([split_heads(layer.crossattention.self.key(memory), self.n_head) for layer in layers]),
                 torch.stack([split_heads(layer.crossattention.self.value(memory), self.n_head) for layer in layers]))
@@ -73,6 +73,44 @@ class BertDecoder(nn.Module):
             keys.append(k)
             values.append(v)
         return self.lm.cls(x), torch.stack(keys), torch.stack(values)
+
+
+class GitDecoder(nn.Module):
+    """`GitForCausalLM`'s text side (BERT-style post-LN layers): the image tokens are a prefix of
+    every layer's self-attention, which they see whole and the text sees causally after them.
+    They never attend to text, so their keys and values depend on the image alone: `memory_kv`
+    runs the layers over them once per image, and a step attends to [prefix; cache]."""
+
+    def __init__(self, git: nn.Module):
+        super().__init__()
+        self.git, self.n_head = git, git.config.num_attention_heads
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values, layers, x = [], [], self.git.git.encoder.layer, memory
+        for i, layer in enumerate(layers):
+            keys.append(split_heads(layer.attention.self.key(x), self.n_head))
+            values.append(split_heads(layer.attention.self.value(x), self.n_head))
+            if i < len(layers) - 1:
+                x = layer(x)  # no mask: image tokens attend to each other bidirectionally
+        return torch.stack(keys), torch.stack(values)
+
+    def forward(self, input_ids, past_key, past_value, past_length, prefix_key, prefix_value):
+        emb = self.git.git.embeddings
+        positions, mask = causal(past_length, input_ids.shape[1], past_key.shape[3])
+        mask = torch.cat([torch.ones(mask.shape[0], prefix_key.shape[3], dtype=torch.bool), mask], dim=1)
+        x = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(positions))
+        keys, values = [], []
+        for i, layer in enumerate(self.git.git.encoder.layer):
+            sa = layer.attention.self
+            q, k, v = (split_heads(f(x), self.n_head) for f in (sa.query, sa.key, sa.value))
+            k, v = write(past_key[i], k, past_length), write(past_value[i], v, past_length)
+            a = F.scaled_dot_product_attention(q, torch.cat([prefix_key[i], k], dim=2),
+                                               torch.cat([prefix_value[i], v], dim=2), attn_mask=mask)
+            a = layer.attention.output(merge_heads(a), x)
+            x = layer.output(layer.intermediate(a), a)
+            keys.append(k)
+            values.append(v)
+        return self.git.output(x), torch.stack(keys), torch.stack(values)
 
 
 def wrap(lm: nn.Module) -> nn.Module:

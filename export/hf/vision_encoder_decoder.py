@@ -12,6 +12,7 @@ from .common import HFCaptioner
 ARCHITECTURE, MODEL_TYPE = "VisionEncoderDecoderModel", "vision-encoder-decoder"
 SUPPORTS = "VisionEncoderDecoderModel (encoder vit, deit or swin; decoder gpt2 or bert with cross-attention)"
 ENCODERS, DECODERS = ("vit", "deit", "swin"), ("gpt2", "bert")
+MEMORY, QUESTION = "cross", None
 
 
 def unsupported(config: dict) -> str | None:
@@ -55,10 +56,10 @@ def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[lis
     return [start], gc.eos_token_id
 
 
-def reference_logits(model, pixels, ids):
+def reference_logits(model, inputs, ids):
     """transformers' own forward, no cache: what the wrappers must reproduce."""
-    return model(pixel_values=pixels, decoder_input_ids=ids).logits
+    return model(pixel_values=inputs[0], decoder_input_ids=ids).logits
 
 
-def generate(model, pixels, prompt, eos_id: int, **kwargs):
-    return model.generate(pixel_values=pixels, decoder_input_ids=prompt, **kwargs)
+def generate(model, inputs, prompt, eos_id: int, **kwargs):
+    return model.generate(pixel_values=inputs[0], decoder_input_ids=prompt, **kwargs)

@@ -1,0 +1,118 @@
+"""Visual question answering, exact against transformers: GIT (the image's tokens a prefix of
+the decoder's self-attention, the question prompt tokens after [CLS], as transformers' model
+card feeds it) and BLIP VQA (the question encoded with the image inside the vision graph, the
+answer decoded over that encoding). Tiny random-weight folders built offline (export.hf_random),
+real photos, greedy and beam 3, batch 1 and 3."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, TEXTS, caption_without_torch, reference_scores
+from runtime import Captioner
+from runtime.preprocess import load_pixels
+
+QUESTIONS = ["what is in the picture?", "how many dogs are there"]
+# Seeds whose random weights answer differently by image and by question (checked below).
+MODELS = {"git-vqa": ("git", 1), "blip-vqa": ("blip_vqa", 0)}
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory):
+    from export import hf_random
+    from export.hf import export_hf
+
+    root, out = tmp_path_factory.mktemp("vqa"), {}
+    for name, (kind, seed) in MODELS.items():
+        getattr(hf_random, f"build_{kind}")(root / name, seed=seed)
+        export_hf(root / name, root / f"{name}.pkg")
+        out[name] = (root / name, root / f"{name}.pkg")
+    return out
+
+
+def pair(vqa, name):
+    from export.hf import HFReference
+
+    src, pkg = vqa[name]
+    captioner = Captioner(pkg, provider="cpu")
+    return captioner, HFReference(src, captioner.manifest.data)
+
+
+def answers(captioner, paths, cfg, question, cache=True):
+    pixels = np.stack([load_pixels(p, captioner.manifest.preprocess) for p in paths])
+    return captioner.generate(pixels, cfg, cache=cache, question=question)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_answers_equal_transformers_generate(vqa, photo_paths, name, num_beams):
+    captioner, ref = pair(vqa, name)
+    paths, seen = list(photo_paths.values()), {}
+    for question in QUESTIONS:
+        cfg = captioner.generation_config(num_beams=num_beams, max_new_tokens=10, question=question)
+        single = [answers(captioner, [p], cfg, question)[0] for p in paths]
+        assert single == [ref.generate([p], cfg, question)[0] for p in paths]
+        for batch in (paths[:3], paths[3:]):
+            assert answers(captioner, batch, cfg, question) == ref.generate(batch, cfg, question)
+        seen[question] = single
+    # A meaningful subject: answers differ by image and by question.
+    assert all(len({tuple(t) for t in single}) >= 3 for single in seen.values())
+    assert seen[QUESTIONS[0]] != seen[QUESTIONS[1]]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_with_cache_equals_without(vqa, photo_paths, name):
+    captioner, _ = pair(vqa, name)
+    cfg = captioner.generation_config(max_new_tokens=10, question=QUESTIONS[0])
+    paths = list(photo_paths.values())
+    assert answers(captioner, paths, cfg, QUESTIONS[0]) == answers(captioner, paths, cfg, QUESTIONS[0], cache=False)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_scores_of_answers_equal_transformers(vqa, photo_paths, name):
+    """log p(answer | image, question), batched texts of four lengths, vs transformers' logits."""
+    captioner, ref = pair(vqa, name)
+    for image in (photo_paths["chelsea"], photo_paths["rocket"]):
+        got = np.array(captioner.score(image, TEXTS, question=QUESTIONS[1]))
+        np.testing.assert_allclose(got, reference_scores(ref, image, captioner, TEXTS, QUESTIONS[1]), rtol=1e-4)
+        assert len(set(np.round(got, 3))) == len(TEXTS)
+
+
+def test_cli_answers_without_torch(vqa, photo_paths):
+    """--question through the lean runtime (torch and transformers blocked): JSON lines carry the
+    question and the answer, which is transformers' decoded answer without the question."""
+    for name in MODELS:
+        captioner, ref = pair(vqa, name)
+        paths = [photo_paths["chelsea"], photo_paths["coffee"]]
+        r = caption_without_torch("--model", vqa[name][1], *paths, "--question", QUESTIONS[0], "--json",
+                                  "--max-tokens", "10")
+        assert r.returncode == 0, r.stderr
+        cfg = captioner.generation_config(max_new_tokens=10, question=QUESTIONS[0])
+        for line, path, want in zip(r.stdout.splitlines(), paths, ref.generate(paths, cfg, QUESTIONS[0]), strict=True):
+            record = json.loads(line)
+            assert record["question"] == QUESTIONS[0] and record["tokens"] == want
+            assert record["answer"] == record["caption"] == ref.decode(want)
+
+
+@pytest.mark.parametrize("model, args, message", [
+    (None, ["--question", "what is this?"], "error: this model captions; it does not take questions"),
+    ("blip-vqa", [], "error: this model answers questions: give it one (--question)"),
+    ("blip-vqa", ["--question", "  "], "error: the question is empty"),
+    ("blip-vqa", ["--question", "cat " * 70], "error: the question is 72 tokens; this model reads 1 to 64"),
+    ("git-vqa", ["--question", "cat " * 70], "error: the question is 70 tokens; this model reads 1 to 62"),
+])
+def test_questions_that_cannot_be_asked_are_refused(vqa, photo_paths, model, args, message):
+    r = caption_without_torch(*(["--model", vqa[model][1]] if model else []), photo_paths["chelsea"], *args)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.strip() == message
+
+
+def test_reduced_precision_of_blip_vqa_is_refused_before_any_export(vqa, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "export", "hf", vqa["blip-vqa"][0], "--out", tmp_path / "pkg",
+                        "--precision", "int8"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == f"error: {vqa['blip-vqa'][0]}: its vision graph also reads the question; int8 and " \
+                               "fp16 are calibrated and checked on images alone, so it stays fp32"
+    assert not (tmp_path / "pkg").exists()
