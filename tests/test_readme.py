@@ -1,6 +1,7 @@
 """The README as a user reads it: its quoted commands print what it quotes, its CLI usage block
 lists every option the program takes, and its Python API snippet runs as written."""
 
+import os
 import re
 import shlex
 import subprocess
@@ -12,6 +13,7 @@ from helpers import ROOT
 from runtime.batch import build_parser as batch_parser
 from runtime.caption import build_parser as caption_parser
 from runtime.classify import build_parser as classify_parser
+from runtime.retrieve import build_parser as retrieve_parser
 
 README = (ROOT / "README.md").read_text()
 
@@ -30,19 +32,21 @@ def console_commands() -> list[tuple[str, str]]:
     return pairs
 
 
-def test_quoted_commands_print_what_the_readme_quotes():
+def test_quoted_commands_print_what_the_readme_quotes(tmp_path):
     assert console_commands(), "the README quotes no command output"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # retrieve's cache, not the user's
     for command, output in console_commands():
         program, *args = shlex.split(command)
         assert program == "python", command
-        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
         assert r.returncode == 0, r.stderr
         assert r.stdout == output, command
 
 
 @pytest.mark.parametrize("start, parser", [("python -m runtime.caption IMAGE", caption_parser),
                                            ("python -m runtime.batch INPUT", batch_parser),
-                                           ("python -m runtime.classify IMAGE", classify_parser)])
+                                           ("python -m runtime.classify IMAGE", classify_parser),
+                                           ("python -m runtime.retrieve FOLDER", retrieve_parser)])
 def test_cli_usage_block_lists_every_option(start, parser):
     usage = next(b for b in fenced("bash") if b.startswith(start))
     options = {o for a in parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
