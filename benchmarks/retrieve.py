@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     captioner, classifier = Captioner(provider="cpu"), load_pretrained()
     names = class_names()
     with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "images").mkdir()
         images = heldout_images(Path(tmp) / "images", crops=args.crops)
         spec = captioner.manifest.preprocess
         with torch.inference_mode():
