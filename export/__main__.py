@@ -42,15 +42,15 @@ def run(args) -> str:
         from .hf import export_hf
 
         return export_hf(args.src, args.out, args.prompt, args.precision, Tolerance(args.rtol, args.atol))
-    from .hf_random import build_blip, build_blip_vqa, build_git, build_vision_encoder_decoder
+    from .hf_random import build_blip, build_blip_vqa, build_florence2, build_git, build_vision_encoder_decoder
 
     # Tiny models are conditioned for parity tests; base ones keep transformers' own init
     # (tied embeddings, std 0.02): captions run to the length limit, a fixed workload to time.
     conditioned = args.size == "tiny"
-    if args.encoder == "git":
+    if args.encoder in ("git", "florence2"):
         if args.realistic:
             raise ExportError("--realistic is for the vit, deit, swin, blip and blip-vqa families")
-        return str(build_git(args.out, args.size, conditioned))
+        return str((build_git if args.encoder == "git" else build_florence2)(args.out, args.size, conditioned))
     if args.encoder in ("blip", "blip-vqa"):
         build = build_blip if args.encoder == "blip" else build_blip_vqa
         return str(build(args.out, args.size, conditioned, realistic=args.realistic))
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                     help="int8: fraction of the encoder's Conv/Gemm weights kept FP32, most sensitive layers first "
                          "(default: export.quantize.FP32_BUDGET; more is larger on disk and closer to FP32)")
     hf = sub.add_parser("hf", help="export a local Hugging Face captioner folder (VisionEncoderDecoder, BLIP, "
-                                   "BLIP VQA, GIT)")
+                                   "BLIP VQA, GIT, Florence-2)")
     hf.add_argument("src", type=Path, help="folder with config.json, weights, tokenizer, preprocessor_config.json")
     hf.add_argument("--out", type=Path, required=True)
     hf.add_argument("--prompt", default=None, help='BLIP text prefix, e.g. "a picture of" (as the pipeline takes it)')
@@ -86,8 +86,9 @@ def main(argv=None) -> int:
     add_tolerance(hf)
     rh = sub.add_parser("random-hf", help="build a random-weight Hugging Face captioner folder offline (tests, benchmarks)")
     rh.add_argument("out", type=Path)
-    rh.add_argument("--encoder", choices=["vit", "deit", "swin", "blip", "blip-vqa", "git"], default="vit",
-                    help="the vision encoder of a VisionEncoderDecoderModel, or a whole family (blip, blip-vqa, git)")
+    rh.add_argument("--encoder", choices=["vit", "deit", "swin", "blip", "blip-vqa", "git", "florence2"], default="vit",
+                    help="the vision encoder of a VisionEncoderDecoderModel, or a whole family "
+                         "(blip, blip-vqa, git, florence2)")
     rh.add_argument("--decoder", choices=["gpt2", "bert"], default="gpt2")
     rh.add_argument("--size", choices=["tiny", "base"], default="tiny")
     rh.add_argument("--realistic", action="store_true",

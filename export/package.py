@@ -2,8 +2,8 @@
 a manifest), whichever model it is (the bundled one in export/bundled.py, the Hugging Face
 families in export/hf/).
 
-- vision.onnx: pixel_values [+ question_ids] -> the decoder's memory K/V, every layer's,
-  computed once per image (and question)
+- vision.onnx: pixel_values [+ text_ids] -> the decoder's memory K/V, every layer's,
+  computed once per image (and question or task prompt)
 - decoder.onnx: input_ids + fixed-capacity past K/V + past_length + memory K/V -> logits +
   present K/V; the first step has past_length 0, so one graph serves prefill and decoding
   (no `If`, no zero-length tensors).
@@ -47,38 +47,40 @@ class GraphShape:
     layers: int
     heads: int
     head_dim: int
-    memory_tokens: int
+    memory_tokens: int  # with text_positions: the memory's tokens beyond the text's (Florence-2's image tokens)
     vocab_size: int
     max_positions: int
     image_size: tuple[int, int]
     memory: str = "cross"  # "cross" or "prefix" (module docstring)
-    # > 0: the vision graph also takes question_ids (batch, question <= this many tokens), and
-    # the memory is the question's encoding, as long as the question (BLIP VQA).
-    question_positions: int = 0
+    # > 0: the vision graph also takes text_ids (batch, text <= this many tokens), and the memory
+    # is as long as what the text makes it: BLIP VQA's question encoding, Florence-2's encoder
+    # states over [image tokens; task prompt].
+    text_positions: int = 0
 
     def decoder_section(self) -> dict:
         return {"layers": self.layers, "heads": self.heads, "head_dim": self.head_dim, "memory": self.memory,
-                "memory_tokens": None if self.question_positions else self.memory_tokens,
+                "memory_tokens": None if self.text_positions else self.memory_tokens,
                 "vocab_size": self.vocab_size, "max_positions": self.max_positions}
 
     def dims(self) -> dict:
         """Ranges of the graphs' symbolic dims: TensorRT profiles are built from these."""
-        question = {"question": {"min": 1, "max": self.question_positions}} if self.question_positions else {}
+        text = {"text": {"min": 1, "max": self.text_positions},
+                "memory": {"min": 1, "max": self.memory_tokens + self.text_positions}} if self.text_positions else {}
         return {"batch": {"min": 1, "max": None}, "seq": {"min": 1, "max": self.max_positions},
-                "capacity": {"min": 1, "max": self.max_positions}, **question}
+                "capacity": {"min": 1, "max": self.max_positions}, **text}
 
     def io(self) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
         """(inputs, outputs) names of the vision graph, then of the decoder-step graph."""
         memory = [f"{self.memory}_key", f"{self.memory}_value"]
-        vision = ["pixel_values", *(["question_ids"] if self.question_positions else [])]
+        vision = ["pixel_values", *(["text_ids"] if self.text_positions else [])]
         return (vision, memory), (["input_ids", "past_key", "past_value", "past_length", *memory],
                                   ["logits", "present_key", "present_value"])
 
     def vision_inputs(self, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
-        """Random vision-graph inputs: pixels, and a 5-token question where there is one."""
+        """Random vision-graph inputs: pixels, and 5 text tokens where the graph takes text."""
         pixels = torch.randn(batch, 3, *self.image_size, generator=gen)
-        question = [torch.randint(self.vocab_size, (batch, 5), generator=gen)] if self.question_positions else []
-        return [pixels, *question]
+        text = [torch.randint(self.vocab_size, (batch, 5), generator=gen)] if self.text_positions else []
+        return [pixels, *text]
 
 
 class VisionGraph(nn.Module):
@@ -86,8 +88,8 @@ class VisionGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values, question_ids=None):
-        return self.model.vision(pixel_values, *([] if question_ids is None else [question_ids]))
+    def forward(self, pixel_values, text_ids=None):
+        return self.model.vision(pixel_values, *([] if text_ids is None else [text_ids]))
 
 
 class DecoderStepGraph(nn.Module):
@@ -180,22 +182,23 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
 def trace(model: nn.Module, shape: GraphShape, folder: Path, progress: Progress, tol: Tolerance,
           prompt: list[int]) -> Agreement:
     """Both graphs into `folder`, checked by onnx.checker and against eager in ONNX Runtime.
-    `model` has `vision(pixels[, question_ids]) -> memory K/V` and `step(...)` as in runtime.search; `prompt`
+    `model` has `vision(pixels[, text_ids]) -> memory K/V` and `step(...)` as in runtime.search; `prompt`
     starts the greedy check as it starts every caption."""
     batch = Dim("batch", min=1, max=1024)
     vision_io, decoder_io = shape.io()
-    question = Dim("question", min=1, max=shape.question_positions) if shape.question_positions else None
-    vision_dims = {"pixel_values": {0: batch}, **({"question_ids": {0: batch, 1: question}} if question else {})}
+    text = Dim("text", min=1, max=shape.text_positions) if shape.text_positions else None
+    vision_dims = {"pixel_values": {0: batch}, **({"text_ids": {0: batch, 1: text}} if text else {})}
     export_graph(VisionGraph(model).eval(), tuple(shape.vision_inputs(2, torch.Generator())), vision_io, vision_dims,
                  folder / "vision.onnx")
     progress.update(1, "vision graph traced and checked")
     # Example sizes >= 2 everywhere, or the exporter specialises the dims to 0/1.
     slots, seq = Dim("capacity", min=1, max=shape.max_positions), Dim("seq", min=1, max=shape.max_positions)
     kv = (shape.layers, 2, shape.heads, 5, shape.head_dim)
-    cross = (shape.layers, 2, shape.heads, 4 if question else shape.memory_tokens, shape.head_dim)
+    cross = (shape.layers, 2, shape.heads, 4 if text else shape.memory_tokens, shape.head_dim)
     example = (torch.zeros(2, 3, dtype=torch.int64), torch.randn(kv), torch.randn(kv), torch.tensor([2]),
                torch.randn(cross), torch.randn(cross))
-    cache_dims, memory_dims = {1: batch, 3: slots}, {1: batch, **({3: question} if question else {})}
+    memory = Dim("memory", min=1, max=shape.memory_tokens + shape.text_positions) if text else None
+    cache_dims, memory_dims = {1: batch, 3: slots}, {1: batch, **({3: memory} if memory else {})}
     names = dict(zip(["input_ids", "past_key", "past_value", "past_length", "memory_key", "memory_value"],
                      [{0: batch, 1: seq}, cache_dims, cache_dims, None, memory_dims, memory_dims]))
     export_graph(DecoderStepGraph(model).eval(), example, decoder_io, names, folder / "decoder.onnx")

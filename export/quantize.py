@@ -48,8 +48,8 @@ BLOCK = 32
 FP32_BUDGET = 1.0
 
 
-READS_QUESTIONS = ("its vision graph also reads the question; int8 and fp16 are calibrated and checked on "
-                   "images alone, so it stays fp32")
+READS_TEXT = ("its vision graph also reads text (a question or a task prompt); int8 and fp16 are calibrated and "
+              "checked on images alone, so it stays fp32")
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:
@@ -342,8 +342,8 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
     manifest = load_manifest(src).data
     if manifest["precision"] != "fp32":
         raise ExportError(f"{src} is a {manifest['precision']} package; start from an fp32 one")
-    if manifest.get("question", {}).get("input") == "encoder":
-        raise ExportError(f"{src}: {READS_QUESTIONS}")
+    if len(manifest["graphs"]["vision"]["inputs"]) > 1:
+        raise ExportError(f"{src}: {READS_TEXT}")
     progress = Progress(f"quantize {precision}", len(GRAPHS) + 1, every_s=0)
     with tempfile.TemporaryDirectory() as tmp:
         scratch, package = Path(tmp), Path(tmp) / "package"

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--provider", choices=CHOICES, default="auto")
     parser.add_argument("--question", default=None,
                         help="answer this question about each image instead of captioning it (VQA models)")
+    parser.add_argument("--task", default=None, help="the task, for models that do several (Florence-2: <CAPTION>, "
+                                                     "<OD>, <OCR>, ...; default the model's first)")
+    parser.add_argument("--text", default=None, help="the text a task takes (Florence-2's grounding and region tasks)")
     parser.add_argument("--beams", type=int, default=None, help="beam width (default: the model's, greedy)")
     parser.add_argument("--length-penalty", type=float, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
@@ -70,7 +73,7 @@ def report(c: Caption, as_json: bool, time: float | None = None) -> None:
     """One result on stdout (an error on stderr unless --json); `time` for a video frame."""
     at = {} if time is None else {"time": round(time, 3)}
     if as_json:
-        asked = {} if c.question is None else {"question": c.question}
+        asked = {**({} if c.task is None else {"task": c.task}), **({} if c.question is None else {"question": c.question})}
         answer = {} if c.question is None else {"answer": c.text}
         record = {"image": c.image, **at, **asked, "error": c.error} if c.error else \
             {"image": c.image, **at, **asked, "caption": c.text, **answer, "tokens": c.tokens, "ms": round(c.ms, 2)}
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
         captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels,
                               max_batch=args.max_batch, precision=args.precision)
         cfg = dict(max_new_tokens=args.max_tokens, num_beams=args.beams, length_penalty=args.length_penalty,
-                   question=args.question)
+                   question=args.question, task=args.task, text=args.text)
         captioner.generation_config(**cfg)  # reject bad options before any image is read
         vtt = VttWriter(args.vtt, args.every) if args.vtt else None
     except (PackageError, ProviderError, StreamError, ValueError) as e:

@@ -41,11 +41,13 @@ class _LoadError(Exception):
 
 @dataclass
 class Caption:
-    """A caption, or with `question` set, the answer to it."""
+    """A caption; with `question` set, the answer to it; with `task` set, the model's output for
+    that task (Florence-2: text with <loc_N> tokens)."""
 
     image: str
     text: str | None = None
     question: str | None = None
+    task: str | None = None
     tokens: list[int] = field(default_factory=list)
     ms: float = 0.0
     error: str | None = None
@@ -92,7 +94,8 @@ class Captioner:
             self.tokenizer = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer["file"])))
         except Exception as e:
             raise PackageError(f"{self.manifest.root}: unusable tokenizer: {str(e).splitlines()[0]}") from None
-        self.defaults = GenerationConfig(**{f.name: self.manifest.generation[f.name] for f in fields(GenerationConfig)})
+        self.defaults = GenerationConfig(**{f.name: self.manifest.generation[f.name] for f in fields(GenerationConfig)
+                                            if f.name in self.manifest.generation})
         self.prompt = np.array(self.manifest.generation["prompt_ids"], dtype=np.int64)
 
     def _load(self, names: list[str], explicit: bool, opts, max_batch: int):
@@ -127,11 +130,11 @@ class Captioner:
             # "/onnxruntime_src/...cc:729 void f(Args&) Please install ..." -> "Please install ..."
             raise _LoadError(path, re.sub(r"^\S+\.cc:\d+ [^)]*\)\s*", "", reason)) from None
 
-    def generation_config(self, max_new_tokens=None, num_beams=None, length_penalty=None,
-                          question: str | None = None) -> GenerationConfig:
+    def generation_config(self, max_new_tokens=None, num_beams=None, length_penalty=None, question: str | None = None,
+                          task: str | None = None, text: str | None = None) -> GenerationConfig:
         """The package's settings with these overrides; the default length is cut to what fits
         after a question's tokens."""
-        prompt = self.ask(question)[0]
+        prompt = self.ask(question, task, text)[0]
         # The prompt takes positions too; the last generated token is never fed back.
         limit = self.manifest.max_positions - len(prompt) + 1
         default = min(self.defaults.max_new_tokens, limit)
@@ -144,10 +147,18 @@ class Captioner:
             raise ValueError(f"beams must be between 1 and the max batch ({self.max_batch})")
         return cfg
 
-    def ask(self, question: str | None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(prompt, the vision graph's inputs beyond pixels, per image) for a question, or for a
-        caption when it is None, as the package says a question is read (Manifest.question).
-        ValueError where the model takes no question, needs one, or it does not fit."""
+    def ask(self, question: str | None = None, task: str | None = None,
+            text: str | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(prompt, the vision graph's inputs beyond pixels, per image) for what the model is
+        asked: nothing (a caption), a `question`, or a `task` and its `text`, as the package says
+        they are read (Manifest.question, Manifest.tasks). ValueError for what the model does not
+        take, lacks or cannot fit."""
+        if self.manifest.tasks is not None:
+            if question is not None:
+                raise ValueError("this model takes a task (--task), not a question")
+            return self.prompt, [self._encoder_text(self.task_prompt(task, text))]
+        if task is not None or text is not None:
+            raise ValueError("this model takes no task or text" + ("; ask with --question" if self.manifest.question else ""))
         kind = self.manifest.question
         if question is None:
             if kind == "encoder":
@@ -157,27 +168,46 @@ class Captioner:
             raise ValueError("this model captions; it does not take questions")
         if not question.strip():
             raise ValueError("the question is empty")
-        ids = self.tokenizer.encode(question, add_special_tokens=kind == "encoder").ids
         if kind == "encoder":
-            limit = self.manifest.data["dims"]["question"]["max"]
-            if len(ids) > limit:
-                raise ValueError(f"the question is {len(ids)} tokens; this model reads 1 to {limit}")
-            return self.prompt, [np.array(ids, dtype=np.int64)]
+            return self.prompt, [self._encoder_text(question, "question")]
+        ids = self.tokenizer.encode(question, add_special_tokens=False).ids
         limit = self.manifest.max_positions - len(self.prompt) - 1
         if not 1 <= len(ids) <= limit:
             raise ValueError(f"the question is {len(ids)} tokens; this model reads 1 to {limit}")
         return np.concatenate([self.prompt, np.array(ids, dtype=np.int64)]), []
+
+    def task_prompt(self, task: str | None, text: str | None) -> str:
+        """The prompt Florence2Processor builds for a task (the default one for None) and its text."""
+        tasks = self.manifest.tasks
+        task = tasks["default"] if task is None else task
+        if task not in tasks["prompts"]:
+            raise ValueError(f"unknown task {task!r}; this model does {', '.join(tasks['prompts'])}")
+        prompt = tasks["prompts"][task]["prompt"]
+        if "{input}" not in prompt:
+            if text is not None:
+                raise ValueError(f"{task} takes no text")
+            return prompt
+        if text is None or not text.strip():
+            raise ValueError(f"{task} needs a text (--text)")
+        return prompt.format(input=text.strip())
+
+    def _encoder_text(self, text: str, what: str = "prompt") -> np.ndarray:
+        """A text for the vision graph's second input, with the tokenizer's special tokens."""
+        ids, limit = self.tokenizer.encode(text).ids, self.manifest.data["dims"]["text"]["max"]
+        if len(ids) > limit:
+            raise ValueError(f"the {what} is {len(ids)} tokens; this model reads 1 to {limit}")
+        return np.array(ids, dtype=np.int64)
 
     def images_per_pass(self, num_beams: int) -> int:
         """Images in one forward pass: images x beams stays within `max_batch`, the batch
         TensorRT's profiles were built for (explicit profiles cannot grow at run time)."""
         return self.max_batch // num_beams
 
-    def generate(self, pixels: np.ndarray, cfg: GenerationConfig, cache: bool = True,
-                 question: str | None = None) -> list[list[int]]:
+    def generate(self, pixels: np.ndarray, cfg: GenerationConfig, cache: bool = True, question: str | None = None,
+                 task: str | None = None, text: str | None = None) -> list[list[int]]:
         """Tokens per image, in forward passes of at most `images_per_pass` images."""
         n, eos = self.images_per_pass(cfg.num_beams), self.manifest.tokenizer["eos_id"]
-        prompt, inputs = self.ask(question)
+        prompt, inputs = self.ask(question, task, text)
         tokens = []
         for i in range(0, len(pixels), n):
             chunk = pixels[i : i + n]
@@ -187,7 +217,11 @@ class Captioner:
     def decode(self, tokens: list[int]) -> str:
         """Text as transformers' `decode(prompt + tokens, skip_special_tokens=True)` gives it:
         a text prompt (BLIP's "a picture of") is part of the caption; a question is not part of
-        its answer."""
+        its answer. A package whose special tokens carry meaning (Florence-2's <loc_N>) keeps
+        them: the text its processor parses, without the decoder's start and forced BOS."""
+        if not self.manifest.tokenizer.get("skip_special_tokens", True):
+            forced = self.defaults.forced_bos_token_id
+            return self.tokenizer.decode(tokens[1:] if tokens[:1] == [forced] else tokens, skip_special_tokens=False)
         text = self.tokenizer.decode([*self.prompt.tolist(), *tokens])
         return clean_up_tokenization(text) if self.manifest.tokenizer["clean_up_spaces"] else text
 
@@ -195,9 +229,10 @@ class Captioner:
         """The image's memory K/V in host memory, batch 1 (what score_memories takes; a
         retrieval index keeps it). Raises ImageError."""
         pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
-        return tuple(host(x) for x in self.graphs.encode(pixels, *(x[None] for x in self.ask(None)[1])))
+        return tuple(host(x) for x in self.graphs.encode(pixels, *(x[None] for x in self.ask()[1])))
 
-    def score(self, image, texts: list[str], mean: bool = False, question: str | None = None) -> list[float]:
+    def score(self, image, texts: list[str], mean: bool = False, question: str | None = None,
+              task: str | None = None, text: str | None = None) -> list[float]:
         """log p(text | image) for each text: the sum over the text's tokens and the end of
         sequence, after the model's prompt (teacher forcing; a text is what the model would
         generate after its prompt, or the answer to `question`). `mean` divides by those tokens.
@@ -206,8 +241,8 @@ class Captioner:
         or a text too long."""
         if not texts:
             raise ValueError("no texts to score")
-        prompt, inputs = self.ask(question)
-        sequences = [self.scored_sequence(text, prompt) for text in texts]
+        prompt, inputs = self.ask(question, task, text)
+        sequences = [self.scored_sequence(t, prompt) for t in texts]
         pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
         key, value = self.graphs.encode(pixels, *(x[None] for x in inputs))
         return self._scores(key, value, np.zeros(len(texts), dtype=np.int64), sequences, len(prompt), mean)
@@ -236,34 +271,37 @@ class Captioner:
         return np.array([*prompt, *ids, self.manifest.tokenizer["eos_id"]], dtype=np.int64)
 
     def caption(self, images, max_new_tokens=None, num_beams=None, length_penalty=None, batch_size: int = 8,
-                question: str | None = None):
+                question: str | None = None, task: str | None = None, text: str | None = None):
         """One image -> Caption (raises ImageError); a list -> list of Caption, where a
         bad image gets `error` set and the others are still captioned. With `question`, each
-        Caption's text answers it (ValueError on a model that takes none)."""
-        cfg = self.generation_config(max_new_tokens, num_beams, length_penalty, question)
+        Caption's text answers it; with `task` (and its `text`), it is the task's output
+        (ValueError on a model that takes neither)."""
+        asked = {"question": question, "task": task, "text": text}
+        cfg = self.generation_config(max_new_tokens, num_beams, length_penalty, **asked)
         if not isinstance(images, (list, tuple)):
-            result = self._caption_batch([images], cfg, question)[0]
+            result = self._caption_batch([images], cfg, asked)[0]
             if result.error:
                 raise ImageError(result.error)
             return result
         results = []
         for start in range(0, len(images), batch_size):
-            results += self._caption_batch(images[start : start + batch_size], cfg, question)
+            results += self._caption_batch(images[start : start + batch_size], cfg, asked)
         return results
 
-    def _caption_batch(self, images, cfg: GenerationConfig, question: str | None) -> list[Caption]:
+    def _caption_batch(self, images, cfg: GenerationConfig, asked: dict) -> list[Caption]:
         start = time.perf_counter()
         results, pixels = [], []
+        task = asked["task"] or (self.manifest.tasks or {}).get("default")
         for image in images:
             results.append(Caption(image=str(image) if isinstance(image, (str, Path)) else type(image).__name__,
-                                   question=question))
+                                   question=asked["question"], task=task))
             try:
                 pixels.append(load_pixels(image, self.manifest.preprocess, self.max_pixels))
             except ImageError as e:
                 results[-1].error = str(e)
         ok = [r for r in results if r.error is None]
         if ok:
-            tokens = self.generate(np.stack(pixels), cfg, question=question)
+            tokens = self.generate(np.stack(pixels), cfg, **asked)
             ms = (time.perf_counter() - start) * 1000 / len(ok)
             for r, t in zip(ok, tokens, strict=True):
                 r.tokens, r.text, r.ms = t, self.decode(t), ms

@@ -48,6 +48,13 @@ class Manifest:
         return self.data["decoder"]["max_positions"]
 
     @property
+    def tasks(self) -> dict | None:
+        """Florence-2's tasks: {"default": task, "prompts": {task: {"prompt", "parse"}}, "parse":
+        the processor's post_processor_config}; a task's prompt, with "{input}" replaced by the
+        task's text where it takes one, feeds the vision graph's second input."""
+        return self.data.get("tasks")
+
+    @property
     def question(self) -> str | None:
         """Where a question goes: "prompt" (its tokens follow the prompt, as GIT reads one),
         "encoder" (with the tokenizer's special tokens, into the vision graph's second input,
@@ -106,10 +113,19 @@ def check_question(root: Path, data: dict) -> None:
         raise PackageError(f"{root}: manifest field question.input must be one of {', '.join(QUESTION_INPUTS[1:])}")
     if data["decoder"].get("memory", "cross") not in MEMORY_KINDS:
         raise PackageError(f"{root}: manifest field decoder.memory must be one of {', '.join(MEMORY_KINDS)}")
-    inputs = 2 if question["input"] == "encoder" else 1
+    for key in ("forced_bos_token_id", "forced_eos_token_id"):
+        if not has_type(data["generation"].get(key), (int, type(None))):
+            raise PackageError(f"{root}: manifest field generation.{key} has the wrong type")
+    tasks = data.get("tasks")
+    if tasks is not None:
+        prompts = tasks["prompts"]
+        if question["input"] or tasks["default"] not in prompts or \
+                not all(isinstance(p["prompt"], str) and isinstance(p["parse"], str) for p in prompts.values()):
+            raise PackageError(f"{root}: manifest field tasks is malformed")
+    inputs = 2 if question["input"] == "encoder" or tasks is not None else 1
     if len(data["graphs"]["vision"]["inputs"]) != inputs:
-        raise PackageError(f"{root}: the vision graph must take {inputs} input(s) for question.input "
-                           f"{question['input']!r}")
+        reads = "tasks" if tasks is not None else f"question.input {question['input']!r}"
+        raise PackageError(f"{root}: the vision graph must take {inputs} input(s) for its {reads}")
 
 
 def check_schema(root: Path, data: dict) -> None:

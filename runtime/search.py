@@ -26,6 +26,8 @@ class GenerationConfig:
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True, False or "never", as in transformers
     no_repeat_ngram_size: int = 0
+    forced_bos_token_id: int | None = None  # the first token of a sequence (BART's <s> after </s>)
+    forced_eos_token_id: int | None = None  # the token at the length limit
 
 
 class State(NamedTuple):
@@ -128,6 +130,20 @@ def ban_repeated_ngrams(scores: np.ndarray, tokens: np.ndarray, n: int) -> np.nd
     return scores
 
 
+def force_tokens(scores: np.ndarray, length: int, max_length: int, cfg: GenerationConfig) -> np.ndarray:
+    """transformers' ForcedBOSTokenLogitsProcessor and ForcedEOSTokenLogitsProcessor, in that
+    order: at sequence length 1 only the BOS token, at `max_length` - 1 only EOS, each scored 0
+    (lengths count the prompt, as transformers' cur_len and max_length do)."""
+    token = cfg.forced_eos_token_id if length == max_length - 1 else None
+    if token is None and length == 1:
+        token = cfg.forced_bos_token_id
+    if token is None:
+        return scores
+    forced = np.full_like(scores, -np.inf)
+    forced[:, token] = 0
+    return forced
+
+
 def pick_next_token(logits: np.ndarray) -> np.ndarray:
     """Greedy choice; argmax takes the first of equal maxima, like torch.argmax."""
     return logits.argmax(axis=-1)
@@ -149,6 +165,7 @@ def greedy(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: Gener
     done = np.zeros(prompt.shape[0], dtype=bool)
     for t in range(cfg.max_new_tokens):
         logits = ban_repeated_ngrams(logits, state.tokens, cfg.no_repeat_ngram_size)
+        logits = force_tokens(logits, prompt.shape[1] + t, prompt.shape[1] + cfg.max_new_tokens, cfg)
         token = np.where(done, eos_id, pick_next_token(logits))
         out[:, t] = token
         done |= token == eos_id
@@ -201,8 +218,9 @@ def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: 
     logits, state = prefill(step, state, ids)
     for t in range(max_new_tokens):
         vocab = logits.shape[-1]
-        # As in transformers, banned n-grams are masked after normalisation.
+        # As in transformers, banned n-grams and forced tokens are set after normalisation.
         logprobs = ban_repeated_ngrams(log_softmax(logits), state.tokens, cfg.no_repeat_ngram_size)
+        logprobs = force_tokens(logprobs, prompt.shape[1] + t, prompt.shape[1] + max_new_tokens, cfg)
         flat = (logprobs + scores[:, None]).reshape(n, k * vocab)
         # 2K candidates guarantee K that are not EOS (at most one EOS per beam).
         top = np.argpartition(-flat, 2 * k, axis=1)[:, : 2 * k]

@@ -114,8 +114,8 @@ def test_reduced_precision_of_blip_vqa_is_refused_before_any_export(vqa, tmp_pat
     r = subprocess.run([sys.executable, "-m", "export", "hf", vqa["blip-vqa"][0], "--out", tmp_path / "pkg",
                         "--precision", "int8"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.strip() == f"error: {vqa['blip-vqa'][0]}: its vision graph also reads the question; int8 and " \
-                               "fp16 are calibrated and checked on images alone, so it stays fp32"
+    assert r.stderr.strip() == f"error: {vqa['blip-vqa'][0]}: its vision graph also reads text (a question or a task " \
+                               "prompt); int8 and fp16 are calibrated and checked on images alone, so it stays fp32"
     assert not (tmp_path / "pkg").exists()
 
 

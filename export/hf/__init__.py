@@ -8,12 +8,12 @@ per image, not every step (which is what optimum's export does). The wrappers ar
 against transformers' own forward before they are traced.
 
 A family module provides: ARCHITECTURE, MODEL_TYPE, SUPPORTS (its line in the refusal message),
-MEMORY ("cross" or "prefix": export.package), QUESTION (None, "prompt" or "encoder":
-runtime.manifest), unsupported(config) -> reason or None, model_class(), captioner(model),
+MEMORY ("cross" or "prefix": export.package), QUESTION (None, "prompt" or "encoder": runtime.manifest;
+"task": a task's prompt feeds the encoder, and the family has tasks(src) for the manifest), unsupported(config) -> reason or None, model_class(), captioner(model),
 text_config(model), describe(model), prompt_and_eos(src, model, tokenizer, prompt),
 reference_logits(model, inputs, ids) and generate(model, inputs, prompt, eos_id, **kwargs)
 (transformers' own, for parity), where `inputs` are the vision graph's: [pixels] or
-[pixels, question_ids].
+[pixels, text_ids].
 Adding a family is a module and a line in FAMILIES.
 """
 
@@ -34,12 +34,12 @@ from runtime.search import GenerationConfig, until_eos
 from ..check import Agreement, ExportError, Tolerance, compare, compare_argmax
 from ..package import OPSET, GraphShape, report, trace, versions, write_package
 from ..progress import Progress
-from ..quantize import READS_QUESTIONS, quantize_package
-from . import blip, blip_vqa, decoders, git, vision_encoder_decoder
+from ..quantize import READS_TEXT, quantize_package
+from . import blip, blip_vqa, decoders, florence2, git, vision_encoder_decoder
 from .common import (HFCaptioner, generation_settings, image_processor, load_tokenizer, preprocess_spec, read_config,
                      single_eos)
 
-FAMILIES = {family.ARCHITECTURE: family for family in (vision_encoder_decoder, blip, blip_vqa, git)}
+FAMILIES = {family.ARCHITECTURE: family for family in (vision_encoder_decoder, blip, blip_vqa, git, florence2)}
 SUPPORTED = " and ".join(family.SUPPORTS for family in FAMILIES.values())
 
 
@@ -73,9 +73,12 @@ def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, in
     text = family.text_config(model)
     layers, heads, width, positions = decoders.dims(text)
     shape = GraphShape(layers, heads, width // heads, 0, text.vocab_size, positions, image_size, family.MEMORY,
-                       positions if family.QUESTION == "encoder" else 0)
+                       positions if family.QUESTION in ("encoder", "task") else 0)
+    inputs = shape.vision_inputs(1, torch.Generator())
     with torch.inference_mode():
-        memory_tokens = captioner.memory(*shape.vision_inputs(1, torch.Generator())).shape[1]
+        memory_tokens = captioner.memory(*inputs).shape[1] - sum(t.shape[1] for t in inputs[1:])
+    if family.QUESTION == "task":  # the image's tokens and the prompt share the encoder's positions
+        return replace(shape, memory_tokens=memory_tokens, text_positions=positions - memory_tokens)
     return replace(shape, memory_tokens=memory_tokens)
 
 
@@ -103,8 +106,8 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
     """A package of `precision` (int8 and fp16 are quantized from the FP32 export); returns
     the summary lines (warnings first) for the entry point to print."""
     if precision != "fp32":
-        if Path(src).is_dir() and family_of(Path(src)).QUESTION == "encoder":
-            raise ExportError(f"{src}: {READS_QUESTIONS}")
+        if Path(src).is_dir() and family_of(Path(src)).QUESTION in ("encoder", "task"):
+            raise ExportError(f"{src}: {READS_TEXT}")
         with tempfile.TemporaryDirectory() as tmp:
             summary = export_hf(src, Path(tmp) / "fp32", prompt, tol=tol)
             return summary + "\n" + quantize_package(Path(tmp) / "fp32", precision, out)
@@ -113,9 +116,12 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
         raise ExportError(f"{src}: not a folder (a local Hugging Face model folder is expected)")
     progress = Progress("export", 4, every_s=0)
     # Eager attention traces everywhere (Swin's sdpa path does not decompose for ONNX).
-    family, model = load_model(src, attention="eager")
+    # Everything read from the folder's small files is checked before the weights are loaded.
+    family = family_of(src)
+    tasks = {"tasks": family.tasks(src)} if family.QUESTION == "task" else {}
     tokenizer = load_tokenizer(src)
     spec = preprocess_spec(src)
+    family, model = load_model(src, attention="eager")
     prompt_ids, eos = family.prompt_and_eos(src, model, tokenizer, prompt)
     eos = single_eos(src, prompt_ids, eos)
     generation, ignored = generation_settings(model, prompt_ids, eos)
@@ -137,9 +143,11 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
             "decoder": shape.decoder_section(),
             "preprocess": spec,
             "tokenizer": {"file": "tokenizer.json", "eos_id": eos,
-                          "clean_up_spaces": bool(tokenizer.clean_up_tokenization_spaces)},
+                          "clean_up_spaces": bool(tokenizer.clean_up_tokenization_spaces),
+                          **({"skip_special_tokens": False} if family.QUESTION == "task" else {})},
             "generation": generation,
-            **({"question": {"input": family.QUESTION}} if family.QUESTION else {}),
+            **({"question": {"input": family.QUESTION}} if family.QUESTION in ("prompt", "encoder") else {}),
+            **tasks,
             "source": {
                 "model": family.describe(model),
                 "folder": src.name,
@@ -165,7 +173,8 @@ class HFReference:
         from transformers.utils import logging
 
         logging.set_verbosity_error()  # generate's advice about max_length and masks
-        self.family, self.model = load_model(Path(src))
+        self.src = Path(src)
+        self.family, self.model = load_model(self.src)
         self.tokenizer = load_tokenizer(Path(src))
         self.prompt = np.array(manifest["generation"]["prompt_ids"], dtype=np.int64)
         self.eos_id = manifest["tokenizer"]["eos_id"]
@@ -178,10 +187,17 @@ class HFReference:
         return self.processor(images=[upright(i) for i in images], do_convert_rgb=True,
                               return_tensors="pt").pixel_values
 
-    def ask(self, question: str | None) -> tuple[np.ndarray, list[torch.Tensor]]:
-        """(prompt, question ids for the model's encoder) as transformers' processor and model
-        cards build them: GIT appends the question's tokens to [CLS]; BLIP VQA encodes
-        [CLS] question [SEP]."""
+    def ask(self, question: str | None = None, task: str | None = None, text: str | None = None,
+            images=None) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """(prompt, text ids for the model's encoder) as transformers' processors and model cards
+        build them: GIT appends the question's tokens to [CLS]; BLIP VQA encodes [CLS] question
+        [SEP]; Florence2Processor builds a task's prompt (`images`: one, for its layout)."""
+        if task is not None:
+            from transformers import Florence2Processor
+
+            processor = Florence2Processor.from_pretrained(self.src, local_files_only=True)
+            ids = processor(text=[task + (text or "")], images=[upright(images[0])], return_tensors="pt").input_ids
+            return self.prompt, [ids[:, int((ids[0] == processor.image_token_id).sum()) :]]
         if question is None:
             return self.prompt, []
         if self.family.QUESTION == "prompt":
@@ -189,9 +205,10 @@ class HFReference:
         return self.prompt, [torch.tensor([self.tokenizer(question).input_ids])]
 
     @torch.inference_mode()
-    def generate(self, images, cfg: GenerationConfig, question: str | None = None) -> list[list[int]]:
+    def generate(self, images, cfg: GenerationConfig, question: str | None = None, task: str | None = None,
+                 text: str | None = None) -> list[list[int]]:
         pixels = self.pixels(images)
-        prompt, asked = self.ask(question)
+        prompt, asked = self.ask(question, task, text, images)
         kwargs = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "do_sample": False,
                   "length_penalty": cfg.length_penalty, "early_stopping": cfg.early_stopping,
                   "no_repeat_ngram_size": cfg.no_repeat_ngram_size}
@@ -201,9 +218,10 @@ class HFReference:
         return [until_eos(row, self.eos_id) for row in out[:, len(prompt):].tolist()]
 
     @torch.inference_mode()
-    def logits(self, pixels: torch.Tensor, ids: np.ndarray, question: str | None = None) -> np.ndarray:
+    def logits(self, pixels: torch.Tensor, ids: np.ndarray, question: str | None = None, task: str | None = None,
+               text: str | None = None, images=None) -> np.ndarray:
         """Teacher-forced logits of token rows that start with the prompt (and question)."""
-        inputs = [pixels, *(q.repeat(len(pixels), 1) for q in self.ask(question)[1])]
+        inputs = [pixels, *(q.repeat(len(pixels), 1) for q in self.ask(question, task, text, images)[1])]
         return self.family.reference_logits(self.model, inputs, torch.from_numpy(ids)).numpy()
 
     def decode(self, tokens: list[int]) -> str:

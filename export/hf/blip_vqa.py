@@ -34,9 +34,9 @@ class QuestionEncoder(nn.Module):
         super().__init__()
         self.vision_model, self.text_encoder = model.vision_model, model.text_encoder
 
-    def forward(self, pixels, question_ids):
+    def forward(self, pixels, text_ids):
         image = self.vision_model(pixel_values=pixels)[0]
-        return self.text_encoder(input_ids=question_ids, encoder_hidden_states=image, return_dict=False)
+        return self.text_encoder(input_ids=text_ids, encoder_hidden_states=image, return_dict=False)
 
 
 def captioner(model) -> HFCaptioner:

@@ -13,7 +13,7 @@ RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor configs
 
 
 class HFCaptioner(nn.Module):
-    """vision(pixels[, question_ids]) -> memory K/V; step(...) as in runtime.search. `encoder`
+    """vision(pixels[, text_ids]) -> memory K/V; step(...) as in runtime.search. `encoder`
     maps the vision inputs to hidden states (its output's first item), `project` those to
     the decoder's width, `decoder.memory_kv` them to every layer's keys and values."""
 
@@ -21,11 +21,11 @@ class HFCaptioner(nn.Module):
         super().__init__()
         self.encoder, self.project, self.decoder = encoder, project, decoder
 
-    def memory(self, pixels: torch.Tensor, *question_ids: torch.Tensor) -> torch.Tensor:
-        return self.project(self.encoder(pixels, *question_ids)[0])
+    def memory(self, pixels: torch.Tensor, *text_ids: torch.Tensor) -> torch.Tensor:
+        return self.project(self.encoder(pixels, *text_ids)[0])
 
-    def vision(self, pixels: torch.Tensor, *question_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.memory_kv(self.memory(pixels, *question_ids))
+    def vision(self, pixels: torch.Tensor, *text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.memory_kv(self.memory(pixels, *text_ids))
 
     def step(self, input_ids, past_key, past_value, past_length, memory_key, memory_value):
         return self.decoder(input_ids, past_key, past_value, past_length, memory_key, memory_value)
@@ -73,7 +73,7 @@ def preprocess_spec(src: Path) -> dict:
 
 # Settings that change which tokens `generate` picks and that the runtime does not do.
 UNSUPPORTED_GENERATION = ("do_sample", "repetition_penalty", "min_length", "min_new_tokens", "bad_words_ids",
-                          "forced_bos_token_id", "forced_eos_token_id", "num_beam_groups", "suppress_tokens",
+                          "num_beam_groups", "suppress_tokens",
                           "begin_suppress_tokens", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty")
 
 
@@ -94,7 +94,9 @@ def generation_settings(model, prompt_ids: list[int], eos) -> tuple[dict, list[s
     return {"prompt_ids": [int(i) for i in prompt_ids], "max_new_tokens": int(max_new),
             "num_beams": int(setting("num_beams", 1)), "length_penalty": float(setting("length_penalty", 1.0)),
             "early_stopping": setting("early_stopping", False),
-            "no_repeat_ngram_size": int(setting("no_repeat_ngram_size", 0))}, ignored
+            "no_repeat_ngram_size": int(setting("no_repeat_ngram_size", 0)),
+            "forced_bos_token_id": setting("forced_bos_token_id", None),
+            "forced_eos_token_id": setting("forced_eos_token_id", None)}, ignored
 
 
 def single_eos(src: Path, prompt_ids: list, eos) -> int:

@@ -113,12 +113,48 @@ class GitDecoder(nn.Module):
         return self.git.output(x), torch.stack(keys), torch.stack(values)
 
 
+class BartDecoder(nn.Module):
+    """BART's decoder (post-LN: self-attention, cross-attention, MLP, each followed by its
+    LayerNorm; learned positions offset by 2; scaled token embeddings) and an LM head, as a
+    decoder step over stacked caches. Florence-2's text decoder."""
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.decoder, self.lm_head, self.n_head = decoder, lm_head, decoder.layers[0].self_attn.num_heads
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layers = self.decoder.layers
+        return (torch.stack([split_heads(layer.encoder_attn.k_proj(memory), self.n_head) for layer in layers]),
+                torch.stack([split_heads(layer.encoder_attn.v_proj(memory), self.n_head) for layer in layers]))
+
+    def forward(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
+        d = self.decoder
+        positions, mask = causal(past_length, input_ids.shape[1], past_key.shape[3])
+        x = d.layernorm_embedding(d.embed_tokens(input_ids) + d.embed_positions.weight[positions + d.embed_positions.offset])
+        keys, values = [], []
+        for i, layer in enumerate(d.layers):
+            sa, ca = layer.self_attn, layer.encoder_attn
+            q, k, v = (split_heads(f(x), self.n_head) for f in (sa.q_proj, sa.k_proj, sa.v_proj))
+            k, v = write(past_key[i], k, past_length), write(past_value[i], v, past_length)
+            x = layer.self_attn_layer_norm(x + sa.out_proj(merge_heads(
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sa.scaling))))
+            q = split_heads(ca.q_proj(x), self.n_head)
+            x = layer.encoder_attn_layer_norm(x + ca.out_proj(merge_heads(
+                F.scaled_dot_product_attention(q, cross_key[i], cross_value[i], scale=ca.scaling))))
+            x = layer.final_layer_norm(x + layer.fc2(layer.activation_fn(layer.fc1(x))))
+            keys.append(k)
+            values.append(v)
+        return self.lm_head(x), torch.stack(keys), torch.stack(values)
+
+
 def wrap(lm: nn.Module) -> nn.Module:
     return GPT2Decoder(lm) if lm.config.model_type == "gpt2" else BertDecoder(lm)
 
 
 def dims(text) -> tuple[int, int, int, int]:
-    """(layers, heads, width, positions) of a GPT-2 or BERT-style text config."""
+    """(layers, heads, width, positions) of a GPT-2, BART or BERT-style text config (the decoder's)."""
     if text.model_type == "gpt2":
         return text.n_layer, text.n_head, text.n_embd, text.n_positions
+    if text.model_type == "bart":
+        return text.decoder_layers, text.decoder_attention_heads, text.d_model, text.max_position_embeddings
     return text.num_hidden_layers, text.num_attention_heads, text.hidden_size, text.max_position_embeddings

@@ -1,0 +1,106 @@
+"""Family: `Florence2ForConditionalGeneration` (transformers' native Florence-2: florence-community/
+Florence-2-base and -large, and Microsoft's checkpoints once converted): DaViT image features
+and the task prompt's embeddings go through the BART encoder together; the BART decoder writes
+text with <loc_N> box tokens. The vision graph therefore takes the prompt's ids (like BLIP VQA's
+question), computed once per image and task; the decoder step is BART's. The tasks, their
+prompts and how each answer is parsed come from the folder's processor into the manifest."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..check import ExportError
+from . import decoders
+from .common import HFCaptioner
+
+ARCHITECTURE, MODEL_TYPE = "Florence2ForConditionalGeneration", "florence2"
+SUPPORTS = "Florence2ForConditionalGeneration (transformers' native Florence-2)"
+MEMORY, QUESTION = "cross", "task"
+
+
+def unsupported(config: dict) -> str | None:
+    if config.get("auto_map"):
+        return ("a remote-code Florence-2 checkpoint (auto_map in config.json), whose code is never run here; "
+                "convert it to transformers' native Florence2ForConditionalGeneration first "
+                "(transformers' convert_florence2_original_pytorch_to_hf.py)")
+    return None
+
+
+def model_class():
+    from transformers import Florence2ForConditionalGeneration
+
+    return Florence2ForConditionalGeneration
+
+
+class ImageAndPrompt(nn.Module):
+    """(pixels, prompt ids with <s> ... </s>) -> the BART encoder's states over [image features;
+    prompt embeddings], as transformers builds them for `generate` (the processor's <image>
+    placeholders precede the prompt and are replaced by the image features)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.model
+
+    def forward(self, pixels, text_ids):
+        image = self.model.get_image_features(pixels).pooler_output
+        text = self.model.get_input_embeddings()(text_ids)
+        return self.model.language_model.encoder(inputs_embeds=torch.cat([image, text], dim=1), return_dict=False)
+
+
+def captioner(model) -> HFCaptioner:
+    lm = model.model.language_model
+    return HFCaptioner(ImageAndPrompt(model), nn.Identity(), decoders.BartDecoder(lm.decoder, model.lm_head)).eval()
+
+
+def text_config(model):
+    return model.config.text_config
+
+
+def describe(model) -> str:
+    return type(model).__name__
+
+
+def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
+    if prompt:
+        raise ExportError(f"{src}: Florence-2 takes its task at run time (--task), not a prompt at export")
+    gc = model.generation_config
+    start = gc.decoder_start_token_id if gc.decoder_start_token_id is not None else model.config.text_config.decoder_start_token_id
+    return [start], gc.eos_token_id if gc.eos_token_id is not None else model.config.text_config.eos_token_id
+
+
+def tasks(src: Path) -> dict:
+    """The manifest's `tasks`: every task the processor knows, its prompt ("{input}" where the
+    task takes text) and how its answer is parsed, exactly as Florence2Processor has them."""
+    from transformers import Florence2Processor
+
+    try:
+        processor = Florence2Processor.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ExportError(f"{src}: no usable Florence-2 processor ({str(e).splitlines()[0]})") from None
+    if not processor.post_processor_config:
+        raise ExportError(f"{src}: the processor has no post_processor_config; answers could not be parsed")
+    prompts = {**processor.task_prompts_without_inputs, **processor.task_prompts_with_input}
+    return {"default": "<CAPTION>",
+            "prompts": {task: {"prompt": prompt, "parse": processor.tasks_answer_post_processing_type.get(task, "pure_text")}
+                        for task, prompt in prompts.items()},
+            "parse": processor.post_processor_config}
+
+
+def reference_logits(model, inputs, ids):
+    """transformers' own forward, no cache: the processor's layout of input ids (image
+    placeholders, then the prompt) and the decoder's teacher-forced logits."""
+    pixels, text = inputs
+    placeholders = torch.full((len(text), image_tokens(model, pixels)), model.config.image_token_id)
+    return model(input_ids=torch.cat([placeholders, text], dim=1), pixel_values=pixels, decoder_input_ids=ids).logits
+
+
+def image_tokens(model, pixels) -> int:
+    return model.model.get_image_features(pixels[:1]).pooler_output.shape[1]
+
+
+def generate(model, inputs, prompt, eos_id: int, **kwargs):
+    pixels, text = inputs
+    placeholders = torch.full((len(text), image_tokens(model, pixels)), model.config.image_token_id)
+    return model.generate(input_ids=torch.cat([placeholders, text], dim=1), pixel_values=pixels,
+                          decoder_input_ids=prompt, **kwargs)

@@ -1,0 +1,151 @@
+"""Florence-2 (transformers' native Florence2ForConditionalGeneration), exact against
+transformers: the task prompt encoded with the image in the vision graph, BART's decoder step,
+generation as the checkpoints ship it (beam 3, no 3-gram repeated, </s> then a forced <s>, </s>
+forced at the length limit). Tiny random-weight folders built offline (export.hf_random), two
+DaViT configs whose window attention spans several windows (2x2 windows over 24x24 to 3x3
+feature maps, 3x3 windows that need padding), every task of the processor, real photos, greedy
+and beam 3, batch 1 and 3.
+
+The random weights write words and <loc_N> tokens that vary by image and task, but never stop
+before the length limit: every caption ends with the forced </s>."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, caption_without_torch
+from runtime import Captioner
+from runtime.preprocess import load_pixels
+
+CONFIGS = {"florence2-w2": 2, "florence2-w3": 3}
+BOX = "<loc_100><loc_200><loc_300><loc_400>"
+TEXTS = {"<CAPTION_TO_PHRASE_GROUNDING>": "a cat on a sofa", "<REFERRING_EXPRESSION_SEGMENTATION>": "the cat",
+         "<REGION_TO_SEGMENTATION>": BOX, "<OPEN_VOCABULARY_DETECTION>": "cat", "<REGION_TO_CATEGORY>": BOX,
+         "<REGION_TO_DESCRIPTION>": BOX, "<REGION_TO_OCR>": BOX}
+
+
+@pytest.fixture(scope="module")
+def florence(tmp_path_factory):
+    from export.hf import export_hf
+    from export.hf_random import build_florence2
+
+    root, out = tmp_path_factory.mktemp("florence2"), {}
+    for name, window in CONFIGS.items():
+        build_florence2(root / name, window=window)
+        export_hf(root / name, root / f"{name}.pkg")
+        out[name] = (root / name, root / f"{name}.pkg")
+    return out
+
+
+def pair(florence, name):
+    from export.hf import HFReference
+
+    src, pkg = florence[name]
+    captioner = Captioner(pkg, provider="cpu")
+    return captioner, HFReference(src, captioner.manifest.data)
+
+
+def run(captioner, paths, cfg, task, cache=True):
+    pixels = np.stack([load_pixels(p, captioner.manifest.preprocess) for p in paths])
+    return captioner.generate(pixels, cfg, cache=cache, task=task, text=TEXTS.get(task))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_every_task_equals_transformers_generate(florence, photo_paths, name, num_beams):
+    captioner, ref = pair(florence, name)
+    paths, outputs = list(photo_paths.values()), {}
+    assert set(captioner.manifest.tasks["prompts"]) == {*TEXTS, "<OCR>", "<OCR_WITH_REGION>", "<CAPTION>",
+                                                        "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OD>",
+                                                        "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>"}
+    for task in captioner.manifest.tasks["prompts"]:
+        cfg = captioner.generation_config(num_beams=num_beams, max_new_tokens=12, task=task, text=TEXTS.get(task))
+        single = [run(captioner, [p], cfg, task)[0] for p in paths[:3]]
+        assert single == [ref.generate([p], cfg, task=task, text=TEXTS.get(task))[0] for p in paths[:3]], task
+        assert run(captioner, paths[3:], cfg, task) == ref.generate(paths[3:], cfg, task=task, text=TEXTS.get(task)), task
+        outputs[task] = single
+    # A meaningful subject: outputs differ by image and by task, and hold both words and boxes.
+    assert all(len({tuple(t) for t in single}) == 3 for single in outputs.values())
+    assert len({tuple(map(tuple, single)) for single in outputs.values()}) == len(outputs)
+    loc = captioner.tokenizer.token_to_id("<loc_0>")
+    flat = [t for single in outputs.values() for tokens in single for t in tokens]
+    assert any(t >= loc for t in flat) and any(3 < t < loc for t in flat)
+
+
+def test_generation_follows_the_checkpoint(florence):
+    captioner = Captioner(florence["florence2-w2"][1], provider="cpu")
+    cfg = captioner.defaults
+    assert (cfg.num_beams, cfg.no_repeat_ngram_size, cfg.forced_bos_token_id, cfg.forced_eos_token_id) == (3, 3, 0, 2)
+    assert captioner.manifest.generation["prompt_ids"] == [2]
+
+
+@pytest.mark.parametrize("task", ["<CAPTION>", "<OD>", "<CAPTION_TO_PHRASE_GROUNDING>"])
+def test_with_cache_equals_without(florence, photo_paths, task):
+    captioner, _ = pair(florence, "florence2-w3")
+    cfg = captioner.generation_config(num_beams=1, max_new_tokens=12, task=task, text=TEXTS.get(task))
+    paths = list(photo_paths.values())
+    assert run(captioner, paths, cfg, task) == run(captioner, paths, cfg, task, cache=False)
+
+
+def test_cli_runs_tasks_without_torch(florence, photo_paths):
+    """--task and --text through the lean runtime: JSON lines name the task, and the caption is the
+    text transformers' processor parses (<loc_N> tokens kept)."""
+    captioner, ref = pair(florence, "florence2-w2")
+    path, task = photo_paths["chelsea"], "<CAPTION_TO_PHRASE_GROUNDING>"
+    r = caption_without_torch("--model", florence["florence2-w2"][1], path, "--task", task, "--text", TEXTS[task],
+                              "--json", "--max-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    cfg = captioner.generation_config(max_new_tokens=12, task=task, text=TEXTS[task])
+    want = ref.generate([path], cfg, task=task, text=TEXTS[task])[0]
+    assert record["task"] == task and record["tokens"] == want
+    assert record["caption"] == ref.tokenizer.decode(want[1:], skip_special_tokens=False) and "<loc_" in record["caption"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "<XX>"], "error: unknown task '<XX>'; this model does <OCR>, <OCR_WITH_REGION>, <CAPTION>, "),
+    (["--task", "<CAPTION_TO_PHRASE_GROUNDING>"], "error: <CAPTION_TO_PHRASE_GROUNDING> needs a text (--text)"),
+    (["--task", "<OD>", "--text", "a cat"], "error: <OD> takes no text"),
+    (["--question", "what is this?"], "error: this model takes a task (--task), not a question"),
+    (["--task", "<OPEN_VOCABULARY_DETECTION>", "--text", "cat " * 200], "error: the prompt is 416 tokens; this model reads 1 to 118"),
+])
+def test_tasks_that_cannot_be_run_are_refused(florence, photo_paths, args, message):
+    r = caption_without_torch("--model", florence["florence2-w2"][1], photo_paths["chelsea"], *args)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith(message), r.stderr
+
+
+def test_a_task_on_a_model_without_tasks_is_refused(photo_paths):
+    r = caption_without_torch(photo_paths["chelsea"], "--task", "<OD>")
+    assert r.returncode == 2 and r.stderr.strip() == "error: this model takes no task or text"
+
+
+def export_cli(*args):
+    return subprocess.run([sys.executable, "-m", "export", "hf", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def test_a_remote_code_checkpoint_is_refused_without_running_it(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Florence2ForConditionalGeneration"], "model_type": "florence2",
+        "auto_map": {"AutoModelForCausalLM": "modeling_florence2.Florence2ForConditionalGeneration"}}))
+    r = export_cli(tmp_path, "--out", tmp_path / "pkg")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert "a remote-code Florence-2 checkpoint (auto_map in config.json), whose code is never run here" in line
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_a_folder_without_its_processor_config_is_refused(florence, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in florence["florence2-w2"][0].iterdir():
+        if f.name != "processor_config.json":
+            (src / f.name).write_bytes(f.read_bytes())
+    r = export_cli(src, "--out", tmp_path / "pkg")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith(f"error: {src}: no usable Florence-2 processor (")
+    assert not (tmp_path / "pkg").exists()
