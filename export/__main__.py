@@ -42,7 +42,7 @@ def run(args) -> str:
         from .hf import export_hf
 
         return export_hf(args.src, args.out, args.prompt, args.precision, Tolerance(args.rtol, args.atol))
-    from .hf_random import build_blip, build_blip_vqa, build_florence2, build_git, build_vision_encoder_decoder
+    from .hf_random import build_blip, build_florence2, build_git, build_vision_encoder_decoder
 
     # Tiny models are conditioned for parity tests; base ones keep transformers' own init
     # (tied embeddings, std 0.02): captions run to the length limit, a fixed workload to time.
@@ -52,8 +52,7 @@ def run(args) -> str:
             raise ExportError("--realistic is for the vit, deit, swin, blip and blip-vqa families")
         return str((build_git if args.encoder == "git" else build_florence2)(args.out, args.size, conditioned))
     if args.encoder in ("blip", "blip-vqa"):
-        build = build_blip if args.encoder == "blip" else build_blip_vqa
-        return str(build(args.out, args.size, conditioned, realistic=args.realistic))
+        return str(build_blip(args.out, args.size, conditioned, realistic=args.realistic, vqa=args.encoder == "blip-vqa"))
     return str(build_vision_encoder_decoder(args.out, args.encoder, args.decoder, args.size, conditioned,
                                             realistic=args.realistic))
 

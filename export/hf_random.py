@@ -167,8 +167,11 @@ def build_vision_encoder_decoder(out: Path, encoder: str = "vit", decoder: str =
     return out
 
 
-def build_blip(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0, realistic: bool = False) -> Path:
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
+def build_blip(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0, realistic: bool = False,
+               vqa: bool = False) -> Path:
+    """BLIP captioning (Salesforce/blip-image-captioning-base's shape at "base") or, with `vqa`,
+    BLIP VQA (blip-vqa-base's: the same parts plus a question encoder)."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, BlipImageProcessor
 
     s, init = (TINY if size == "tiny" else BASE), (0.3 if conditioned else 0.02)
     torch.manual_seed(seed)
@@ -182,7 +185,8 @@ def build_blip(out: Path, size: str = "tiny", conditioned: bool = True, seed: in
     vision = {"hidden_size": s["hidden"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
               "intermediate_size": 4 * s["hidden"], "image_size": image, "patch_size": s["patch"],
               "initializer_range": init}
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, initializer_range=init)).eval()
+    blip = BlipForQuestionAnswering if vqa else BlipForConditionalGeneration
+    model = blip(BlipConfig(text_config=text, vision_config=vision, initializer_range=init)).eval()
     if conditioned:
         boost_eos(model.text_decoder, tok.sep_token_id)
     if realistic:
@@ -221,34 +225,6 @@ def build_git(out: Path, size: str = "tiny", conditioned: bool = True, seed: int
                        crop_size={"height": s["image"], "width": s["image"]}).save_pretrained(out)
     return out
 
-
-def build_blip_vqa(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0,
-                   realistic: bool = False) -> Path:
-    """BLIP VQA (Salesforce/blip-vqa-base's shape at "base"): the captioner's parts plus a question encoder."""
-    from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor
-
-    s, init = (TINY if size == "tiny" else BASE), (0.3 if conditioned else 0.02)
-    torch.manual_seed(seed)
-    tok = wordpiece_tokenizer(s.get("blip_vocab", s["vocab"]))
-    image = s.get("blip_image", s["image"])
-    text = {"vocab_size": max(len(tok), s.get("blip_vocab", 0)), "hidden_size": s["hidden"], "num_hidden_layers": s["layers"],
-            "num_attention_heads": s["heads"], "intermediate_size": 4 * s["hidden"], "encoder_hidden_size": s["hidden"],
-            "max_position_embeddings": 64 if size == "tiny" else 512, "initializer_range": init,
-            "bos_token_id": tok.bos_token_id, "sep_token_id": tok.sep_token_id, "eos_token_id": tok.sep_token_id,
-            "pad_token_id": tok.pad_token_id}
-    vision = {"hidden_size": s["hidden"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
-              "intermediate_size": 4 * s["hidden"], "image_size": image, "patch_size": s["patch"],
-              "initializer_range": init}
-    model = BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision, initializer_range=init)).eval()
-    if conditioned:
-        boost_eos(model.text_decoder, tok.sep_token_id)
-    if realistic:
-        realistic_scale(model.text_decoder)
-    model.generation_config.update(max_length=16)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    BlipImageProcessor(size={"height": image, "width": image}).save_pretrained(out)
-    return out
 
 
 # Florence-2's added tokens: boxes and polygons are written with these (the task prompts are text).

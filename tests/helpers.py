@@ -98,6 +98,15 @@ TEXTS = ["a photo of a cat", "espresso", "a picture of a dog running on a beach 
          "two people"]  # texts of different lengths, scored in one batch
 
 
+def hf_pair(src, pkg):
+    """(Captioner on the package, transformers' reference on the folder it was exported from)."""
+    from export.hf import HFReference
+    from runtime import Captioner
+
+    captioner = Captioner(pkg, provider="cpu")
+    return captioner, HFReference(src, captioner.manifest.data)
+
+
 def reference_scores(ref, image, captioner, texts: list[str], question: str | None = None) -> list[float]:
     """log p(text | image[, question]) from a reference's own teacher-forced logits (eager
     PyTorch or transformers), one text at a time: no padding, no batching, no shared encoder

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT, caption_without_torch
+from helpers import ROOT, caption_without_torch, hf_pair
 from runtime import Captioner
 from runtime.preprocess import load_pixels
 
@@ -41,11 +41,7 @@ def florence(tmp_path_factory):
 
 
 def pair(florence, name):
-    from export.hf import HFReference
-
-    src, pkg = florence[name]
-    captioner = Captioner(pkg, provider="cpu")
-    return captioner, HFReference(src, captioner.manifest.data)
+    return hf_pair(*florence[name])
 
 
 def run(captioner, paths, cfg, task, cache=True):
@@ -149,3 +145,47 @@ def test_a_folder_without_its_processor_config_is_refused(florence, tmp_path):
     line, = r.stderr.strip().splitlines()
     assert line.startswith(f"error: {src}: no usable Florence-2 processor (")
     assert not (tmp_path / "pkg").exists()
+
+
+LOC = "".join(f"<loc_{i}>" for i in (12, 40, 650, 998))
+CRAFTED = [  # answers of every shape the processor parses, on top of what the random weights write
+    f"</s><s>a cat{LOC}a dog<loc_0><loc_1><loc_999><loc_998><loc_500><loc_500><loc_501><loc_777></s>",
+    f"<s>{LOC}<loc_3><loc_4><loc_5><loc_6></s>",
+    "</s><s>HELLO<loc_1><loc_2><loc_300><loc_2><loc_300><loc_90><loc_1><loc_90>WORLD 42<loc_500><loc_500><loc_600>"
+    "<loc_500><loc_600><loc_520><loc_500><loc_520></s>",
+    "<s>a cat<poly><loc_10><loc_20><loc_30><loc_40><loc_50><sep><loc_60><loc_70><loc_80><loc_90></poly>"
+    "<poly><loc_1><loc_2><loc_3><loc_4></poly>the sofa<loc_5><loc_6><loc_7><loc_8><loc_9><loc_10></s>",
+    "</s><s>  a photo of a café  </s><pad>",
+]
+
+
+@pytest.mark.parametrize("size", [(640, 480), (333, 517)])
+def test_results_equal_the_processors_post_processing(florence, photo_paths, size):
+    """runtime.florence.parse (numpy and re, no torch) against Florence2Processor.post_process_generation,
+    for every task, on what the model writes and on crafted answers of every shape; odd image sizes
+    put coordinates on float32 rounding edges."""
+    from transformers import Florence2Processor
+
+    from runtime.florence import parse
+
+    captioner, _ = pair(florence, "florence2-w2")
+    processor = Florence2Processor.from_pretrained(florence["florence2-w2"][0])
+    tasks = captioner.manifest.tasks
+    for task in tasks["prompts"]:
+        written = [c.text for c in captioner.caption(list(photo_paths.values())[:2], max_new_tokens=12, task=task,
+                                                     text=TEXTS.get(task))]
+        for text in [*written, *CRAFTED]:
+            assert parse(text, task, size, tasks) == processor.post_process_generation(text, task=task, image_size=size)[task]
+
+
+def test_captions_carry_the_parsed_result_in_pixels_of_the_original_image(florence, photo_paths):
+    from transformers import Florence2Processor
+    from PIL import Image
+
+    captioner, ref = pair(florence, "florence2-w2")
+    processor = Florence2Processor.from_pretrained(florence["florence2-w2"][0])
+    path = photo_paths["motorcycle"]
+    c = captioner.caption(path, task="<OD>", max_new_tokens=12)
+    full = processor.batch_decode([[2, *c.tokens, 2]], skip_special_tokens=False)[0]
+    assert c.result == processor.post_process_generation(full, task="<OD>", image_size=Image.open(path).size)["<OD>"]
+    assert set(c.result) == {"bboxes", "labels"}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, caption_without_torch
+from helpers import ROOT, caption_without_torch, hf_pair
 from export.check import ExportError, Tolerance
 from runtime import Captioner
 from runtime.preprocess import load_pixels
@@ -54,11 +54,7 @@ def exported(tmp_path_factory):
 
 
 def pair(exported, name):
-    from export.hf import HFReference
-
-    src, pkg = exported[name]
-    captioner = Captioner(pkg, provider="cpu")
-    return captioner, HFReference(src, captioner.manifest.data)
+    return hf_pair(*exported[name])
 
 
 def runtime_tokens(captioner, paths, cfg):

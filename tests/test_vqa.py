@@ -11,14 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT, TEXTS, caption_without_torch, reference_scores
+from helpers import ROOT, TEXTS, caption_without_torch, hf_pair, reference_scores
 from runtime import Captioner
 from runtime.preprocess import load_pixels
 
 QUESTIONS = ["what is in the picture?", "how many dogs are there"]
 # Seeds whose random weights answer differently by image and by question (checked below); "-real" at a
 # trained checkpoint's magnitudes (export.hf_random.realistic_scale: logits ~100, residual dims at +-400).
-MODELS = {"git-vqa": ("git", 1, False), "blip-vqa": ("blip_vqa", 0, False), "blip-vqa-real": ("blip_vqa", 0, True)}
+MODELS = {"git-vqa": ("git", {"seed": 1}), "blip-vqa": ("blip", {"seed": 0, "vqa": True}),
+          "blip-vqa-real": ("blip", {"seed": 0, "vqa": True, "realistic": True})}
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +28,15 @@ def vqa(tmp_path_factory):
     from export.hf import export_hf
 
     root, out = tmp_path_factory.mktemp("vqa"), {}
-    for name, (kind, seed, realistic) in MODELS.items():
-        getattr(hf_random, f"build_{kind}")(root / name, seed=seed, **({"realistic": True} if realistic else {}))
+    for name, (kind, settings) in MODELS.items():
+        getattr(hf_random, f"build_{kind}")(root / name, **settings)
         export_hf(root / name, root / f"{name}.pkg")
         out[name] = (root / name, root / f"{name}.pkg")
     return out
 
 
 def pair(vqa, name):
-    from export.hf import HFReference
-
-    src, pkg = vqa[name]
-    captioner = Captioner(pkg, provider="cpu")
-    return captioner, HFReference(src, captioner.manifest.data)
+    return hf_pair(*vqa[name])
 
 
 def answers(captioner, paths, cfg, question, cache=True):
