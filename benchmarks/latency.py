@@ -1,4 +1,4 @@
-"""python -m benchmarks.latency [--model PKG] [--hf DIR [--peer-python PY]] [--quick] [--json OUT]
+"""python -m benchmarks.latency [--model PKG] [--hf DIR [--peer-python PY]] [--florence2 DIR] [--quick] [--json OUT]
 
 Engines side by side in one process: each scenario's rounds interleave the variants
 (A B C A B C ...) after a warm-up, and the report gives medians and p90 over rounds.
@@ -10,6 +10,8 @@ Engines side by side in one process: each scenario's rounds interleave the varia
   processor + `generate`, the runtime on `python -m export hf DIR`, and optimum-onnx's
   ORTModelForVision2Seq run by --peer-python (a venv holding optimum-onnx, which pins
   transformers < 4.58) as a worker process that times its own calls the same way.
+- With --florence2 DIR (alone): transformers' Florence-2 processor + `generate` vs the runtime, <CAPTION>
+  and <OD>, greedy and beam 3, into latency-florence2-cpu.* (INT8 is not offered for Florence-2 yet).
 - The floor: weight bytes read per decode step over the memory bandwidth measured in
   the same run, and each variant's ms/token as a multiple of it.
 - Whole processes: cold start of `python -m runtime.caption` and peak RSS, runtime vs eager.
@@ -60,9 +62,10 @@ def summary(values) -> dict:
 
 def measure(variants: dict[str, Variant], batches: list[list], rounds: int) -> dict:
     """Per variant: ms per caption (per batch / batch size), ms per generated token (every
-    step is a graph run, EOS included), vision ms, time to first token, images/s."""
-    samples = {name: {"caption_ms": [], "ms_per_token": [], "vision_ms": [], "first_token_ms": [], "images_s": []}
-               for name in variants}
+    step is a graph run, EOS included), vision ms, time to first token, decode ms per token
+    (the caption's time after its first token, per later step), images/s."""
+    samples = {name: {"caption_ms": [], "ms_per_token": [], "vision_ms": [], "first_token_ms": [],
+                      "decode_ms_per_token": [], "images_s": []} for name in variants}
     same = dict.fromkeys(variants, 0)
     for v in variants.values():  # warm-up: allocations, thread pools, lazy init
         v.caption(batches[0])
@@ -81,6 +84,8 @@ def measure(variants: dict[str, Variant], batches: list[list], rounds: int) -> d
                     s["vision_ms"].append(timed(v.vision, batch)[0])
                 if v.first_token:
                     s["first_token_ms"].append(timed(v.first_token, batch)[0])
+                    later_steps = max(len(t) for t in tokens)  # steps after the first, the EOS one included
+                    s["decode_ms_per_token"].append((ms - s["first_token_ms"][-1]) / max(later_steps, 1))
     return {name: {k: summary(vals) for k, vals in s.items() if vals}
             | {"same_tokens_as_first": same[name] / (rounds * len(batches))} for name, s in samples.items()}
 
@@ -117,19 +122,23 @@ def in_torch(fn: Callable, threads: int) -> Callable:
     return run
 
 
-def runtime_variant(cap, beams: int) -> Variant:
+def runtime_variant(cap, beams: int, task: str | None = None, max_new_tokens: int | None = None) -> Variant:
+    """The runtime's captions; `vision` is everything before the first decoder step (with a
+    task, Florence-2's text encoder over [image; prompt] included)."""
     from runtime.preprocess import load_pixels
     from runtime.search import cached, initial_state, prefill
 
-    def pixels(batch):
-        return np.stack([load_pixels(i, cap.manifest.preprocess) for i in batch])
+    def encode(batch):
+        pixels = np.stack([load_pixels(i, cap.manifest.preprocess) for i in batch])
+        return cap.graphs.encode(pixels, *(np.tile(x, (len(batch), 1)) for x in cap.ask(task=task)[1]))
 
     def first_token(batch):
-        state = initial_state(*cap.graphs.encode(pixels(batch)), len(cap.prompt))
+        state = initial_state(*encode(batch), len(cap.prompt))
         return prefill(cached(cap.graphs.step), state, np.tile(cap.prompt, (len(batch), 1)))
 
-    return Variant(lambda b: [c.tokens for c in cap.caption(b, num_beams=beams, batch_size=8)],
-                   lambda b: cap.graphs.encode(pixels(b)), first_token, decoder_weight_bytes(cap.manifest.root))
+    return Variant(lambda b: [c.tokens for c in cap.caption(b, num_beams=beams, batch_size=8, task=task,
+                                                            max_new_tokens=max_new_tokens)],
+                   encode, first_token, decoder_weight_bytes(cap.manifest.root))
 
 
 def bundled_scenarios(args, threads: int) -> dict:
@@ -241,6 +250,46 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     return scenarios, notes
 
 
+def florence2_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
+    """transformers' processor + generate vs the runtime on a Florence-2 folder, <CAPTION> and <OD>,
+    greedy and the checkpoint's beam 3, `--max-tokens` each (the random weights never stop early)."""
+    import torch
+
+    from export.hf import HFReference, export_hf
+    from export.hf.florence2 import ImageAndPrompt
+    from runtime import Captioner
+    from runtime.search import GenerationConfig
+
+    package = work / "package"
+    start = time.perf_counter()
+    export_hf(args.florence2, package)
+    notes = {"florence2_folder": str(args.florence2), "export_s": round(time.perf_counter() - start, 1),
+             "package_mib": round(sum(f.stat().st_size for f in package.iterdir()) / 2**20, 1)}
+    cap = Captioner(package, provider="cpu", threads=threads)
+    ref = HFReference(args.florence2, cap.manifest.data)
+    images, weights, scenarios = sorted(SAMPLES.glob("*.jpg")), decoder_weight_bytes(package), {}
+    encoder = ImageAndPrompt(ref.model)
+    for task in ("<CAPTION>", "<OD>"):
+        text_ids = ref.ask(task=task, images=images[:1])[1][0]
+
+        def eager_vision(batch, text_ids=text_ids):  # what generate computes before its first decoder step
+            return encoder(ref.pixels(batch), text_ids.repeat(len(batch), 1))
+
+        for beams in (1, 3):
+            defaults = cap.generation_config(num_beams=beams, max_new_tokens=args.max_tokens, task=task)
+            cfg, first = defaults, replace(defaults, max_new_tokens=1)
+            variants = {"transformers generate": Variant(
+                            in_torch(lambda b, cfg=cfg, task=task: ref.generate(b, cfg, task=task), threads),
+                            in_torch(eager_vision, threads),
+                            in_torch(lambda b, first=first, task=task: ref.generate(b, first, task=task), threads),
+                            weights),
+                        "runtime FP32": runtime_variant(cap, beams, task, args.max_tokens)}
+            scenarios[f"Florence-2, {task}, batch 1, {'greedy' if beams == 1 else 'beam 3'}, {threads} threads"] = (
+                variants, [[i] for i in images])
+    torch.set_num_threads(threads)
+    return scenarios, notes
+
+
 RUNTIME_PROCESS = """
 import sys
 from runtime.caption import main
@@ -296,11 +345,13 @@ def report(scenarios: dict, meta: dict) -> str:
     for title, results in scenarios.items():
         base = next(iter(results.values()))["caption_ms"]["median"]
         lines += [f"### {title}", "", "| variant | ms / caption | images / s | vision ms | first token ms | ms / token "
-                  "| floor ms / token | x floor | speed-up | same tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| decode ms / token | floor ms / token | x floor | speed-up | same tokens |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in results.items():
             floor = r["floor_ms"]
             lines.append(f"| {name} | {fmt(r['caption_ms'])} | {r['images_s']['median']:.2f} | {fmt(r.get('vision_ms'))} "
-                         f"| {fmt(r.get('first_token_ms'))} | {fmt(r['ms_per_token'], 2)} | {floor:.2f} "
+                         f"| {fmt(r.get('first_token_ms'))} | {fmt(r['ms_per_token'], 2)} "
+                         f"| {fmt(r.get('decode_ms_per_token'), 2)} | {floor:.2f} "
                          f"| {r['ms_per_token']['median'] / floor:.1f}x | {base / r['caption_ms']['median']:.2f}x "
                          f"| {r['same_tokens_as_first']:.0%} |")
         lines.append("")
@@ -344,6 +395,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path, default=None, help="package for the bundled-model scenarios")
     parser.add_argument("--hf", type=Path, default=None, help="Hugging Face captioner folder to add")
     parser.add_argument("--peer-python", default=None, help="python of a venv with optimum-onnx (for --hf)")
+    parser.add_argument("--florence2", type=Path, default=None,
+                        help="a Florence-2 folder (e.g. `python -m export random-hf DIR --encoder florence2 --size base`): "
+                             "measure it alone, into latency-florence2-cpu.*")
+    parser.add_argument("--max-tokens", type=int, default=20, help="tokens per Florence-2 answer (default 20)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one scenario, 2 rounds, no files written: a smoke run")
@@ -360,9 +415,11 @@ def main(argv=None) -> int:
 
     rounds = 2 if args.quick else args.rounds
     bandwidth = read_bandwidth_gb_s(args.threads)
-    scenarios = bundled_scenarios(args, args.threads)
+    scenarios = {} if args.florence2 else bundled_scenarios(args, args.threads)
     notes, results = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.florence2:
+            scenarios, notes = florence2_scenarios(args, args.threads, Path(tmp))
         if args.hf and not args.quick:
             hf, notes = hf_scenarios(args, args.threads, Path(tmp))
             scenarios |= hf
@@ -377,16 +434,18 @@ def main(argv=None) -> int:
     meta = {"threads": args.threads, "rounds": rounds, "bandwidth_gb_s": round(bandwidth, 2),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                        f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}",
-            "process_runs": process_runs, "process": process_costs(sorted(SAMPLES.glob("*.jpg"))[0], process_runs),
+            **({} if args.florence2 else {"process_runs": process_runs,
+                                          "process": process_costs(sorted(SAMPLES.glob("*.jpg"))[0], process_runs)}),
             **{k: v for k, v in notes.items() if k != "peer"}}
     table = report(results, meta)
     print(table)
     payload = json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "latency-cpu.md").write_text(table)
-        (RESULTS / "latency-cpu.json").write_text(payload)
-        plot(results, RESULTS / "latency-cpu.png")
+        name = "latency-florence2-cpu" if args.florence2 else "latency-cpu"
+        (RESULTS / f"{name}.md").write_text(table)
+        (RESULTS / f"{name}.json").write_text(payload)
+        plot(results, RESULTS / f"{name}.png")
     if args.json:
         args.json.write_text(payload)
     return 0

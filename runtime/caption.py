@@ -18,8 +18,9 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .engine import BUNDLED, Caption, Captioner
+from .florence import draw
 from .manifest import PackageError
-from .preprocess import DEFAULT_MAX_PIXELS
+from .preprocess import DEFAULT_MAX_PIXELS, open_image
 from .providers import CHOICES, ProviderError
 from .stream import Stream, StreamError, VttWriter, is_stream, require_av
 
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="caption one video frame per interval (default 1)")
     parser.add_argument("--vtt", type=Path, default=None, metavar="FILE",
                         help="also write the captions of the one video input as WebVTT subtitles")
+    parser.add_argument("--draw", type=Path, default=None, metavar="DIR",
+                        help="write each image with its task's boxes and polygons drawn to DIR (Florence-2)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--verbose", action="store_true", help="also say which providers this onnxruntime lacks")
     return parser
@@ -76,7 +79,8 @@ def report(c: Caption, as_json: bool, time: float | None = None) -> None:
         asked = {**({} if c.task is None else {"task": c.task}), **({} if c.question is None else {"question": c.question})}
         answer = {} if c.question is None else {"answer": c.text}
         record = {"image": c.image, **at, **asked, "error": c.error} if c.error else \
-            {"image": c.image, **at, **asked, "caption": c.text, **answer, "tokens": c.tokens, "ms": round(c.ms, 2)}
+            {"image": c.image, **at, **asked, "caption": c.text, **answer,
+             **({} if c.result is None else {"result": c.result}), "tokens": c.tokens, "ms": round(c.ms, 2)}
         print(json.dumps(record), flush=True)
     elif c.error:
         print(f"error: {c.error}", file=sys.stderr, flush=True)
@@ -130,6 +134,10 @@ def main(argv=None) -> int:
         cfg = dict(max_new_tokens=args.max_tokens, num_beams=args.beams, length_penalty=args.length_penalty,
                    question=args.question, task=args.task, text=args.text)
         captioner.generation_config(**cfg)  # reject bad options before any image is read
+        if args.draw:
+            if captioner.manifest.tasks is None:
+                raise ValueError("--draw draws the boxes and polygons of a task; this model has no tasks")
+            args.draw.mkdir(parents=True, exist_ok=True)
         vtt = VttWriter(args.vtt, args.every) if args.vtt else None
     except (PackageError, ProviderError, StreamError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -154,6 +162,9 @@ def main(argv=None) -> int:
                 for c in captioner.caption(images[start : start + args.batch_size], batch_size=args.batch_size, **cfg):
                     failed += c.error is not None
                     report(c, args.json)
+                    if args.draw and c.error is None:
+                        drawn = args.draw / f"{Path(c.image).stem}.png"
+                        draw(open_image(c.image, args.max_pixels), c.result).save(drawn)
     except KeyboardInterrupt:  # the way a camera or live stream is stopped: keep what was written
         return 130
     return 1 if failed else 0

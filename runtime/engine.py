@@ -24,7 +24,8 @@ from .gpu import tensorrt_version
 from .graphs import Graphs, host, session_options
 from .providers import ProviderError
 from .manifest import GRAPHS, PackageError, load_manifest
-from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels
+from .florence import parse
+from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels, open_image, to_pixels
 from .search import GenerationConfig
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
@@ -48,6 +49,7 @@ class Caption:
     text: str | None = None
     question: str | None = None
     task: str | None = None
+    result: dict | str | None = None  # the task's parsed answer (runtime.florence), sizes in original pixels
     tokens: list[int] = field(default_factory=list)
     ms: float = 0.0
     error: str | None = None
@@ -290,19 +292,23 @@ class Captioner:
 
     def _caption_batch(self, images, cfg: GenerationConfig, asked: dict) -> list[Caption]:
         start = time.perf_counter()
-        results, pixels = [], []
+        results, pixels, sizes = [], [], []
         task = asked["task"] or (self.manifest.tasks or {}).get("default")
         for image in images:
             results.append(Caption(image=str(image) if isinstance(image, (str, Path)) else type(image).__name__,
                                    question=asked["question"], task=task))
             try:
-                pixels.append(load_pixels(image, self.manifest.preprocess, self.max_pixels))
+                rgb = open_image(image, self.max_pixels)
+                pixels.append(to_pixels(rgb, self.manifest.preprocess))
+                sizes.append(rgb.size)
             except ImageError as e:
                 results[-1].error = str(e)
         ok = [r for r in results if r.error is None]
         if ok:
             tokens = self.generate(np.stack(pixels), cfg, **asked)
             ms = (time.perf_counter() - start) * 1000 / len(ok)
-            for r, t in zip(ok, tokens, strict=True):
+            for r, t, size in zip(ok, tokens, sizes, strict=True):
                 r.tokens, r.text, r.ms = t, self.decode(t), ms
+                if self.manifest.tasks is not None:
+                    r.result = parse(r.text, task, size, self.manifest.tasks)
         return results

@@ -99,6 +99,12 @@ def test_cli_runs_tasks_without_torch(florence, photo_paths):
     want = ref.generate([path], cfg, task=task, text=TEXTS[task])[0]
     assert record["task"] == task and record["tokens"] == want
     assert record["caption"] == ref.tokenizer.decode(want[1:], skip_special_tokens=False) and "<loc_" in record["caption"]
+    from PIL import Image
+    from transformers import Florence2Processor
+
+    processor = Florence2Processor.from_pretrained(florence["florence2-w2"][0])
+    full = processor.batch_decode([[2, *want, 2]], skip_special_tokens=False)[0]
+    assert record["result"] == processor.post_process_generation(full, task=task, image_size=Image.open(path).size)[task]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -189,3 +195,26 @@ def test_captions_carry_the_parsed_result_in_pixels_of_the_original_image(floren
     full = processor.batch_decode([[2, *c.tokens, 2]], skip_special_tokens=False)[0]
     assert c.result == processor.post_process_generation(full, task="<OD>", image_size=Image.open(path).size)["<OD>"]
     assert set(c.result) == {"bboxes", "labels"}
+
+
+def test_draw_outlines_each_instance_and_the_cli_writes_the_drawings(florence, photo_paths, tmp_path):
+    from PIL import Image
+
+    from runtime.florence import COLORS, draw, parse
+    from runtime.preprocess import open_image
+
+    tasks = Captioner(florence["florence2-w2"][1], provider="cpu").manifest.tasks
+    image = open_image(photo_paths["chelsea"])
+    result = parse(CRAFTED[0], "<OD>", image.size, tasks)
+    drawn = draw(image, result)
+    (x0, y0, x1, y1), color = result["bboxes"][2], Image.new("RGB", (1, 1), COLORS[2]).getpixel((0, 0))
+    assert drawn.size == image.size and drawn.getpixel((x0, (y0 + y1) // 2)) == color  # the third box's left edge
+    assert np.array_equal(np.asarray(draw(image, "a text answer")), np.asarray(image))
+    r = caption_without_torch("--model", florence["florence2-w2"][1], photo_paths["chelsea"], photo_paths["coffee"],
+                              "--task", "<OD>", "--draw", tmp_path / "drawn")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["chelsea.png", "coffee.png"]
+    assert Image.open(tmp_path / "drawn" / "coffee.png").size == open_image(photo_paths["coffee"]).size
+    r = caption_without_torch(photo_paths["chelsea"], "--draw", tmp_path / "other")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --draw draws the boxes and polygons of a task; " \
+                                                     "this model has no tasks"
