@@ -173,12 +173,15 @@ class HFReference:
         from transformers.utils import logging
 
         logging.set_verbosity_error()  # generate's advice about max_length and masks
-        self.src = Path(src)
-        self.family, self.model = load_model(self.src)
+        self.family, self.model = load_model(Path(src))
         self.tokenizer = load_tokenizer(Path(src))
         self.prompt = np.array(manifest["generation"]["prompt_ids"], dtype=np.int64)
         self.eos_id = manifest["tokenizer"]["eos_id"]
         self.processor = image_processor(Path(src))
+        if self.family.QUESTION == "task":  # Florence-2's processor builds the task prompts
+            from transformers import Florence2Processor
+
+            self.tasks = Florence2Processor.from_pretrained(Path(src), local_files_only=True)
 
     def pixels(self, images) -> torch.Tensor:
         # The runtime's decoding policy (formats, limits, EXIF), then transformers' own pipeline from
@@ -193,11 +196,8 @@ class HFReference:
         build them: GIT appends the question's tokens to [CLS]; BLIP VQA encodes [CLS] question
         [SEP]; Florence2Processor builds a task's prompt (`images`: one, for its layout)."""
         if task is not None:
-            from transformers import Florence2Processor
-
-            processor = Florence2Processor.from_pretrained(self.src, local_files_only=True)
-            ids = processor(text=[task + (text or "")], images=[upright(images[0])], return_tensors="pt").input_ids
-            return self.prompt, [ids[:, int((ids[0] == processor.image_token_id).sum()) :]]
+            ids = self.tasks(text=[task + (text or "")], images=[upright(images[0])], return_tensors="pt").input_ids
+            return self.prompt, [ids[:, int((ids[0] == self.tasks.image_token_id).sum()) :]]
         if question is None:
             return self.prompt, []
         if self.family.QUESTION == "prompt":

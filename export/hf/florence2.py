@@ -96,7 +96,13 @@ def reference_logits(model, inputs, ids):
 
 
 def image_tokens(model, pixels) -> int:
-    return model.model.get_image_features(pixels[:1]).pooler_output.shape[1]
+    """How many image features DaViT's strided convolutions leave for these pixels, plus the pooled
+    one: the processor's <image> placeholders. Worked out from the config: running the tower to
+    count them would add a whole vision pass to every reference call."""
+    vision, (height, width) = model.config.vision_config, pixels.shape[-2:]
+    for kernel, stride, padding in zip(vision.patch_size, vision.patch_stride, vision.patch_padding):
+        height, width = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
+    return height * width + 1
 
 
 def generate(model, inputs, prompt, eos_id: int, **kwargs):
