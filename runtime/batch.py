@@ -16,7 +16,6 @@ errors (bad INPUT, OUT, model package, or resources the cluster cannot give).
 import argparse
 import csv
 import glob
-import hashlib
 import logging
 import os
 import sys
@@ -25,7 +24,7 @@ import warnings
 from pathlib import Path
 
 from .caption import IMAGE_SUFFIXES
-from .manifest import MANIFEST, PackageError, load_manifest
+from .manifest import PackageError, load_manifest
 from .providers import CHOICES
 
 WRITER_CPUS = 0.25  # the Parquet writer's share: actors must leave it room, or the job waits forever
@@ -103,7 +102,7 @@ class CaptionActor:
         self.captioner = Captioner(model, provider=provider, threads=threads)
         manifest = self.captioner.manifest
         self.identity = {"model": manifest.data["name"], "precision": manifest.data["precision"],
-                         "package_sha256": hashlib.sha256(manifest.path(MANIFEST).read_bytes()).hexdigest()}
+                         "package_sha256": manifest.digest}
 
     def __call__(self, batch: dict):
         import pyarrow as pa

@@ -32,6 +32,11 @@ class Manifest:
         return self.root / name
 
     @property
+    def digest(self) -> str:
+        """SHA-256 of manifest.json, which pins every file of the package by its own hash."""
+        return sha256(self.path(MANIFEST))
+
+    @property
     def preprocess(self) -> dict:
         return self.data["preprocess"]
 

@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from .caption import expand
 from .engine import BUNDLED, Captioner
-from .manifest import MANIFEST, PackageError
+from .manifest import PackageError
 from .preprocess import ImageError
 from .providers import CHOICES, ProviderError
 
@@ -40,7 +40,7 @@ class MemoryCache:
 
     def __init__(self, captioner: Captioner, folder: Path):
         self.captioner, self.encoded = captioner, 0
-        self.folder = folder / hashlib.sha256(captioner.manifest.path(MANIFEST).read_bytes()).hexdigest()
+        self.folder = folder / captioner.manifest.digest
 
     def get(self, path: str) -> tuple[np.ndarray, np.ndarray]:
         """Raises ImageError for a file that is not a usable image."""
