@@ -96,14 +96,21 @@ def uncached(graph_step: GraphStep) -> Step:
     return step
 
 
+def take_rows(x, rows: np.ndarray):
+    """x[:, rows], C-contiguous: numpy's fancy indexing on axis 1 returns the batch axis outermost
+    in memory, which ONNX Runtime then copies at every step (Florence-2-base's 33 MB of cross
+    K/V per beam: 36 vs 19 ms per beam-3 step); np.take writes it in order, 12x faster."""
+    return np.take(x, rows, axis=1) if isinstance(x, np.ndarray) else x[:, rows]
+
+
 def reorder(state: State, rows: np.ndarray, cross: bool = True) -> State:
     """Select/duplicate batch rows (beam expansion and reordering). Beams are reordered within
     their own image, whose cross-attention rows are all the same: `cross=False` leaves those
     alone (on a GPU, two fewer round trips through host memory per step)."""
+    key, value = take_rows(state.key, rows), take_rows(state.value, rows)
     if not cross:
-        return state._replace(tokens=state.tokens[rows], key=state.key[:, rows], value=state.value[:, rows])
-    return State(state.tokens[rows], state.key[:, rows], state.value[:, rows],
-                 state.cross_key[:, rows], state.cross_value[:, rows])
+        return state._replace(tokens=state.tokens[rows], key=key, value=value)
+    return State(state.tokens[rows], key, value, take_rows(state.cross_key, rows), take_rows(state.cross_value, rows))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
