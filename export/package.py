@@ -106,7 +106,49 @@ def export_graph(module, args, names, dynamic_shapes, path: Path) -> None:
     torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
                       dynamic_shapes=dynamic_shapes, opset_version=OPSET, dynamo=True,
                       external_data=True, verbose=False)
+    model = onnx.load(str(path))
+    if gelu_in_fusable_order(model):
+        (path.parent / f"{path.name}.data").unlink()  # onnx appends to an existing data file
+        onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def gelu_in_fusable_order(model: onnx.ModelProto) -> int:
+    """x * (0.5 * (1 + erf(x / sqrt 2))), as the exporter writes GELU, -> (x * (1 + erf(..))) * 0.5:
+    the same bits (a product with 0.5 is exact), in the order ONNX Runtime's GeluFusion knows,
+    so that each GELU and the bias before it run as one BiasGelu kernel (DaViT at 768 px: 30
+    GELUs, 5 elementwise passes each over up to 36864 x 512 values). Returns how many."""
+    halves = {n.output[0] for n in model.graph.node
+              if n.op_type == "Constant" and onnx.numpy_helper.to_array(n.attribute[0].t).tolist() == 0.5}
+    halves |= {i.name for i in model.graph.initializer if not i.dims and onnx.numpy_helper.to_array(i).tolist() == 0.5}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    users = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+
+    def only_user(name: str, op: str):
+        found = users.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op else None
+
+    rewritten = 0
+    for erf in (n for n in model.graph.node if n.op_type == "Erf"):
+        add = only_user(erf.output[0], "Add")
+        half = add and only_user(add.output[0], "Mul")
+        outer = half and only_user(half.output[0], "Mul")
+        div = producer.get(erf.input[0])
+        if not outer or div is None or div.op_type != "Div":
+            continue
+        constant = [i for i in half.input if i != add.output[0]]
+        x = [i for i in outer.input if i != half.output[0]]
+        if constant != [c for c in constant if c in halves] or len(constant) != 1 or x != [div.input[0]]:
+            continue
+        half.ClearField("input")
+        half.input.extend([x[0], add.output[0]])
+        outer.ClearField("input")
+        outer.input.extend([half.output[0], constant[0]])
+        rewritten += 1
+    return rewritten
 
 
 def graph_io(path: Path) -> dict:
