@@ -1,4 +1,5 @@
-"""python -m benchmarks.parity --model PKG [--reference CKPT|HF_DIR] [IMAGE...] [--eval-set N] [--held-out] [--json]
+"""python -m benchmarks.parity --model PKG [--reference CKPT|HF_DIR] [IMAGE...] [--eval-set N] [--held-out]
+                               [--question Q | --task TASK [--text TEXT]] [--json]
 
 Runs eager PyTorch (for a Hugging Face package: transformers' own `generate` and image
 processor) and the runtime side by side on the same images and prints:
@@ -13,6 +14,9 @@ processor) and the runtime side by side on the same images and prints:
   (trained decoders have logits in the tens to hundreds: judge agreement by this one);
 - nan_or_inf, cache_agreement (the package's own greedy tokens with and without the
   KV cache), size_mib per file: the fidelity report for reduced-precision packages.
+A question-answering package is compared on `--question`, a Florence-2 package on `--task`
+(its default task without one) and the task's `--text`, each side building the prompt its own
+way (the runtime from the manifest, the reference with transformers' processor).
 Without --reference the bundled model's checkpoint is found from what the manifest records.
 """
 
@@ -46,18 +50,22 @@ def load_reference(reference: Path | None, manifest: dict):
     return Reference(reference or checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)
 
 
-def teacher_forced(captioner: Captioner, ref, pixels: np.ndarray, ref_pixels, tokens: list[list[int]]):
+def teacher_forced(captioner: Captioner, ref, pixels: np.ndarray, images: list, tokens: list[list[int]], asked: dict):
     """Top-1 agreement, max |logit diff| and max |logit diff| / max |reference logit| along
     the reference's own captions."""
     agree, total, worst, worst_rel = 0, 0, 0.0, 0.0
-    ort_state = initial_state(*captioner.graphs.encode(pixels), captioner.manifest.max_positions)
+    prompt, inputs = captioner.ask(**asked)
+    ort_state = initial_state(*captioner.graphs.encode(pixels, *(np.tile(x, (len(pixels), 1)) for x in inputs)),
+                              captioner.manifest.max_positions)
+    ref_pixels = ref.pixels(images)
     for i, seq in enumerate(tokens):
         # A caption that ran to the length limit never fed its last token back: the decoder has
         # no position for it.
-        ids = np.array([[*ref.prompt, *seq]], dtype=np.int64)[:, : captioner.manifest.max_positions]
+        ids = np.array([[*prompt, *seq]], dtype=np.int64)[:, : captioner.manifest.max_positions]
         row = np.array([i])
         ort_logits = prefix_logits(captioner.graphs.step, reorder(ort_state, row), ids)
-        ref_logits = ref.logits(ref_pixels[i : i + 1], ids)
+        # Florence2Processor lays a task's prompt out with its image; the bundled model is asked nothing.
+        ref_logits = ref.logits(ref_pixels[i : i + 1], ids, **({**asked, "images": images[i : i + 1]} if asked else {}))
         agree += int((ort_logits.argmax(-1) == ref_logits.argmax(-1)).sum())
         total += ids.shape[1]
         diff = float(np.abs(ort_logits - ref_logits).max())  # NaN makes it NaN: reported
@@ -73,11 +81,15 @@ def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
     return [round(max(0.0, float(centre - half)), 4), round(min(1.0, float(centre + half)), 4)]
 
 
-def run(model: Path, reference: Path | None, images: list[str], num_beams: int = 1, max_new_tokens: int | None = None):
+def run(model: Path, reference: Path | None, images: list[str], num_beams: int = 1, max_new_tokens: int | None = None,
+        question: str | None = None, task: str | None = None, text: str | None = None):
     captioner = Captioner(model)
     manifest = captioner.manifest.data
+    cfg = captioner.generation_config(max_new_tokens, num_beams, question=question, task=task, text=text)
+    if captioner.manifest.tasks is not None:
+        task = task or captioner.manifest.tasks["default"]  # the reference has no default of its own
+    asked = {k: v for k, v in {"question": question, "task": task, "text": text}.items() if v is not None}
     ref = load_reference(reference, manifest)
-    cfg = captioner.generation_config(max_new_tokens, num_beams)
     usable, pixels = [], []
     for image in images:
         try:
@@ -88,12 +100,13 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
     if not usable:
         raise ValueError("no usable images")
     pixels = np.stack(pixels)
-    ours = [t for i in range(len(usable)) for t in captioner.generate(pixels[i : i + 1], cfg)]
-    without_cache = captioner.generate(pixels, replace(cfg, num_beams=1), cache=False)
-    with_cache = captioner.generate(pixels, replace(cfg, num_beams=1))
-    theirs = [t for img in usable for t in ref.generate([img], cfg)]
-    top1, diff, rel = teacher_forced(captioner, ref, pixels, ref.pixels(usable), theirs)
-    mismatches = [{"image": str(img), "runtime": captioner.decode(a), "reference": ref.decode(b)}
+    ours = [t for i in range(len(usable)) for t in captioner.generate(pixels[i : i + 1], cfg, **asked)]
+    without_cache = captioner.generate(pixels, replace(cfg, num_beams=1), cache=False, **asked)
+    with_cache = captioner.generate(pixels, replace(cfg, num_beams=1), **asked)
+    theirs = [t for img in usable for t in ref.generate([img], cfg, **asked)]
+    top1, diff, rel = teacher_forced(captioner, ref, pixels, usable, theirs, asked)
+    # Both sides' tokens in the package's own words: Florence-2's <loc_N> boxes are part of its text.
+    mismatches = [{"image": str(img), "runtime": captioner.decode(a), "reference": captioner.decode(b)}
                   for img, a, b in zip(usable, ours, theirs, strict=True) if a != b]
     same_concept = len(usable) - sum(primary_concept(m["runtime"]) != primary_concept(m["reference"]) for m in mismatches)
     return {
@@ -109,6 +122,7 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
         "cache_agreement": float(np.mean([a == b for a, b in zip(with_cache, without_cache, strict=True)])),
         "size_mib": {name: round(f["bytes"] / 2**20, 2) for name, f in manifest["files"].items()},
         "num_beams": cfg.num_beams,
+        **asked,
         "precision": manifest["precision"],
         "mismatches": mismatches,
     }
@@ -127,6 +141,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", type=Path, default=None,
                         help="training checkpoint (.pt), or the Hugging Face folder the package was exported from")
     parser.add_argument("--beams", type=int, default=1)
+    parser.add_argument("--question", default=None, help="for a question-answering package: the question asked")
+    parser.add_argument("--task", default=None, help="for a Florence-2 package: the task (its default if not given)")
+    parser.add_argument("--text", default=None, help="the text a task such as <CAPTION_TO_PHRASE_GROUNDING> takes")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -136,7 +153,8 @@ def main(argv=None) -> int:
         try:
             images = expand(args.images) + evaluation_images(args.eval_set, Path(tmp))
             images += heldout_images(Path(tmp)) if args.held_out else []
-            result = run(args.model, args.reference, images, args.beams, args.max_tokens)
+            result = run(args.model, args.reference, images, args.beams, args.max_tokens,
+                         args.question, args.task, args.text)
         except (PackageError, ProviderError, ExportError, ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2 if isinstance(e, (PackageError, ProviderError, ValueError)) else 1
@@ -154,7 +172,7 @@ def main(argv=None) -> int:
               f"teacher-forced top-1 {result['teacher_forced_top1']:.2%}  "
               f"max |logit diff| {result['max_abs_logit_diff']:.2e} (relative {result['max_rel_logit_diff']:.1e})  cache agreement {result['cache_agreement']:.1%}  "
               f"NaN/Inf {result['nan_or_inf']}  {result['precision']} {sum(result['size_mib'].values()):.1f} MiB  "
-              f"(beams {result['num_beams']})")
+              f"(beams {result['num_beams']}{''.join(f', {k} {result[k]!r}' for k in ('question', 'task', 'text') if k in result)})")
         for m in result["mismatches"]:
             print(f"  {m['image']}: runtime {m['runtime']!r} vs reference {m['reference']!r}")
     return 0

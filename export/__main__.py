@@ -20,6 +20,13 @@ def add_tolerance(parser: argparse.ArgumentParser) -> None:
                         help=f"self-check: allowed absolute difference on top (default {Tolerance.atol:g})")
 
 
+def add_vision_compute(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vision-compute", choices=["fp32", "int8"], default="fp32",
+                        help="int8: the vision graph's MatMuls compute in int8, activations quantized per token "
+                             "(faster on CPUs with int8 dot products, at a fidelity cost the calibration agreement "
+                             "and benchmarks.parity measure); fp32 (default): int8 weights for size only")
+
+
 def run(args) -> str:
     """The command's work; returns its summary. Heavy modules are imported per command."""
     if args.command == "train":
@@ -37,11 +44,13 @@ def run(args) -> str:
         from .quantize import quantize_package
 
         budget = {} if args.fp32_budget is None else {"fp32_budget": args.fp32_budget}
-        return quantize_package(args.src, args.precision, args.out, args.calibration, **budget)
+        return quantize_package(args.src, args.precision, args.out, args.calibration, **budget,
+                                vision_compute=args.vision_compute)
     if args.command == "hf":
         from .hf import export_hf
 
-        return export_hf(args.src, args.out, args.prompt, args.precision, Tolerance(args.rtol, args.atol))
+        return export_hf(args.src, args.out, args.prompt, args.precision, Tolerance(args.rtol, args.atol),
+                         args.vision_compute)
     from .hf_random import build_blip, build_florence2, build_git, build_vision_encoder_decoder
 
     # Tiny models are conditioned for parity tests; base ones keep transformers' own init
@@ -76,12 +85,14 @@ def main(argv=None) -> int:
     qz.add_argument("--fp32-budget", type=float, default=None,
                     help="int8: fraction of the encoder's Conv/Gemm weights kept FP32, most sensitive layers first "
                          "(default: export.quantize.FP32_BUDGET; more is larger on disk and closer to FP32)")
+    add_vision_compute(qz)
     hf = sub.add_parser("hf", help="export a local Hugging Face captioner folder (VisionEncoderDecoder, BLIP, "
                                    "BLIP VQA, GIT, Florence-2)")
     hf.add_argument("src", type=Path, help="folder with config.json, weights, tokenizer, preprocessor_config.json")
     hf.add_argument("--out", type=Path, required=True)
     hf.add_argument("--prompt", default=None, help='BLIP text prefix, e.g. "a picture of" (as the pipeline takes it)')
     hf.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32")
+    add_vision_compute(hf)
     add_tolerance(hf)
     rh = sub.add_parser("random-hf", help="build a random-weight Hugging Face captioner folder offline (tests, benchmarks)")
     rh.add_argument("out", type=Path)

@@ -2,6 +2,8 @@
 inputs it never saw (photo crops and generated images), and for INT8 on the held-out photos
 that quantization never reads (export/heldout)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from benchmarks.parity import run
 from export.check import ExportError
 from export.evaluation import evaluation_images, heldout_images, heldout_record
 from export.quantize import quantize_package
+from helpers import ROOT
 from runtime import DEFAULT_MODEL, Captioner
 from runtime.manifest import load_manifest
 
@@ -46,6 +49,17 @@ def test_fp16_runs_through_the_api(fp16_package, photo_paths):
 def test_only_fp32_packages_are_quantized(fp16_package, tmp_path):
     with pytest.raises(ExportError, match="is a fp16 package; start from an fp32 one"):
         quantize_package(fp16_package, "fp16", tmp_path / "again")
+
+
+def test_int8_compute_is_only_offered_to_int8_packages(tmp_path):
+    """Refused before anything is read or written, from the API and from both export commands."""
+    with pytest.raises(ExportError, match="vision compute 'int4': one of fp32, int8"):
+        quantize_package(DEFAULT_MODEL, "int8", tmp_path / "q", vision_compute="int4")
+    for command in (["quantize", str(DEFAULT_MODEL)], ["hf", str(tmp_path / "missing")]):
+        r = subprocess.run([sys.executable, "-m", "export", *command, "--out", str(tmp_path / "q"), "--precision",
+                            "fp16", "--vision-compute", "int8"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 1 and r.stderr == "error: vision compute int8 is for int8 packages (--precision int8)\n"
+    assert not (tmp_path / "q").exists()
 
 
 # INT8: the committed variant of the bundled model, and the tool that made it.

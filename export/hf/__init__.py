@@ -34,7 +34,7 @@ from runtime.search import GenerationConfig, until_eos
 from ..check import Agreement, ExportError, Tolerance, compare, compare_argmax
 from ..package import OPSET, GraphShape, report, trace, versions, write_package
 from ..progress import Progress
-from ..quantize import READS_TEXT, quantize_package
+from ..quantize import check_vision_compute, quantize_package
 from . import blip, blip_vqa, decoders, florence2, git, vision_encoder_decoder
 from .common import (HFCaptioner, generation_settings, image_processor, load_tokenizer, preprocess_spec, read_config,
                      single_eos)
@@ -102,15 +102,15 @@ def check_wrappers(family, model, captioner: HFCaptioner, shape: GraphShape, tol
 
 
 def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = "fp32",
-              tol: Tolerance = Tolerance()) -> str:
-    """A package of `precision` (int8 and fp16 are quantized from the FP32 export); returns
-    the summary lines (warnings first) for the entry point to print."""
+              tol: Tolerance = Tolerance(), vision_compute: str = "fp32") -> str:
+    """A package of `precision` (int8 and fp16 are quantized from the FP32 export, see
+    export.quantize for `vision_compute`); returns the summary lines (warnings first) for the
+    entry point to print."""
+    check_vision_compute(precision, vision_compute)
     if precision != "fp32":
-        if Path(src).is_dir() and family_of(Path(src)).QUESTION in ("encoder", "task"):
-            raise ExportError(f"{src}: {READS_TEXT}")
         with tempfile.TemporaryDirectory() as tmp:
             summary = export_hf(src, Path(tmp) / "fp32", prompt, tol=tol)
-            return summary + "\n" + quantize_package(Path(tmp) / "fp32", precision, out)
+            return summary + "\n" + quantize_package(Path(tmp) / "fp32", precision, out, vision_compute=vision_compute)
     src = Path(src)
     if not src.is_dir():
         raise ExportError(f"{src}: not a folder (a local Hugging Face model folder is expected)")
