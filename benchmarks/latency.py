@@ -10,8 +10,9 @@ Engines side by side in one process: each scenario's rounds interleave the varia
   processor + `generate`, the runtime on `python -m export hf DIR`, and optimum-onnx's
   ORTModelForVision2Seq run by --peer-python (a venv holding optimum-onnx, which pins
   transformers < 4.58) as a worker process that times its own calls the same way.
-- With --florence2 DIR (alone): transformers' Florence-2 processor + `generate` vs the runtime, <CAPTION>
-  and <OD>, greedy and beam 3, into latency-florence2-cpu.* (INT8 is not offered for Florence-2 yet).
+- With --florence2 DIR (alone): transformers' Florence-2 processor + `generate` vs the runtime FP32
+  and INT8 (`--vision-compute int8`), <CAPTION> and <OD>, greedy and beam 3, and whole processes'
+  cold start and peak RSS, into latency-florence2-cpu.*.
 - The floor: weight bytes read per decode step over the memory bandwidth measured in
   the same run, and each variant's ms/token as a multiple of it.
 - Whole processes: cold start of `python -m runtime.caption` and peak RSS, runtime vs eager.
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -251,21 +252,28 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
 
 
 def florence2_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
-    """transformers' processor + generate vs the runtime on a Florence-2 folder, <CAPTION> and <OD>,
-    greedy and the checkpoint's beam 3, `--max-tokens` each (the random weights never stop early)."""
+    """transformers' processor + generate vs the runtime FP32 and INT8 (its vision MatMuls computing
+    in int8) on a Florence-2 folder, <CAPTION> and <OD>, greedy and the checkpoint's beam 3,
+    `--max-tokens` each (the random weights never stop early); whole processes once per engine."""
     import torch
 
     from export.hf import HFReference, export_hf
     from export.hf.florence2 import ImageAndPrompt
+    from export.quantize import quantize_package
     from runtime import Captioner
-    from runtime.search import GenerationConfig
 
-    package = work / "package"
+    package, int8 = work / "package", work / "int8"
     start = time.perf_counter()
     export_hf(args.florence2, package)
-    notes = {"florence2_folder": str(args.florence2), "export_s": round(time.perf_counter() - start, 1),
-             "package_mib": round(sum(f.stat().st_size for f in package.iterdir()) / 2**20, 1)}
-    cap = Captioner(package, provider="cpu", threads=threads)
+    notes = {"florence2_folder": str(args.florence2), "export_s": round(time.perf_counter() - start, 1)}
+    start = time.perf_counter()
+    quantize_package(package, "int8", int8, calibration=8, vision_compute="int8")
+    notes["quantize_int8_s"] = round(time.perf_counter() - start, 1)
+    notes |= {f"{name}_package_mib": round(sum(f.stat().st_size for f in folder.iterdir()) / 2**20, 1)
+              for name, folder in (("fp32", package), ("int8", int8))}
+    cap, cap_int8 = (Captioner(p, provider="cpu", threads=threads) for p in (package, int8))
+    notes["int8_vision"] = {k: cap_int8.manifest.data["source"]["quantization"]["vision"][k]
+                            for k in ("calibration_agreement", "calibration_tokens", "int8_compute_matmuls")}
     ref = HFReference(args.florence2, cap.manifest.data)
     images, weights, scenarios = sorted(SAMPLES.glob("*.jpg")), decoder_weight_bytes(package), {}
     encoder = ImageAndPrompt(ref.model)
@@ -283,17 +291,28 @@ def florence2_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
                             in_torch(eager_vision, threads),
                             in_torch(lambda b, first=first, task=task: ref.generate(b, first, task=task), threads),
                             weights),
-                        "runtime FP32": runtime_variant(cap, beams, task, args.max_tokens)}
+                        "runtime FP32": runtime_variant(cap, beams, task, args.max_tokens),
+                        "runtime INT8": runtime_variant(cap_int8, beams, task, args.max_tokens)}
             scenarios[f"Florence-2, {task}, batch 1, {'greedy' if beams == 1 else 'beam 3'}, {threads} threads"] = (
                 variants, [[i] for i in images])
     torch.set_num_threads(threads)
+    # Whole processes: one <CAPTION> at the checkpoint's settings (beam 3), as a user starts it.
+    cfg = json.dumps(asdict(cap.generation_config(max_new_tokens=args.max_tokens, task="<CAPTION>")))
+    caption = ["--task", "<CAPTION>", "--max-tokens", args.max_tokens, "--threads", threads, images[0]]
+    runs = {"transformers generate": lambda: process_run(HF_PROCESS, args.florence2, package, images[0], "<CAPTION>", cfg),
+            "runtime FP32": lambda: process_run(RUNTIME_PROCESS, "--model", package, *caption),
+            "runtime INT8": lambda: process_run(RUNTIME_PROCESS, "--model", int8, *caption)}
+    measured = {name: [run() for _ in range(2)] for name, run in runs.items()}
+    notes["processes"] = {name: {"cold_start_s": round(statistics.median(t for t, _ in m), 2),
+                                 "peak_rss_mib": round(max(r for _, r in m), 1)} for name, m in measured.items()}
     return scenarios, notes
 
 
 RUNTIME_PROCESS = """
 import sys
 from runtime.caption import main
-main([sys.argv[1]])
+if main(sys.argv[1:]):
+    sys.exit("the caption command failed")
 """
 EAGER_PROCESS = """
 import sys
@@ -306,6 +325,16 @@ manifest = load_manifest(DEFAULT_MODEL).data
 ref = Reference(checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)
 print(ref.decode(ref.generate([sys.argv[1]], GenerationConfig(manifest["generation"]["max_new_tokens"]))[0]))
 """
+# transformers' own processor and generate on a Hugging Face folder: folder, package, image, task and
+# the generation settings as JSON.
+HF_PROCESS = """
+import json, sys
+from export.hf import HFReference
+from runtime.manifest import load_manifest
+from runtime.search import GenerationConfig
+ref = HFReference(sys.argv[1], load_manifest(sys.argv[2]).data)
+print(ref.generate([sys.argv[3]], GenerationConfig(**json.loads(sys.argv[5])), task=sys.argv[4]))
+"""
 # The child's own peak: VmHWM belongs to the exec'd address space. (ru_maxrss from wait4
 # would count the benchmark's own pages, torch included, from before the child's exec.)
 PEAK_RSS = """
@@ -313,21 +342,22 @@ print("VmHWM", next(l for l in open("/proc/self/status") if l.startswith("VmHWM"
 """
 
 
+def process_run(code: str, *args) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of a fresh `python -c code args...`, as a user starts it."""
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code + PEAK_RSS, *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    if r.returncode != 0:
+        raise SystemExit(f"error: a benchmark process failed: {r.stderr.strip().splitlines()[-1:]}")
+    return seconds, int(r.stderr.split("VmHWM")[-1].split()[0]) / 1024  # KiB -> MiB
+
+
 def process_costs(image: Path, runs: int) -> dict:
-    """Whole processes, as a user starts them: wall time of `python -m runtime.caption`
-    (imports, session creation, one caption) and peak RSS, runtime vs eager PyTorch."""
-
-    def child(code):
-        start = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", code + PEAK_RSS, str(image)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600)
-        seconds = time.perf_counter() - start
-        if r.returncode != 0:
-            raise SystemExit(f"error: a benchmark process failed: {r.stderr.strip().splitlines()[-1:]}")
-        return seconds, int(r.stderr.split("VmHWM")[-1].split()[0]) / 1024  # KiB -> MiB
-
-    runtime = [child(RUNTIME_PROCESS) for _ in range(runs)]
-    eager = [child(EAGER_PROCESS) for _ in range(runs)]
+    """Whole processes: wall time of `python -m runtime.caption` (imports, session creation, one
+    caption) and peak RSS, runtime vs eager PyTorch."""
+    runtime = [process_run(RUNTIME_PROCESS, image) for _ in range(runs)]
+    eager = [process_run(EAGER_PROCESS, image) for _ in range(runs)]
     return {"runtime_cold_start_s": round(statistics.median(t for t, _ in runtime), 3),
             "eager_cold_start_s": round(statistics.median(t for t, _ in eager), 3),
             "runtime_peak_rss_mib": round(max(r for _, r in runtime), 1),
@@ -361,6 +391,11 @@ def report(scenarios: dict, meta: dict) -> str:
                   f"`python -m runtime.caption` {p['runtime_cold_start_s']:.2f} s and {p['runtime_peak_rss_mib']:.0f} MiB "
                   f"peak RSS; eager PyTorch {p['eager_cold_start_s']:.2f} s and {p['eager_peak_rss_mib']:.0f} MiB "
                   f"({p['eager_peak_rss_mib'] / p['runtime_peak_rss_mib']:.1f}x the runtime's memory)."]
+    if "processes" in meta:
+        lines += ["Whole process, one <CAPTION> at the checkpoint's beam 3 (median of 2 fresh processes; peak RSS): "
+                  + "; ".join(f"{name} {p['cold_start_s']:.1f} s, {p['peak_rss_mib']:.0f} MiB"
+                              for name, p in meta["processes"].items())
+                  + f". Packages: FP32 {meta['fp32_package_mib']:.0f} MiB, INT8 {meta['int8_package_mib']:.0f} MiB."]
     return "\n".join(lines) + "\n"
 
 
