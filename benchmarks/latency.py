@@ -271,12 +271,12 @@ def text_encoder_ms(ref, packages: dict[str, Path], image: Path, task: str, thre
     for name, package in packages.items():
         manifest = json.loads((package / "manifest.json").read_text())
         vision = package / manifest["graphs"]["vision"]["file"]
-        graph = onnx.load(str(vision), load_external_data=False)
+        graph = onnx.load(str(vision))
         # The exporter names each node's module path: the torch.cat in ImageAndPrompt.forward itself.
         cat = next(n for n in graph.graph.node if n.op_type == "Concat" and any(
             m.key == "namespace" and "ImageAndPrompt/cat" in m.value for m in n.metadata_props))
         # The prompt's ids stay an input: the encoder's mask is built from them.
-        cut = onnx.utils.Extractor(onnx.load(str(vision))).extract_model(
+        cut = onnx.utils.Extractor(graph).extract_model(
             [cat.output[0], graph.graph.input[1].name], [o.name for o in graph.graph.output])
         # The Extractor's shape inference fixed the sizes the exporter traced at: free them again.
         del cut.graph.value_info[:]
