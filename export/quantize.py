@@ -5,13 +5,14 @@ FP32 (the runtime and the KV cache stay FP32), and LayerNormalization, Softmax a
 TopK kept in FP32 so that nothing overflows. Runs on CPU; made for CUDA/TensorRT.
 
 int8: weights only, in blocks of 32 values with their own scale, so that every row's
-activations are computed independently (cache == no cache, batch == single, by
-construction; per-tensor dynamic activation quantization breaks both). The decoder's
+activations are quantized independently (cache == no cache, batch == single: the same
+scales whatever the batch or prefix; per-tensor dynamic activation quantization breaks both). The decoder's
 MatMul weights (a tied LM head included) become onnxruntime's MatMulNBits (8 bits, int8
 compute: a decode step reads a quarter of the bytes). The vision graph's weights and the
 embedding tables are stored as int8 + DequantizeLinear, which ONNX Runtime folds back to
 FP32 at load (the runtime sets session.disable_quant_qdq for int8 packages): a third of
-the size at FP32 speed, since this CPU has no int8 dot product for large GEMMs and convolutions.
+the size at FP32 speed, by default, since ONNX Runtime's int8 convolutions ran the bundled CNN
+2.6x slower and MatMulNBits loses to FP32 GEMMs over an encoder's many tokens.
 Each quantized Conv/Gemm bias absorbs the mean output shift the rounding causes, measured
 on calibration images (bias correction), and the layers whose rounding moves the encoder's
 output most stay FP32 within a budget, chosen by measurement and recorded in the manifest.
