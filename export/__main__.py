@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import DEFAULT_CHECKPOINT, needs_extra
 from .check import ExportError, Tolerance
+from .destination import UsageError, check_out
 
 # Only argument parsing happens before a command runs: torch and transformers are imported by
 # the command that needs them, so --help is instant and a runtime-only install gets one line.
@@ -107,7 +108,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        if args.command in ("package", "quantize", "hf"):
+            check_out(args.out)  # before any work: a folder that is not ours is never replaced
         print(run(args))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

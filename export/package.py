@@ -17,7 +17,6 @@ anything is written to `out` (export.check says how agreement is judged).
 
 import json
 import platform
-import shutil
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -33,6 +32,7 @@ from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256
 from runtime.search import GenerationConfig, cached, capacity, greedy, initial_state, past_length, prefix_logits
 
 from .check import Agreement, ExportError, Tolerance, compare, compare_argmax
+from .destination import install
 from .progress import Progress
 from .reference import torch_graph_step
 
@@ -253,15 +253,12 @@ def trace(model: nn.Module, shape: GraphShape, folder: Path, progress: Progress,
 
 def write_package(folder: Path, out: Path, manifest: dict) -> dict:
     """Complete the manifest from what is in `folder` (files, graph signatures), write it,
-    and move the finished package to `out`."""
+    and put the finished package at `out` (export.destination)."""
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
                 "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())},
                 "graphs": {"vision": graph_io(folder / "vision.onnx"), "decoder": graph_io(folder / "decoder.onnx")}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(folder, out)
-    out.chmod(0o755)  # the temporary folder was private
+    install(folder, out)
     return manifest
 
 
