@@ -6,8 +6,10 @@ OUT is a Parquet dataset, one row per input image: path, caption, tokens, ms, er
 package that made it (name, precision, SHA-256 of its manifest, which pins every graph file).
 
 Resumable, exactly once: a rerun with the same OUT skips the paths already written. Parquet
-writes its footer last, so a file cut short by a killed job has none; such files are deleted
-and their images captioned again. A bad image is a row with an error, never a failed job.
+writes its footer last, so a part cut short by a killed job has none: a part of this job's
+own naming (edgecap-*.parquet) whose file does not end in Parquet's footer magic is deleted and its
+images captioned again. Any other file in OUT that cannot be read stops the run before any work,
+naming it; nothing else is ever deleted. A bad image is a row with an error, never a failed job.
 
 Exit status: 0 when every image has a caption, 1 when some rows carry an error, 2 for usage
 errors (bad INPUT, OUT, model package, or resources the cluster cannot give).
@@ -18,6 +20,7 @@ import csv
 import glob
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -28,6 +31,8 @@ from .manifest import PackageError, load_manifest
 from .providers import CHOICES
 
 WRITER_CPUS = 0.25  # the Parquet writer's share: actors must leave it room, or the job waits forever
+PART = re.compile(r"edgecap-[0-9a-f]+_\d{6}(-\d+)?\.parquet")  # the parts this job writes (part_names)
+MAGIC = b"PAR1"  # a Parquet file starts and ends with it; the end comes last, with the footer
 
 
 class BatchError(Exception):
@@ -76,19 +81,47 @@ def path_column(table: Path) -> list[str]:
     return [p for p in pq.read_table(table, columns=["path"]).column("path").to_pylist() if p]
 
 
+def cut_short(part: Path) -> bool:
+    """A part of ours whose footer provably never got written (a killed writer)."""
+    if not PART.fullmatch(part.name):
+        return False
+    with open(part, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - len(MAGIC)))
+        return size < 2 * len(MAGIC) or f.read() != MAGIC
+
+
 def written(out: Path) -> set[str]:
-    """Paths already in OUT. A file without a readable footer was cut short: deleted, redone."""
+    """Paths already in OUT. Parts of ours cut short by a kill are deleted (to be redone); any
+    other Parquet file that cannot be read is a BatchError naming it, before anything is deleted."""
     import pyarrow.parquet as pq
 
+    parts, short = sorted(out.glob("*.parquet")) if out.is_dir() else [], []
     done = set()
-    for part in sorted(out.glob("*.parquet")) if out.is_dir() else []:
+    for part in parts:
         try:
-            paths = pq.read_table(part, columns=["path"]).column("path").to_pylist()
-        except Exception:
-            part.unlink()
-            continue
-        done.update(paths)
+            if cut_short(part):
+                short.append(part)
+                continue
+            done.update(pq.read_table(part, columns=["path"]).column("path").to_pylist())
+        except Exception as e:  # permissions, another tool's file, a newer format, a network hiccup
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BatchError(f"{part}: cannot be read ({reason}); OUT must hold only this job's parts: "
+                             "move the file away or choose another --out") from None
+    for part in short:
+        part.unlink()
     return done
+
+
+def part_names():
+    """Ray's filename provider for this job's parts: names `written` can tell from any other file."""
+    from ray.data.datasource import FilenameProvider
+
+    class Parts(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"edgecap-{write_uuid.replace('-', '')}_{task_index:06}.parquet"
+
+    return Parts()
 
 
 class CaptionActor:
@@ -128,15 +161,15 @@ def actor_resources(total_cpus: float, actors: int, cpus: float | None, gpus: fl
     return cpus
 
 
-def run(inputs: list[str], out: Path, model: str | None, provider: str, actors: int, batch_size: int,
-        cpus: float | None, gpus: float, threads: int | None) -> dict:
-    """Captions the inputs not yet in OUT; returns counts for the summary. Ray must be initialised."""
+def run(inputs: list[str], done: set[str], out: Path, model: str | None, provider: str, actors: int,
+        batch_size: int, cpus: float | None, gpus: float, threads: int | None) -> dict:
+    """Captions the inputs not `done` (already in OUT); returns counts for the summary. Ray must be
+    initialised."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import ray
 
-    done = written(out)
     todo = [p for p in inputs if p not in done]
     start = time.perf_counter()
     if todo:
@@ -150,7 +183,8 @@ def run(inputs: list[str], out: Path, model: str | None, provider: str, actors: 
             fn_constructor_kwargs={"model": model, "provider": provider,
                                    "threads": threads or max(1, round(per_actor))},
             num_cpus=per_actor, num_gpus=gpus or None, batch_format="numpy")
-        captions.write_parquet(str(out), ray_remote_args={"num_cpus": WRITER_CPUS}, schema=schema())
+        captions.write_parquet(str(out), ray_remote_args={"num_cpus": WRITER_CPUS}, schema=schema(),
+                               filename_provider=part_names())
     elapsed = time.perf_counter() - start
     table = pads.dataset(str(out), format="parquet", schema=schema()).to_table(columns=["path", "error"])
     mine = pc.is_in(table.column("path"), value_set=pa.array(todo, type=pa.string()))
@@ -187,14 +221,14 @@ def main(argv=None) -> int:
             raise BatchError("--batch-size must be at least 1")
         if args.model is not None:
             load_manifest(args.model)  # refuse a bad package here, not in every actor
-        inputs = list_inputs(args.input)
+        # Paths must mean the same files to every actor: relative ones are made absolute here.
+        inputs = [os.path.abspath(p) for p in list_inputs(args.input)]
         if args.out.exists() and not args.out.is_dir():
             raise BatchError(f"{args.out}: exists and is not a folder")
+        done = written(args.out)
     except (BatchError, PackageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # Paths must mean the same files to every actor: relative ones are made absolute here.
-    inputs = [os.path.abspath(p) for p in inputs]
     logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         ray.init(address=args.address, logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
@@ -202,7 +236,7 @@ def main(argv=None) -> int:
         print(f"error: cannot start Ray: {(str(e).strip().splitlines() or [type(e).__name__])[-1]}", file=sys.stderr)
         return 2
     try:
-        summary = run(inputs, args.out, args.model and os.path.abspath(args.model), args.provider, args.actors,
+        summary = run(inputs, done, args.out, args.model and os.path.abspath(args.model), args.provider, args.actors,
                       args.batch_size, args.cpus_per_actor, args.gpus_per_actor, args.threads)
     except BatchError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from helpers import ROOT, caption_without_torch
-from runtime.batch import BatchError, actor_resources, list_inputs, written
+from runtime.batch import PART, BatchError, actor_resources, list_inputs, written
 
 BAD = {"junk.jpg": b"not an image", "empty.png": b"", "page.gif": b"<html><body>moved</body></html>",
        "strip.png": None, "cut.jpg": None}
@@ -113,16 +113,42 @@ def test_a_killed_job_rerun_gives_every_input_exactly_once(library, tmp_path):
     assert code == 1, err
     paths = [r["path"] for r in rows(out)]
     assert len(paths) == len(set(paths)) == 305
+    assert all(PART.fullmatch(p.name) for p in out.iterdir())  # named as its own: a rerun may redo them
 
 
-def test_files_cut_short_by_a_kill_are_dropped_and_redone(tmp_path):
-    table = pa.table({"path": ["a.jpg", "b.jpg"], "caption": ["x", "y"]})
-    pq.write_table(table, tmp_path / "whole.parquet")
-    pq.write_table(pa.table({"path": ["c.jpg"], "caption": ["z"]}), tmp_path / "cut.parquet")
-    data = (tmp_path / "cut.parquet").read_bytes()
-    (tmp_path / "cut.parquet").write_bytes(data[: len(data) - 20])  # no footer: the writer was killed
+OURS = "edgecap-0123abcd_000001-0.parquet"  # a part as runtime.batch names its own
+
+
+def test_parts_of_ours_cut_short_by_a_kill_are_dropped_and_redone(tmp_path):
+    pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"], "caption": ["x", "y"]}), tmp_path / "whole.parquet")
+    pq.write_table(pa.table({"path": ["c.jpg"], "caption": ["z"]}), tmp_path / OURS)
+    data = (tmp_path / OURS).read_bytes()
+    (tmp_path / OURS).write_bytes(data[: len(data) - 20])  # no footer: the writer was killed
     assert written(tmp_path) == {"a.jpg", "b.jpg"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["whole.parquet"]
+
+
+@pytest.mark.parametrize("name, damage", [("other-tool.parquet", "cut"),  # not ours: never deleted
+                                          (OURS, "middle")])  # ours, footer present, unreadable otherwise
+def test_an_unreadable_file_stops_the_run_and_nothing_is_deleted(tmp_path, name, damage):
+    out, images = tmp_path / "out", tmp_path / "in"
+    out.mkdir()
+    images.mkdir()
+    Image.new("RGB", (64, 48)).save(images / "a.png")
+    pq.write_table(pa.table({"path": ["c.jpg"] * 50, "caption": ["z"] * 50}), out / name)
+    data = (out / name).read_bytes()
+    damaged = data[:-20] if damage == "cut" else data[:4] + bytes(len(data) - 12) + data[-8:]
+    (out / name).write_bytes(damaged)
+    pq.write_table(pa.table({"path": ["d.jpg"]}), out / OURS.replace("1-0.", "2-0."))
+    (out / OURS.replace("1-0.", "3-0.")).write_bytes(b"PAR1 cut")  # ours and cut short: deleted only if the run goes on
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(BatchError, match=f"{name}: cannot be read"):
+        written(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = subprocess.run([sys.executable, "-m", "runtime.batch", str(images), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {out / name}: cannot be read"), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_inputs_from_a_folder_a_glob_a_csv_or_parquet(library, tmp_path):
