@@ -9,7 +9,7 @@ import pytest
 
 from runtime import DEFAULT_MODEL, Captioner
 from runtime.preprocess import load_pixels
-from runtime.search import cached, decode_one_token, initial_state, prefill
+from runtime.search import cached, decode_one_token, prefill
 
 SAMPLE = DEFAULT_MODEL.parent.parent / "samples" / "chelsea.jpg"
 
@@ -30,14 +30,14 @@ def test_preprocess(benchmark, captioner):
 
 
 def test_vision_graph(benchmark, captioner, pixels):
-    key, _ = benchmark(captioner.encode, pixels)
-    assert key.shape[1] == 1
+    keys, _ = benchmark(captioner.graphs.encode, pixels)
+    assert keys[0].shape[0] == 1
 
 
 def test_decode_one_token(benchmark, captioner, pixels):
     step = cached(captioner.graphs.step)
     slots = captioner.manifest.max_positions
-    logits, state = prefill(step, initial_state(*captioner.graphs.encode(pixels), slots), captioner.prompt[None])
+    logits, state = prefill(step, captioner.graphs.start(captioner.graphs.encode(pixels), slots), captioner.prompt[None])
     for _ in range(captioner.manifest.max_positions // 2):  # a half-full cache, like mid-caption
         logits, state = decode_one_token(step, state, logits.argmax(-1))
     out, _ = benchmark(decode_one_token, step, state, logits.argmax(-1))

@@ -127,14 +127,14 @@ def runtime_variant(cap, beams: int, task: str | None = None, max_new_tokens: in
     """The runtime's captions; `vision` is everything before the first decoder step (with a
     task, Florence-2's text encoder over [image; prompt] included)."""
     from runtime.preprocess import load_pixels
-    from runtime.search import cached, initial_state, prefill
+    from runtime.search import cached, prefill
 
     def encode(batch):
         pixels = np.stack([load_pixels(i, cap.manifest.preprocess) for i in batch])
         return cap.graphs.encode(pixels, *(np.tile(x, (len(batch), 1)) for x in cap.ask(task=task)[1]))
 
     def first_token(batch):
-        state = initial_state(*encode(batch), len(cap.prompt))
+        state = cap.graphs.start(encode(batch), len(cap.prompt))
         return prefill(cached(cap.graphs.step), state, np.tile(cap.prompt, (len(batch), 1)))
 
     return Variant(lambda b: [c.tokens for c in cap.caption(b, num_beams=beams, batch_size=8, task=task,
@@ -149,7 +149,7 @@ def bundled_scenarios(args, threads: int) -> dict:
     from export import DEFAULT_CHECKPOINT
     from runtime import DEFAULT_MODEL, Captioner
     from runtime.engine import BUNDLED
-    from runtime.search import cached, initial_state, prefill
+    from runtime.search import cached, prefill
 
     package = args.model or DEFAULT_MODEL
     captioners = {n: Captioner(package, provider="cpu", threads=n) for n in sorted({1, threads})}
@@ -167,7 +167,7 @@ def bundled_scenarios(args, threads: int) -> dict:
             return in_torch(fn, n_threads)
 
         def eager_first(batch):
-            state = initial_state(*ref.cross(ref.pixels(batch)), len(ref.prompt))
+            state = ref.start(ref.pixels(batch), len(ref.prompt))
             return prefill(cached(ref.graph_step), state, np.tile(ref.prompt, (len(batch), 1)))
 
         out = {"eager PyTorch": Variant(eager(lambda b: ref.generate(b, cfg)), eager(lambda b: ref.cross(ref.pixels(b))),
@@ -290,6 +290,52 @@ def text_encoder_ms(ref, packages: dict[str, Path], image: Path, task: str, thre
     return {k: round(v, 1) for k, v in out.items()}
 
 
+CAPACITIES = [40, 64, 128, 256, 512, 1024]  # 40: what 40 tokens fill; 1024: Florence-2's max_length 1025
+
+
+def capacity_sweep(cap, image: Path, task: str, capacities: list[int], tokens: int, rounds: int) -> dict:
+    """ms per decode step over the same `tokens` tokens of one image with caches of each capacity
+    reserved, greedy and beam 3 (the beam reorder timed on its own), capacities interleaved in each
+    round, medians. The cache costs nothing if the columns are flat."""
+    from runtime.preprocess import load_pixels
+    from runtime.search import Cache, beam_search, cached, greedy
+
+    reorders: list[float] = []
+
+    class Timed(Cache):
+        def reorder(self, parents):
+            ms, out = timed(super().reorder, parents)
+            reorders.append(ms)
+            return out
+
+    prompt, inputs = cap.ask(task=task)
+    memory = cap.graphs.encode(load_pixels(image, cap.manifest.preprocess)[None], *(x[None] for x in inputs))
+    eos, step, samples, first, calls = cap.manifest.tokenizer["eos_id"], cached(cap.graphs.step), {}, {}, []
+
+    def counted(state, ids):
+        calls.append(ids.shape)
+        return step(state, ids)
+
+    for _ in range(rounds + 1):  # the first round warms up
+        for slots in capacities:
+            for beams, search in ((1, greedy), (3, beam_search)):
+                cfg = cap.generation_config(num_beams=beams, max_new_tokens=tokens, task=task)
+                state = cap.graphs.start(memory, slots)
+                state = state._replace(cache=Timed(**vars(state.cache)))
+                reorders.clear()
+                calls.clear()
+                ms, out = timed(search, counted, state, prompt[None], eos, cfg)
+                first.setdefault(beams, out)
+                sample = samples.setdefault((slots, beams), {"step_ms": [], "reorder_ms": [], "same": []})
+                sample["step_ms"].append(ms / len(calls))
+                sample["reorder_ms"].append(sum(reorders) / len(calls))
+                sample["same"].append(out == first[beams])
+    return {f"capacity {slots}, {'greedy' if beams == 1 else 'beam 3'}": {
+                "step_ms": round(statistics.median(s["step_ms"][1:]), 2),
+                "reorder_ms": round(statistics.median(s["reorder_ms"][1:]), 3), "same_tokens": all(s["same"])}
+            for (slots, beams), s in samples.items()}
+
+
 def florence2_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     """transformers' processor + generate vs the runtime FP32 and INT8 (its vision MatMuls computing
     in int8) on a Florence-2 folder, <CAPTION> and <OD>, greedy and the checkpoint's beam 3,
@@ -332,20 +378,23 @@ def florence2_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
                             weights),
                         "runtime FP32": runtime_variant(cap, beams, task, args.max_tokens),
                         "runtime INT8": runtime_variant(cap_int8, beams, task, args.max_tokens)}
-            scenarios[f"Florence-2, {task}, batch 1, {'greedy' if beams == 1 else 'beam 3'}, {threads} threads"] = (
+            scenarios[f"Florence-2, {task}, batch 1, {'greedy' if beams == 1 else 'beam 3'}, at most "
+                      f"{cfg.max_new_tokens} tokens, {threads} threads"] = (
                 variants, [[i] for i in images])
     torch.set_num_threads(threads)
     notes["text_encoder_ms"] = text_encoder_ms(ref, {"runtime FP32": package, "runtime INT8": int8}, images[0],
                                                "<CAPTION>", threads)
     # Whole processes: one <CAPTION> at the checkpoint's settings (beam 3), as a user starts it.
     cfg = json.dumps(asdict(cap.generation_config(max_new_tokens=args.max_tokens, task="<CAPTION>")))
-    caption = ["--task", "<CAPTION>", "--max-tokens", args.max_tokens, "--threads", threads, images[0]]
+    limit = [] if args.max_tokens is None else ["--max-tokens", args.max_tokens]
+    caption = ["--task", "<CAPTION>", *limit, "--threads", threads, images[0]]
     runs = {"transformers generate": lambda: process_run(HF_PROCESS, args.florence2, package, images[0], "<CAPTION>", cfg),
             "runtime FP32": lambda: process_run(RUNTIME_PROCESS, "--model", package, *caption),
             "runtime INT8": lambda: process_run(RUNTIME_PROCESS, "--model", int8, *caption)}
     measured = {name: [run() for _ in range(2)] for name, run in runs.items()}
     notes["processes"] = {name: {"cold_start_s": round(statistics.median(t for t, _ in m), 2),
                                  "peak_rss_mib": round(max(r for _, r in m), 1)} for name, m in measured.items()}
+    notes["capacity_sweep"] = capacity_sweep(cap, images[0], "<CAPTION>", CAPACITIES, 40, args.rounds)
     return scenarios, notes
 
 
@@ -440,6 +489,17 @@ def report(scenarios: dict, meta: dict) -> str:
                   "Text encoder alone, part of the vision column (<CAPTION>, median of 5; the runtime's includes the "
                   "decoder's cross-attention K/V projections): "
                   + "; ".join(f"{name} {ms:.0f} ms" for name, ms in meta["text_encoder_ms"].items()) + "."]
+    if "capacity_sweep" in meta:
+        sweep = meta["capacity_sweep"]
+        rows = {key.split(",")[0]: {} for key in sweep}
+        for key, r in sweep.items():
+            rows[key.split(",")[0]][key.split(", ")[1]] = r
+        lines += ["", f"Runtime FP32, ms per decode step over the same 40 tokens of one <CAPTION> with caches of each "
+                  f"capacity reserved (medians of {meta['rounds']} interleaved rounds; beam 3: step and beam reorder):", "",
+                  "| capacity | greedy | beam 3 | of which the beam reorder | same tokens |", "|---|---|---|---|---|"]
+        for capacity, r in rows.items():
+            lines.append(f"| {capacity.split()[1]} | {r['greedy']['step_ms']:.1f} | {r['beam 3']['step_ms']:.1f} "
+                         f"| {r['beam 3']['reorder_ms']:.2f} | {r['greedy']['same_tokens'] and r['beam 3']['same_tokens']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -479,7 +539,8 @@ def main(argv=None) -> int:
     parser.add_argument("--florence2", type=Path, default=None,
                         help="a Florence-2 folder (e.g. `python -m export random-hf DIR --encoder florence2 --size base`): "
                              "measure it alone, into latency-florence2-cpu.*")
-    parser.add_argument("--max-tokens", type=int, default=20, help="tokens per Florence-2 answer (default 20)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="tokens per Florence-2 answer at most (default: the checkpoint's own, max_length 1025)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one scenario, 2 rounds, no files written: a smoke run")

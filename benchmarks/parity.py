@@ -36,7 +36,7 @@ from export.evaluation import evaluation_images, heldout_images
 from runtime import Captioner, ImageError, PackageError, ProviderError
 from runtime.caption import expand
 from runtime.preprocess import load_pixels
-from runtime.search import initial_state, prefix_logits, reorder
+from runtime.search import prefix_logits, take_rows
 
 
 def load_reference(reference: Path | None, manifest: dict):
@@ -55,15 +55,14 @@ def teacher_forced(captioner: Captioner, ref, pixels: np.ndarray, images: list, 
     the reference's own captions."""
     agree, total, worst, worst_rel = 0, 0, 0.0, 0.0
     prompt, inputs = captioner.ask(**asked)
-    ort_state = initial_state(*captioner.graphs.encode(pixels, *(np.tile(x, (len(pixels), 1)) for x in inputs)),
-                              captioner.manifest.max_positions)
+    outputs = captioner.graphs.encode(pixels, *(np.tile(x, (len(pixels), 1)) for x in inputs))
     ref_pixels = ref.pixels(images)
     for i, seq in enumerate(tokens):
         # A caption that ran to the length limit never fed its last token back: the decoder has
         # no position for it.
         ids = np.array([[*prompt, *seq]], dtype=np.int64)[:, : captioner.manifest.max_positions]
-        row = np.array([i])
-        ort_logits = prefix_logits(captioner.graphs.step, reorder(ort_state, row), ids)
+        one = tuple([take_rows(x, np.array([i])) for x in layers] for layers in outputs)
+        ort_logits = prefix_logits(captioner.graphs.step, captioner.graphs.start(one, ids.shape[1]), ids)
         # Florence2Processor lays a task's prompt out with its image; the bundled model is asked nothing.
         ref_logits = ref.logits(ref_pixels[i : i + 1], ids, **({**asked, "images": images[i : i + 1]} if asked else {}))
         agree += int((ort_logits.argmax(-1) == ref_logits.argmax(-1)).sum())

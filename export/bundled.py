@@ -2,10 +2,12 @@
 top-5 concept tokens -> the trained decoder) traced into runtime/models/default."""
 
 import tempfile
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
-from runtime.manifest import sha256
+from runtime.manifest import Decoder, sha256
+from runtime.search import capacity
 
 from .check import Tolerance
 from .encoder import IMAGE_SIZE, load_pretrained, pretrained_weights_path
@@ -20,8 +22,8 @@ def export_package(checkpoint: Path, out: Path, tol: Tolerance = Tolerance()) ->
     decoder, tok, ckpt = load_decoder(checkpoint)
     captioner = Captioner(load_pretrained(), decoder).eval()
     cfg, special = decoder.cfg, special_ids(tok)
-    shape = GraphShape(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.top_k, cfg.vocab_size, cfg.max_positions,
-                       (IMAGE_SIZE, IMAGE_SIZE))
+    shape = GraphShape(Decoder(cfg.n_layer, cfg.n_head, cfg.n_head, cfg.head_dim, cfg.vocab_size, cfg.max_positions,
+                               "cross"), cfg.top_k, (IMAGE_SIZE, IMAGE_SIZE))
     progress = Progress("export", 4, every_s=0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -30,8 +32,8 @@ def export_package(checkpoint: Path, out: Path, tol: Tolerance = Tolerance()) ->
         manifest = write_package(folder, out, {
             "name": "efficientnet-lite0-concept-captioner",
             "precision": "fp32",
-            "dims": shape.dims(),
-            "decoder": shape.decoder_section(),
+            "dims": shape.dims(capacity(1, cfg.max_positions)),
+            "decoder": asdict(shape.decoder),
             "preprocess": EFFICIENTNET_LITE0,
             "tokenizer": {"file": "tokenizer.json", "eos_id": special["eos_id"], "clean_up_spaces": False},
             "generation": {"prompt_ids": [special["bos_id"]], "max_new_tokens": cfg.max_positions, "num_beams": 1,

@@ -2,11 +2,9 @@
 a GPT-2-style decoder with cross-attention and an explicit KV cache.
 
 Everything the runtime runs is traced from here, and parity is measured against it.
-Caches are fixed-capacity buffers, shaped (layers, batch, heads, capacity, head_dim), with
-`past_length` (shape (1,)) saying how many slots hold keys: a step writes its tokens' K/V at
-slots past_length.. and masks the unwritten ones, so one `step` serves prefill (past_length 0)
-and decoding, and no shape ever depends on how far a caption has got (no zero-length tensors,
-one TensorRT profile, buffers of one size for the whole caption).
+Caches are per-layer buffers of fixed capacity (export.kv): a step writes its tokens' K/V at
+slots cache_lengths.. in place and attends to the slots written, so one `step` serves prefill
+(an empty cache) and decoding, and no buffer shape depends on how far a caption has got.
 """
 
 import math
@@ -14,12 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
 from . import DEFAULT_CHECKPOINT
 from .encoder import NUM_CLASSES, EfficientNetLite0
+from .kv import attend, cached_attention, pick
 
 
 @dataclass(frozen=True)
@@ -45,23 +43,6 @@ def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
     return x.view(b, t, n_head, d // n_head).transpose(1, 2)
 
 
-def causal(past_length: torch.Tensor, t: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of t new tokens after `past_length` cached ones, and the (t, capacity) mask
-    letting query i (at absolute position past_length + i) see slots 0 .. past_length + i."""
-    positions = torch.arange(t, device=past_length.device) + past_length
-    return positions, torch.arange(capacity, device=past_length.device)[None, :] <= positions[:, None]
-
-
-def write(cache: torch.Tensor, new: torch.Tensor, past_length: torch.Tensor) -> torch.Tensor:
-    """(B, H, capacity, Dh) cache with `new` (B, H, t, Dh) at slots past_length .. past_length+t-1.
-    Gather + Where rather than an in-place or scatter write: exact, and plain ops for every
-    exporter and TensorRT."""
-    t, capacity = new.shape[2], cache.shape[2]
-    offset = torch.arange(capacity, device=cache.device) - past_length
-    fresh = (offset >= 0) & (offset < t)
-    return torch.where(fresh[:, None], new.index_select(2, offset.clamp(0, t - 1)), cache)
-
-
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     b, h, t, dh = x.shape
     return x.transpose(1, 2).reshape(b, t, h * dh)
@@ -81,12 +62,12 @@ class Block(nn.Module):
         self.cross_proj = nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
 
-    def forward(self, x, past_k, past_v, past_length, cross_k, cross_v, mask):
+    def forward(self, x, past_k, past_v, cache_lengths, cross_k, cross_v):
         q, k, v = (split_heads(t, self.n_head) for t in self.self_qkv(self.ln_1(x)).chunk(3, dim=-1))
-        k, v = write(past_k, k, past_length), write(past_v, v, past_length)
-        x = x + self.self_proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        a, k, v = cached_attention(q, k, v, past_k, past_v, cache_lengths)
+        x = x + self.self_proj(merge_heads(a))
         q = split_heads(self.cross_q(self.ln_2(x)), self.n_head)
-        x = x + self.cross_proj(merge_heads(F.scaled_dot_product_attention(q, cross_k, cross_v)))
+        x = x + self.cross_proj(merge_heads(attend(q, cross_k, cross_v)))
         x = x + self.mlp(self.ln_3(x))
         return x, k, v
 
@@ -125,31 +106,30 @@ class ConceptDecoder(nn.Module):
         ranks = self.rank_emb.weight[: class_ids.shape[1]]
         return self.ln_mem(self.class_emb(class_ids) + self.prob_proj(feats) + ranks)
 
-    def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-layer cross-attention K/V, stacked: 2 x (L, B, H, K, Dh)."""
+    def cross_kv(self, memory: torch.Tensor) -> tuple[list, list]:
+        """Per-layer cross-attention K/V: two lists of (B, H, K, Dh)."""
         kv = [block.cross_kv(memory).chunk(2, dim=-1) for block in self.blocks]
-        keys = torch.stack([split_heads(k, self.cfg.n_head) for k, _ in kv])
-        values = torch.stack([split_heads(v, self.cfg.n_head) for _, v in kv])
-        return keys, values
+        return [split_heads(k, self.cfg.n_head) for k, _ in kv], [split_heads(v, self.cfg.n_head) for _, v in kv]
 
-    def step(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
-        """input_ids (B, T) + caches -> logits (B, T, V), present key/value (L, B, H, capacity, Dh)."""
-        positions, mask = causal(past_length, input_ids.shape[1], past_key.shape[3])
-        x = self.wte(input_ids) + self.wpe(positions)
+    def step(self, input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values, cross_keys, cross_values):
+        """input_ids (B, T) + caches -> logits (B, K, V) at logit_index, present keys/values per layer."""
+        x = self.wte(input_ids) + self.wpe(position_ids)
         keys, values = [], []
         for i, block in enumerate(self.blocks):
-            x, k, v = block(x, past_key[i], past_value[i], past_length, cross_key[i], cross_value[i], mask)
+            x, k, v = block(x, past_keys[i], past_values[i], cache_lengths, cross_keys[i], cross_values[i])
             keys.append(k)
             values.append(v)
-        logits = self.ln_f(x) @ self.wte.weight.T  # tied LM head
-        return logits, torch.stack(keys), torch.stack(values)
+        logits = self.ln_f(pick(x, logit_index)) @ self.wte.weight.T  # tied LM head
+        return logits, keys, values
 
     def forward(self, class_ids, probs, input_ids):
         """Teacher-forced logits for training: the same step over an empty cache."""
         cross = self.cross_kv(self.memory(class_ids, probs))
         c, (b, t) = self.cfg, input_ids.shape
-        past = torch.zeros(c.n_layer, b, c.n_head, t, c.head_dim, device=input_ids.device)
-        return self.step(input_ids, past, past, torch.zeros(1, dtype=torch.int64, device=input_ids.device), *cross)[0]
+        past = [torch.zeros(b, c.n_head, t, c.head_dim, device=input_ids.device)] * c.n_layer
+        every = torch.arange(t, device=input_ids.device).expand(b, t)
+        return self.step(input_ids, every, torch.zeros(b, dtype=torch.int64, device=input_ids.device), every,
+                         past, past, *cross)[0]
 
 
 class Captioner(nn.Module):
@@ -163,11 +143,11 @@ class Captioner(nn.Module):
         probs, ids = self.encoder(pixels).softmax(dim=-1).topk(self.decoder.cfg.top_k, dim=-1)
         return ids, probs
 
-    def vision(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def vision(self, pixels: torch.Tensor) -> tuple[list, list]:
         return self.decoder.cross_kv(self.decoder.memory(*self.concepts(pixels)))
 
-    def step(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
-        return self.decoder.step(input_ids, past_key, past_value, past_length, cross_key, cross_value)
+    def step(self, *feeds):
+        return self.decoder.step(*feeds)
 
 
 def load_decoder(path: Path = DEFAULT_CHECKPOINT):

@@ -2,41 +2,45 @@
 a manifest), whichever model it is (the bundled one in export/bundled.py, the Hugging Face
 families in export/hf/).
 
-- vision.onnx: pixel_values [+ text_ids] -> the decoder's memory K/V, every layer's,
+- vision.onnx: pixel_values [+ text_ids] -> the decoder's memory, every layer's keys and values,
   computed once per image (and question or task prompt)
-- decoder.onnx: input_ids + fixed-capacity past K/V + past_length + memory K/V -> logits +
-  present K/V; the first step has past_length 0, so one graph serves prefill and decoding
+- decoder.onnx: input_ids, position_ids, cache_lengths, logit_index, every layer's cache buffer
+  [+ cross-attention memory] -> logits at logit_index + every layer's cache buffer with the new
+  tokens written in (export.kv: in place when bound so); one graph serves prefill and decoding
   (no `If`, no zero-length tensors).
-The memory is of one of two kinds (`GraphShape.memory`, the manifest's `decoder.memory`):
-"cross", read by cross-attention (ViT-GPT2, BLIP), or "prefix", keys and values that precede
-the self-attention cache in one softmax (GIT's image tokens). The runtime runs both alike.
-Both are checked with onnx.checker and against eager PyTorch in ONNX Runtime at
-shapes other than the export examples, and by greedy decoding of sample images, before
-anything is written to `out` (export.check says how agreement is judged).
+The memory is of one of two kinds (the manifest's `decoder.memory`): "cross", read by
+cross-attention (ViT-GPT2, BLIP, Florence-2), or "prefix", keys and values that fill the cache's
+first slots (GIT's image tokens). Graph inputs and outputs are named by role
+(runtime.manifest.roles). Both graphs are checked with onnx.checker and against eager PyTorch in
+ONNX Runtime at shapes other than the export examples, and by greedy decoding of sample images,
+before anything is written to `out` (export.check says how agreement is judged).
 """
 
 import json
 import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import torch
 from torch import nn
 from torch.export import Dim
 
 from runtime.graphs import Graphs
-from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256
-from runtime.search import GenerationConfig, cached, capacity, greedy, initial_state, past_length, prefix_logits
+from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, Decoder, roles, sha256
+from runtime.search import Cache, GenerationConfig, cached, capacity, greedy, prefix_logits, start
 
 from .check import Agreement, ExportError, Tolerance, compare, compare_argmax
 from .destination import install
+from .kv import TRANSLATIONS
 from .progress import Progress
 from .reference import torch_graph_step
 
 OPSET = 18  # lowest the dynamo exporter targets natively; widest TensorRT/Jetson support
+DECODER_OPSET = 24  # the decoder step's TensorScatter (export.kv)
 GREEDY_SAMPLES, GREEDY_TOKENS = 3, 16  # random images decoded greedily by both, without stopping at EOS
 
 
@@ -44,42 +48,35 @@ GREEDY_SAMPLES, GREEDY_TOKENS = 3, 16  # random images decoded greedily by both,
 class GraphShape:
     """What the tracer and the manifest need to know about a captioner's two graphs."""
 
-    layers: int
-    heads: int
-    head_dim: int
+    decoder: Decoder
     memory_tokens: int  # with text_positions: the memory's tokens beyond the text's (Florence-2's image tokens)
-    vocab_size: int
-    max_positions: int
     image_size: tuple[int, int]
-    memory: str = "cross"  # "cross" or "prefix" (module docstring)
     # > 0: the vision graph also takes text_ids (batch, text <= this many tokens), and the memory
     # is as long as what the text makes it: BLIP VQA's question encoding, Florence-2's encoder
     # states over [image tokens; task prompt].
     text_positions: int = 0
 
-    def decoder_section(self) -> dict:
-        return {"layers": self.layers, "heads": self.heads, "head_dim": self.head_dim, "memory": self.memory,
-                "memory_tokens": None if self.text_positions else self.memory_tokens,
-                "vocab_size": self.vocab_size, "max_positions": self.max_positions}
+    def dims(self, default_capacity: int) -> dict:
+        """Ranges of the graphs' symbolic dims, each with the size TensorRT optimises for (`opt`:
+        one image, one new token, the cache of the package's default run, the model's real
+        memory with a short prompt). TensorRT profiles are built from these."""
+        positions = self.decoder.max_positions
+        slots = positions + (self.memory_tokens if self.decoder.memory == "prefix" else 0)
+        prompt = min(8, self.text_positions)
+        text = {"text": {"min": 1, "opt": prompt, "max": self.text_positions},
+                "memory": {"min": 1, "opt": self.memory_tokens + prompt,
+                           "max": self.memory_tokens + self.text_positions}} if self.text_positions else {}
+        return {"batch": {"min": 1, "opt": 1, "max": None}, "seq": {"min": 1, "opt": 1, "max": positions},
+                "picked": {"min": 1, "opt": 1, "max": positions},
+                "capacity": {"min": 1, "opt": min(default_capacity, slots), "max": slots}, **text}
 
-    def dims(self) -> dict:
-        """Ranges of the graphs' symbolic dims: TensorRT profiles are built from these."""
-        text = {"text": {"min": 1, "max": self.text_positions},
-                "memory": {"min": 1, "max": self.memory_tokens + self.text_positions}} if self.text_positions else {}
-        return {"batch": {"min": 1, "max": None}, "seq": {"min": 1, "max": self.max_positions},
-                "capacity": {"min": 1, "max": self.max_positions}, **text}
-
-    def io(self) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
-        """(inputs, outputs) names of the vision graph, then of the decoder-step graph."""
-        memory = [f"{self.memory}_key", f"{self.memory}_value"]
-        vision = ["pixel_values", *(["text_ids"] if self.text_positions else [])]
-        return (vision, memory), (["input_ids", "past_key", "past_value", "past_length", *memory],
-                                  ["logits", "present_key", "present_value"])
+    def io(self) -> dict[str, tuple[list[str], list[str]]]:
+        return roles(self.decoder, bool(self.text_positions))
 
     def vision_inputs(self, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
         """Random vision-graph inputs: pixels, and 5 text tokens where the graph takes text."""
         pixels = torch.randn(batch, 3, *self.image_size, generator=gen)
-        text = [torch.randint(self.vocab_size, (batch, 5), generator=gen)] if self.text_positions else []
+        text = [torch.randint(self.decoder.vocab_size, (batch, 5), generator=gen)] if self.text_positions else []
         return [pixels, *text]
 
 
@@ -93,24 +90,49 @@ class VisionGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
+    """The step with its cross-attention memory as one list (keys then values), or none (a prefix
+    memory: left out of the example inputs, not passed empty, which would unname the dims)."""
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, past_key, past_value, past_length, memory_key, memory_value):
-        return self.model.step(input_ids, past_key, past_value, past_length, memory_key, memory_value)
+    def forward(self, input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values, memory=()):
+        half = len(memory) // 2
+        return self.model.step(input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values,
+                               *((memory[:half], memory[half:]) if memory else ()))
 
 
 def export_graph(module, args, names, dynamic_shapes, path: Path) -> None:
     inputs, outputs = names
     torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
                       dynamic_shapes=dynamic_shapes, opset_version=OPSET, dynamo=True,
-                      external_data=True, verbose=False)
+                      external_data=True, verbose=False, custom_translation_table=TRANSLATIONS)
     model = onnx.load(str(path))
-    if gelu_in_fusable_order(model):
+    rewritten = gelu_in_fusable_order(model)
+    if any(n.op_type == "TensorScatter" for n in model.graph.node):
+        model, rewritten = to_decoder_opset(model), True
+    if rewritten:
         (path.parent / f"{path.name}.data").unlink()  # onnx appends to an existing data file
         onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def to_decoder_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The exported step (opset 18, where TensorScatter is not yet defined) converted to opset 24
+    by onnx's version converter, TensorScatter held aside under a placeholder domain meanwhile."""
+    scatters = [n for n in model.graph.node if n.op_type == "TensorScatter"]
+    for node in scatters:
+        node.domain = "edgecap.placeholder"
+    model.opset_import.append(onnx.helper.make_opsetid("edgecap.placeholder", 1))
+    model = onnx.version_converter.convert_version(model, DECODER_OPSET)
+    for node in model.graph.node:
+        if node.domain == "edgecap.placeholder":
+            node.domain = ""
+    kept = [o for o in model.opset_import if o.domain != "edgecap.placeholder"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return model
 
 
 def gelu_in_fusable_order(model: onnx.ModelProto) -> int:
@@ -164,25 +186,30 @@ def graph_io(path: Path) -> dict:
     return {"file": path.name, "inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
+def eager_outputs(model: nn.Module, inputs: list[torch.Tensor]) -> tuple[list, list]:
+    with torch.inference_mode():
+        return tuple([t.numpy() for t in layers] for layers in model.vision(*inputs))
+
+
 def check_greedy(model: nn.Module, graphs: Graphs, shape: GraphShape, prompt: list[int], tol: Tolerance,
                  seen: Agreement) -> None:
     """Greedy decoding of random images through the graphs and through eager PyTorch gives the
     same tokens; where a row diverges, the reference must have scored the two picks within the
     tolerance (a tie), else the export is refused."""
     inputs = shape.vision_inputs(GREEDY_SAMPLES, torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        cross = [t.numpy() for t in model.vision(*inputs)]
+    outputs = eager_outputs(model, inputs)
     ids = np.array(prompt, np.int64)
-    cfg = GenerationConfig(max_new_tokens=min(GREEDY_TOKENS, shape.max_positions - len(prompt) + 1))
+    cfg = GenerationConfig(max_new_tokens=min(GREEDY_TOKENS, shape.decoder.max_positions - len(prompt) + 1))
     eager_step, no_eos, slots = torch_graph_step(model), -1, capacity(len(prompt), cfg.max_new_tokens)
     ours = graphs.generate(inputs[0].numpy(), ids, no_eos, cfg, inputs=[t.numpy() for t in inputs[1:]])
-    theirs = greedy(cached(eager_step), initial_state(*cross, slots), np.tile(ids, (GREEDY_SAMPLES, 1)), no_eos, cfg)
+    theirs = greedy(cached(eager_step), start(shape.decoder, outputs, slots), np.tile(ids, (GREEDY_SAMPLES, 1)), no_eos, cfg)
     for row, (got, want) in enumerate(zip(ours, theirs, strict=True)):
         if got == want:
             continue
         t = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
         fed = np.array([[*prompt, *want[:t]]])
-        logits = prefix_logits(eager_step, initial_state(*(c[:, row : row + 1] for c in cross), fed.shape[1]), fed)[0, -1]
+        one = tuple([x[row : row + 1] for x in layers] for layers in outputs)
+        logits = prefix_logits(eager_step, start(shape.decoder, one, fed.shape[1]), fed)[0, -1]
         margin = float(logits[want[t]] - logits[got[t]])
         if not margin <= tol.bound(float(np.abs(logits).max())):
             raise ExportError(f"greedy decoding of sample image {row}: token {t} is {got[t]} in ONNX Runtime and "
@@ -194,26 +221,35 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
              prompt: list[int]) -> Agreement:
     """ONNX Runtime vs eager at batch sizes and lengths the exporter never saw: every output
     within `tol`, the next token at every position, then greedy decoding of sample images."""
-    graphs = Graphs.open(folder / "vision.onnx", folder / "decoder.onnx")
-    gen = torch.Generator().manual_seed(1)
-    seen = Agreement()
-    (_, memory), (_, outputs) = shape.io()
+    graphs = Graphs.open(folder / "vision.onnx", folder / "decoder.onnx", shape.decoder)
+    gen, rng = torch.Generator().manual_seed(1), np.random.default_rng(1)
+    seen, d = Agreement(), shape.decoder
+    roles_ = shape.io()
     for batch in (1, 3):
         inputs = shape.vision_inputs(batch, gen)
-        with torch.inference_mode():
-            cross = [t.numpy() for t in model.vision(*inputs)]
-        compare(f"vision graph at batch {batch}", memory, graphs.encode(*(t.numpy() for t in inputs)), cross, tol, seen)
-        # Capacities beyond past + seq: slots not yet written hold noise, which must stay masked.
+        outputs = eager_outputs(model, inputs)
+        got = graphs.encode(*(t.numpy() for t in inputs))
+        compare(f"vision graph at batch {batch}", roles_["vision"][1], [*got[0], *got[1]], [*outputs[0], *outputs[1]], tol, seen)
+        memory = outputs if d.memory == "cross" else ()
+        # Rows of different lengths (the batch's last row one slot behind), capacities beyond what is
+        # written: slots not yet written hold noise, which must stay masked.
         for past, seq, slots in ((0, 1, 1), (0, 7, 9), (5, 1, 6), (11, 3, 17)):
-            ids = torch.randint(shape.vocab_size, (batch, seq), generator=gen)
-            past_kv = [torch.randn(shape.layers, batch, shape.heads, slots, shape.head_dim, generator=gen)
-                       for _ in range(2)]
-            feeds = [ids.numpy(), *(t.numpy() for t in past_kv), past_length(past), *cross]
+            lengths = np.full(batch, past) - (np.arange(batch) == batch - 1) * (past > 0) * (batch > 1)
+            ids = rng.integers(d.vocab_size, size=(batch, seq))
+            positions = lengths[:, None] + np.arange(seq)
+            index = np.tile(np.arange(seq), (batch, 1))
+            noise = [rng.standard_normal((batch, d.kv_heads, slots, d.head_dim)).astype(np.float32) for _ in range(2 * d.layers)]
             with torch.inference_mode():
-                want = [t.numpy() for t in model.step(*map(torch.from_numpy, feeds))]
-            got = graphs.step(*feeds)
+                logits, keys, values = model.step(*map(torch.from_numpy, (ids, positions, lengths, index)),
+                                                  [torch.from_numpy(x) for x in noise[: d.layers]],
+                                                  [torch.from_numpy(x) for x in noise[d.layers :]],
+                                                  *([[torch.from_numpy(x) for x in layers] for layers in memory]))
+            want = [logits.numpy(), *(t.numpy() for t in (*keys, *values))]
+            cache = [x.copy() for x in noise]
+            written = Cache(cache[: d.layers], cache[d.layers :], lengths, np.zeros(batch, np.int64))
+            got = [graphs.step(ids, positions, written, memory, index), *cache]
             what = f"decoder step graph at batch {batch}, past {past}, length {seq}"
-            compare(what, outputs, got, want, tol, seen)
+            compare(what, roles_["decoder"][1], got, want, tol, seen)
             compare_argmax(what, got[0], want[0], tol, seen)
         progress.update(batch, seen.summary())
     check_greedy(model, graphs, shape, prompt, tol, seen)
@@ -224,26 +260,29 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
 def trace(model: nn.Module, shape: GraphShape, folder: Path, progress: Progress, tol: Tolerance,
           prompt: list[int]) -> Agreement:
     """Both graphs into `folder`, checked by onnx.checker and against eager in ONNX Runtime.
-    `model` has `vision(pixels[, text_ids]) -> memory K/V` and `step(...)` as in runtime.search; `prompt`
-    starts the greedy check as it starts every caption."""
+    `model` has `vision(pixels[, text_ids]) -> per-layer (keys, values)` and `step(...)` as in
+    export.hf.decoders; `prompt` starts the greedy check as it starts every caption."""
+    d, io = shape.decoder, shape.io()
     batch = Dim("batch", min=1, max=1024)
-    vision_io, decoder_io = shape.io()
     text = Dim("text", min=1, max=shape.text_positions) if shape.text_positions else None
     vision_dims = {"pixel_values": {0: batch}, **({"text_ids": {0: batch, 1: text}} if text else {})}
-    export_graph(VisionGraph(model).eval(), tuple(shape.vision_inputs(2, torch.Generator())), vision_io, vision_dims,
+    export_graph(VisionGraph(model).eval(), tuple(shape.vision_inputs(2, torch.Generator())), io["vision"], vision_dims,
                  folder / "vision.onnx")
     progress.update(1, "vision graph traced and checked")
-    # Example sizes >= 2 everywhere, or the exporter specialises the dims to 0/1.
-    slots, seq = Dim("capacity", min=1, max=shape.max_positions), Dim("seq", min=1, max=shape.max_positions)
-    kv = (shape.layers, 2, shape.heads, 5, shape.head_dim)
-    cross = (shape.layers, 2, shape.heads, 4 if text else shape.memory_tokens, shape.head_dim)
-    example = (torch.zeros(2, 3, dtype=torch.int64), torch.randn(kv), torch.randn(kv), torch.tensor([2]),
-               torch.randn(cross), torch.randn(cross))
-    memory = Dim("memory", min=1, max=shape.memory_tokens + shape.text_positions) if text else None
-    cache_dims, memory_dims = {1: batch, 3: slots}, {1: batch, **({3: memory} if memory else {})}
-    names = dict(zip(["input_ids", "past_key", "past_value", "past_length", "memory_key", "memory_value"],
-                     [{0: batch, 1: seq}, cache_dims, cache_dims, None, memory_dims, memory_dims]))
-    export_graph(DecoderStepGraph(model).eval(), example, decoder_io, names, folder / "decoder.onnx")
+    # Example sizes >= 2 everywhere and distinct, or the exporter specialises the dims.
+    positions = d.max_positions
+    slots = Dim("capacity", min=1, max=positions + (shape.memory_tokens if d.memory == "prefix" else 0))
+    seq, picked = Dim("seq", min=1, max=positions), Dim("picked", min=1, max=positions)
+    cache = [torch.randn(2, d.kv_heads, 7, d.head_dim) for _ in range(2 * d.layers)]
+    memory = [torch.randn(2, d.heads, 4 if text else shape.memory_tokens, d.head_dim)
+              for _ in range(2 * d.layers)] if d.memory == "cross" else []
+    example = (torch.zeros(2, 3, dtype=torch.int64), torch.tensor([[2, 3, 4], [2, 3, 4]]), torch.tensor([2, 2]),
+               torch.tensor([[0, 2], [1, 2]]), cache[: d.layers], cache[d.layers :], *([memory] if memory else []))
+    memory_dims = {0: batch, **({2: Dim("memory", min=1, max=shape.memory_tokens + shape.text_positions)} if text else {})}
+    dynamic = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}, "cache_lengths": {0: batch},
+               "logit_index": {0: batch, 1: picked}, "past_keys": [{0: batch, 2: slots}] * d.layers,
+               "past_values": [{0: batch, 2: slots}] * d.layers, **({"memory": [memory_dims] * len(memory)} if memory else {})}
+    export_graph(DecoderStepGraph(model).eval(), example, io["decoder"], dynamic, folder / "decoder.onnx")
     progress.update(2, "decoder step graph traced and checked")
     seen = validate(model, shape, folder, Progress("validate", 3, every_s=0), tol, prompt)
     progress.update(3, f"ONNX Runtime matches eager PyTorch ({seen.summary()}, {seen.argmax_rows} next tokens "

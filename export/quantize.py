@@ -42,7 +42,8 @@ from runtime import Captioner
 from runtime.graphs import CPU, Graphs, session_options
 from runtime.manifest import GRAPHS, load_manifest
 from runtime.preprocess import load_pixels
-from runtime.search import GenerationConfig, initial_state, past_length
+from runtime.manifest import Decoder
+from runtime.search import GenerationConfig, cached
 
 from .check import ExportError
 from .evaluation import evaluation_images, heldout_record
@@ -82,7 +83,12 @@ def topological_sort(graph: onnx.GraphProto) -> None:
 
 
 def to_fp16(src: Path, dst: Path) -> None:
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=FP32_OPS)
+    """Inputs and outputs stay FP32 but for the decoder's cache buffers, which become FP16: the
+    step writes them in place, so their type is the graph's."""
+    model = onnx.load(str(src))
+    io = [v.name for v in (*model.graph.input, *model.graph.output)]
+    kept = [n for n in io if not n.startswith(("past_", "present_"))]
+    model = convert_float_to_float16(model, keep_io_types=kept, op_block_list=FP32_OPS)
     topological_sort(model.graph)
     del model.graph.value_info[:]  # stale FP32 annotations the tool leaves on converted tensors
     onnx.save(model, str(dst))  # small enough for one file: no external data
@@ -317,6 +323,7 @@ class Request:
     inputs: list[np.ndarray]
     eos_id: int
     cfg: GenerationConfig
+    decoder: Decoder
 
     @classmethod
     def of(cls, src: Path) -> "Request":
@@ -326,7 +333,7 @@ class Request:
         asked = {"question": CALIBRATION_QUESTION} if captioner.manifest.question == "encoder" else {}
         cfg = captioner.generation_config(num_beams=1, **asked)
         return cls(*captioner.ask(**asked), captioner.manifest.tokenizer["eos_id"],
-                   replace(cfg, max_new_tokens=min(cfg.max_new_tokens, CALIBRATION_TOKENS)))
+                   replace(cfg, max_new_tokens=min(cfg.max_new_tokens, CALIBRATION_TOKENS)), captioner.manifest.decoder)
 
     def vision_feeds(self, graph: onnx.ModelProto, pixels: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip([i.name for i in graph.graph.input], (pixels, *self.rows(len(pixels)))))
@@ -336,7 +343,8 @@ class Request:
 
     def captions(self, vision: ort.InferenceSession, decoder: ort.InferenceSession, pixels: np.ndarray):
         """Greedy captions of `pixels` through the given sessions."""
-        return Graphs(vision, decoder).generate(pixels, self.prompt, self.eos_id, self.cfg, inputs=self.rows(len(pixels)))
+        return Graphs(vision, decoder, self.decoder).generate(pixels, self.prompt, self.eos_id, self.cfg,
+                                                              inputs=self.rows(len(pixels)))
 
 
 def int8_vision(src: Path, manifest: dict, request: Request, folder: Path, calibration_images: int,
@@ -410,14 +418,14 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
 
 def check_finite(folder: Path, manifest: dict, precision: str, request: Request) -> None:
     """Random images through both graphs, prefill and one cached step: no NaN or Inf."""
-    graphs = Graphs.open(*(folder / manifest["graphs"][role]["file"] for role in GRAPHS), precision)
+    graphs = Graphs.open(*(folder / manifest["graphs"][role]["file"] for role in GRAPHS), request.decoder, precision)
     shape = manifest["graphs"]["vision"]["inputs"][0]["shape"]
     pixels = np.random.default_rng(0).uniform(-1, 1, (3, 3, *shape[2:])).astype(np.float32)
-    ids = np.tile(request.prompt, (len(pixels), 1))
-    state = initial_state(*graphs.encode(pixels, *request.rows(len(pixels))), 2 * ids.shape[1])
-    logits, key, value = graphs.step(ids, state.key, state.value, past_length(0), state.cross_key, state.cross_value)
-    logits2, _, _ = graphs.step(ids, key, value, past_length(ids.shape[1]), state.cross_key, state.cross_value)
-    for what, array in (("cross K/V", state.cross_key), ("prefill logits", logits), ("step logits", logits2)):
+    ids, step = np.tile(request.prompt, (len(pixels), 1)), cached(graphs.step)
+    memory = graphs.encode(pixels, *request.rows(len(pixels)))
+    logits, state = step(graphs.start(memory, 2 * ids.shape[1]), ids)
+    logits2, _ = step(state, ids)
+    for what, array in (("memory K/V", np.stack(memory[0])), ("prefill logits", logits), ("step logits", logits2)):
         if not np.isfinite(array).all():
             raise ExportError(f"{what} contain NaN or Inf")
 

@@ -7,21 +7,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.manifest import sha256
-from runtime.search import GenerationConfig, cached, capacity, generate, initial_state, prefix_logits
+from runtime.manifest import Decoder, sha256
+from runtime.search import GenerationConfig, cached, capacity, generate, prefix_logits, start
 
 from .encoder import load_pretrained
 from .model import Captioner, load_decoder
 from .preprocess import reference_pixels
 
 
-def torch_graph_step(decoder):
-    """Adapt `ConceptDecoder.step` to the `GraphStep` signature (numpy in, numpy out)."""
+def torch_graph_step(model):
+    """Adapt a model's `step` (export.model, export.hf.decoders) to the `GraphStep` signature:
+    numpy in, the present keys and values written back into the cache's buffers, logits out."""
+
+    def tensor(a):
+        return torch.from_numpy(np.ascontiguousarray(a))
 
     @torch.inference_mode()
-    def step(*feeds):
-        args = (torch.from_numpy(np.ascontiguousarray(a)) for a in feeds)
-        return tuple(t.numpy() for t in decoder.step(*args))
+    def step(ids, positions, cache, memory, logit_index):
+        logits, keys, values = model.step(tensor(ids), tensor(positions), tensor(cache.lengths), tensor(logit_index),
+                                          [tensor(k) for k in cache.keys], [tensor(v) for v in cache.values],
+                                          *([tensor(x) for x in layers] for layers in memory))
+        for buffer, present in zip((*cache.keys, *cache.values), (*keys, *values)):
+            buffer[...] = present.numpy()
+        return logits.numpy()
 
     return step
 
@@ -36,21 +44,25 @@ class Reference:
         self.prompt = np.array(manifest["generation"]["prompt_ids"], dtype=np.int64)
         self.eos_id = manifest["tokenizer"]["eos_id"]
         self.graph_step = torch_graph_step(decoder)
+        self.decoder = Decoder(**manifest["decoder"])
 
     def pixels(self, images) -> torch.Tensor:
         return torch.stack([reference_pixels(i, self.spec) for i in images])
 
     @torch.inference_mode()
-    def cross(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(t.numpy() for t in self.model.vision(pixels))
+    def cross(self, pixels: torch.Tensor) -> tuple[list, list]:
+        return tuple([t.numpy() for t in layers] for layers in self.model.vision(pixels))
+
+    def start(self, pixels: torch.Tensor, slots: int):
+        return start(self.decoder, self.cross(pixels), slots)
 
     def generate(self, images, cfg: GenerationConfig) -> list[list[int]]:
-        state = initial_state(*self.cross(self.pixels(images)), capacity(len(self.prompt), cfg.max_new_tokens))
+        state = self.start(self.pixels(images), capacity(len(self.prompt), cfg.max_new_tokens))
         return generate(cached(self.graph_step), state, np.tile(self.prompt, (len(images), 1)), self.eos_id, cfg)
 
     def logits(self, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:
         """Teacher-forced logits (N, T, V) for token rows that start with the prompt."""
-        return prefix_logits(self.graph_step, initial_state(*self.cross(pixels), ids.shape[1]), ids)
+        return prefix_logits(self.graph_step, self.start(pixels, ids.shape[1]), ids)
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)

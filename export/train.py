@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime.search import GenerationConfig, cached, capacity, greedy, initial_state
+from runtime.manifest import Decoder
+from runtime.search import GenerationConfig, cached, capacity, greedy, start
 
 from .check import ExportError
 from .concepts import class_names, describe, sample_distribution, with_article
@@ -80,11 +81,12 @@ def heldout_exact_match(model, tok, ids, probs, sentences) -> float:
     """Greedy captions from the trained decoder vs the rule's sentence, on unseen inputs."""
     sp = special_ids(tok)
     with torch.inference_mode():
-        cross = [t.numpy() for t in model.cross_kv(model.memory(torch.from_numpy(ids), torch.from_numpy(probs)))]
+        memory = model.cross_kv(model.memory(torch.from_numpy(ids), torch.from_numpy(probs)))
     prompt = np.full((len(ids), 1), sp["bos_id"], dtype=np.int64)
-    cfg = GenerationConfig(max_new_tokens=model.cfg.max_positions)
-    out = greedy(cached(torch_graph_step(model)), initial_state(*cross, capacity(1, cfg.max_new_tokens)), prompt,
-                 sp["eos_id"], cfg)
+    c, cfg = model.cfg, GenerationConfig(max_new_tokens=model.cfg.max_positions)
+    state = start(Decoder(c.n_layer, c.n_head, c.n_head, c.head_dim, c.vocab_size, c.max_positions, "cross"),
+                  tuple([t.numpy() for t in layers] for layers in memory), capacity(1, cfg.max_new_tokens))
+    out = greedy(cached(torch_graph_step(model)), state, prompt, sp["eos_id"], cfg)
     return float(np.mean([tok.decode(o) == s for o, s in zip(out, sentences)]))
 
 

@@ -50,13 +50,14 @@ def report(model) -> tuple[dict, list[str]]:
     facts["model"] = {
         "path": str(m.root), "name": m.data.get("name"), "precision": m.data["precision"],
         "mib": round(sum(f["bytes"] for f in m.data["files"].values()) / 2**20, 1),
-        "checks": "manifest, SHA-256 of every file, graph inputs and external data: ok",
+        "checks": "manifest, SHA-256 of every file, graph inputs, outputs and external data: ok",
         "tensorrt_ready": ", ".join(f"{role} {'; '.join(p) or 'ok'}" for role, p in hygiene.items()),
     }
     facts["auto_provider"] = cap.provider
     facts["auto_notes"] = cap.info + cap.notes
     if "TensorrtExecutionProvider" in ort.get_available_providers():
-        facts["tensorrt_cache"] = str(prov.cache_dir(m) or "none: the TensorRT version or the GPU cannot be read")
+        facts["tensorrt_cache"] = str(prov.cache_dir(m, cap.max_batch) or "none: the TensorRT version or the GPU "
+                                                                              "cannot be read")
         # A problem only where TensorRT could run it (the CPU default, INT8, is not for TensorRT).
         problems += [f"{role} graph: {p}" for role, ps in hygiene.items() for p in ps]
     return facts, problems

@@ -26,7 +26,7 @@ from .providers import ProviderError
 from .manifest import GRAPHS, PackageError, load_manifest
 from .florence import parse
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels, open_image, to_pixels
-from .search import GenerationConfig
+from .search import GenerationConfig, take_rows
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
 # The bundled model's variants. INT8 passes the fidelity gate (README "Quantization"), so it
@@ -91,7 +91,8 @@ class Captioner:
         self.provider = prov.LABELS[decoder.get_providers()[0]]
         use_binding = self.provider != "CPU" if io_binding is None else io_binding
         # Where bound caches live: GPU memory under CUDA/TensorRT; host memory when forced on CPU.
-        self.graphs = Graphs(vision, decoder, None if not use_binding else ("cpu" if self.provider == "CPU" else "cuda"))
+        self.graphs = Graphs(vision, decoder, self.manifest.decoder,
+                             None if not use_binding else ("cpu" if self.provider == "CPU" else "cuda"))
         try:
             self.tokenizer = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer["file"])))
         except Exception as e:
@@ -105,7 +106,7 @@ class Captioner:
         fails is an error; `auto` moves down the list, one line per provider that failed."""
         notes = []
         while True:
-            if names[0] == prov.ORT_NAMES["tensorrt"] and tensorrt_version() and (build := prov.engine_note(self.manifest)):
+            if names[0] == prov.ORT_NAMES["tensorrt"] and tensorrt_version() and (build := prov.engine_note(self.manifest, max_batch)):
                 log.warning(build)
             try:
                 sessions = tuple(self._session(role, opts, [(n, prov.provider_options(n, self.manifest, role, max_batch))
@@ -228,10 +229,12 @@ class Captioner:
         return clean_up_tokenization(text) if self.manifest.tokenizer["clean_up_spaces"] else text
 
     def encode(self, image) -> tuple[np.ndarray, np.ndarray]:
-        """The image's memory K/V in host memory, batch 1 (what score_memories takes; a
-        retrieval index keeps it). Raises ImageError."""
+        """The image's memory keys and values in host memory, every layer's stacked: (layers, 1,
+        heads, tokens, head_dim) each (what score_memories takes; a retrieval index keeps it).
+        Raises ImageError."""
         pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
-        return tuple(host(x) for x in self.graphs.encode(pixels, *(x[None] for x in self.ask()[1])))
+        outputs = self.graphs.encode(pixels, *(x[None] for x in self.ask()[1]))
+        return tuple(np.stack([host(x) for x in layers]) for layers in outputs)
 
     def score(self, image, texts: list[str], mean: bool = False, question: str | None = None,
               task: str | None = None, text: str | None = None) -> list[float]:
@@ -246,19 +249,22 @@ class Captioner:
         prompt, inputs = self.ask(question, task, text)
         sequences = [self.scored_sequence(t, prompt) for t in texts]
         pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
-        key, value = self.graphs.encode(pixels, *(x[None] for x in inputs))
-        return self._scores(key, value, np.zeros(len(texts), dtype=np.int64), sequences, len(prompt), mean)
+        outputs = self.graphs.encode(pixels, *(x[None] for x in inputs))
+        return self._scores(outputs, np.zeros(len(texts), dtype=np.int64), sequences, len(prompt), mean)
 
     def score_memories(self, key: np.ndarray, value: np.ndarray, text: str, mean: bool = False) -> list[float]:
-        """log p(text | image) for each image whose memory (`encode`) is a row of key/value:
-        retrieval's ranking, `max_batch` images per decoder pass."""
+        """log p(text | image) for each image whose memory (`encode`) is a row of key/value
+        (axis 1): retrieval's ranking, `max_batch` images per decoder pass."""
         sequence = self.scored_sequence(text, self.prompt)
-        return self._scores(key, value, np.arange(key.shape[1]), [sequence] * key.shape[1], len(self.prompt), mean)
+        return self._scores((list(key), list(value)), np.arange(key.shape[1]), [sequence] * key.shape[1],
+                            len(self.prompt), mean)
 
-    def _scores(self, key, value, rows: np.ndarray, sequences: list[np.ndarray], start: int, mean: bool) -> list[float]:
-        """Sequence i scored against memory row rows[i], `max_batch` sequences per decoder pass."""
+    def _scores(self, outputs: tuple[list, list], rows: np.ndarray, sequences: list[np.ndarray], start: int,
+                mean: bool) -> list[float]:
+        """Sequence i scored against memory row rows[i] of the per-layer `outputs`, `max_batch`
+        sequences per decoder pass."""
         n = self.max_batch
-        scores = np.concatenate([self.graphs.score(key[:, rows[i : i + n]], value[:, rows[i : i + n]],
+        scores = np.concatenate([self.graphs.score(tuple([take_rows(x, rows[i : i + n]) for x in layers] for layers in outputs),
                                                    sequences[i : i + n], start) for i in range(0, len(sequences), n)])
         if mean:
             scores = scores / np.array([len(s) - start for s in sequences])

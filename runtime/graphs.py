@@ -2,18 +2,23 @@
 generation. `Captioner` loads a package into a `Graphs` (after choosing providers); the export
 side's checks and quantization open the graph files of a package being built the same way.
 
-Input and output names are read from the sessions themselves: for a loaded package they are
-the manifest's (vetted before ONNX Runtime opened anything)."""
+Graph inputs and outputs are bound by their role names (runtime.manifest.roles). The decoder
+step always runs with IO binding: each layer's cache buffer is bound as both its `past_` input
+and its `present_` output, so the step's TensorScatter writes the new tokens' keys and values
+in place and nothing of the cache is copied (export/kv.py)."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .search import (GenerationConfig, cached, capacity, generate, initial_state, prefix_logits, text_logprobs,
-                     uncached)
+from .manifest import Decoder, memory_roles
+from .search import (Cache, GenerationConfig, State, cached, capacity, empty_cache, generate, initial_state,
+                     prefix_logits, start, text_logprobs, uncached)
 
 CPU = ["CPUExecutionProvider"]
+DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def session_options(precision: str, threads: int | None = None) -> ort.SessionOptions:
@@ -34,25 +39,37 @@ def session_options(precision: str, threads: int | None = None) -> ort.SessionOp
 
 class DeviceTensor:
     """An OrtValue left on the execution device, shaped like the numpy arrays the search
-    functions take: the KV cache stays on the GPU between steps. Only beam reordering
-    (`tensor[:, rows]`) takes a trip through host memory."""
-
-    DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    functions take: memory and caches stay on the GPU between steps. Taking rows (beams)
+    goes through host memory, once per generation for the memory and, for the cache, only
+    at steps where beams change parents."""
 
     def __init__(self, value: ort.OrtValue):
         self.value = value
+
+    @classmethod
+    def upload(cls, host: np.ndarray, device: str) -> "DeviceTensor":
+        return cls(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), device, 0))
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.value.shape())
 
-    @property
-    def dtype(self):
-        return np.dtype(self.DTYPES[self.value.data_type()])
-
     def __getitem__(self, index) -> "DeviceTensor":
-        host = np.ascontiguousarray(self.value.numpy()[index])
-        return DeviceTensor(ort.OrtValue.ortvalue_from_numpy(host, self.value.device_name(), 0))
+        return DeviceTensor.upload(self.value.numpy()[index], self.value.device_name())
+
+
+class DeviceCache(Cache):
+    """A Cache whose buffers are DeviceTensors: reordered through host memory, written back in place."""
+
+    def reorder(self, parents: np.ndarray) -> "DeviceCache":
+        moved = np.flatnonzero(parents != np.arange(len(parents)))
+        if len(moved):
+            slots = int(self.lengths.max())
+            for buffer in (*self.keys, *self.values):
+                host = buffer.value.numpy()
+                host[moved, :, :slots] = host[parents[moved], :, :slots]
+                buffer.value.update_inplace(host)
+        return replace(self, lengths=self.lengths[parents], start=self.start[parents])
 
 
 def host(x) -> np.ndarray:
@@ -64,68 +81,94 @@ def io_names(session: ort.InferenceSession) -> tuple[list[str], list[str]]:
     return [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
 
 
-class Graphs:
-    """vision: pixels [+ question ids] -> the decoder's memory K/V (cross-attention or prefix; the
-    search runs both alike); decoder: one step over the KV cache (runtime.search).
-    `device` None runs with numpy feeds; "cuda" (or "cpu", to test the path) binds inputs and
-    outputs so that caches stay where the provider computes."""
+def ort_value(x) -> ort.OrtValue:
+    """Bindable without a copy: a numpy buffer is wrapped where it lies (host memory)."""
+    return x.value if isinstance(x, DeviceTensor) else ort.OrtValue.ortvalue_from_numpy(x)
 
-    def __init__(self, vision: ort.InferenceSession, decoder: ort.InferenceSession, device: str | None = None):
-        self.vision, self.decoder, self.device = vision, decoder, device
-        self.vision_io, self.decoder_io = io_names(vision), io_names(decoder)
+
+class Graphs:
+    """vision: pixels [+ text ids] -> the decoder's memory, per layer (cross-attention keys and
+    values, or a prefix of the cache); decoder: one step over the cache (runtime.search).
+    `device` None leaves the memory and the cache in host memory (numpy); "cuda" (or "cpu", to
+    test the path) keeps them where the provider computes."""
+
+    def __init__(self, vision: ort.InferenceSession, decoder: ort.InferenceSession, spec: Decoder,
+                 device: str | None = None):
+        self.vision, self.decoder, self.spec, self.device = vision, decoder, spec, device
+        self.vision_io, self.memory = io_names(vision), memory_roles(spec)
+        inputs = {i.name: i for i in decoder.get_inputs()}
+        self.dtype = DTYPES[inputs["past_key.0"].type]  # the cache's: fp16 packages keep it in fp16
+        self.cross = spec.memory == "cross"
 
     @classmethod
-    def open(cls, vision: Path, decoder: Path, precision: str = "fp32") -> "Graphs":
+    def open(cls, vision: Path, decoder: Path, spec: Decoder, precision: str = "fp32") -> "Graphs":
         """CPU sessions on two graph files, as the runtime would set them up for `precision`."""
         opts = session_options(precision)
-        return cls(*(ort.InferenceSession(str(path), opts, providers=CPU) for path in (vision, decoder)))
+        return cls(*(ort.InferenceSession(str(path), opts, providers=CPU) for path in (vision, decoder)), spec)
 
-    def encode(self, pixels: np.ndarray, *inputs: np.ndarray):
-        """(N, 3, H, W) [+ the graph's other inputs, such as question ids (N, Q)] -> memory K/V,
-        once per image (left on the device with IO binding)."""
+    def encode(self, pixels: np.ndarray, *inputs: np.ndarray) -> tuple[list, list]:
+        """(N, 3, H, W) [+ the graph's other inputs, such as question ids (N, Q)] -> per-layer
+        (keys, values), once per image (left on the device with a device set)."""
+        feeds = dict(zip(self.vision_io[0], (pixels, *inputs)))
         if self.device is None:
-            key, value = self.vision.run(None, dict(zip(self.vision_io[0], (pixels, *inputs))))
-            return key, value
-        key, value = self._run_bound(self.vision, self.vision_io, [pixels, *inputs], host_outputs=0)
-        return DeviceTensor(key), DeviceTensor(value)
+            outputs = dict(zip(self.vision_io[1], self.vision.run(None, feeds)))
+        else:
+            binding = self.vision.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            for name in self.vision_io[1]:
+                binding.bind_output(name, self.device)
+            self.vision.run_with_iobinding(binding)
+            outputs = {n: DeviceTensor(v) for n, v in zip(self.vision_io[1], binding.get_outputs())}
+        half = len(self.memory) // 2
+        return [outputs[n] for n in self.memory[:half]], [outputs[n] for n in self.memory[half:]]
 
-    def step(self, input_ids, past_key, past_value, past_length, cross_key, cross_value):
-        """The decoder-step graph as a `GraphStep`."""
-        feeds = (input_ids, past_key, past_value, past_length, cross_key, cross_value)
+    def start(self, outputs: tuple[list, list], slots: int) -> State:
+        """The state before a prompt, with `slots` cache slots beyond any memory prefix."""
         if self.device is None:
-            return tuple(self.decoder.run(None, dict(zip(self.decoder_io[0], feeds))))
-        logits, present_key, present_value = self._run_bound(self.decoder, self.decoder_io, feeds, host_outputs=1)
-        return logits.numpy(), DeviceTensor(present_key), DeviceTensor(present_value)
+            return start(self.spec, outputs, slots, self.dtype)
+        state = start(self.spec, tuple([host(x) for x in layers] for layers in outputs), slots, self.dtype)
+        cache = DeviceCache(*([DeviceTensor.upload(b, self.device) for b in buffers]
+                              for buffers in (state.cache.keys, state.cache.values)), state.cache.lengths, state.cache.start)
+        return initial_state(cache, outputs if self.cross else ())
+
+    def step(self, ids: np.ndarray, positions: np.ndarray, cache: Cache, memory: tuple, logit_index: np.ndarray):
+        """The decoder-step graph as a `GraphStep`: writes the cache in place, returns the logits."""
+        binding = self.decoder.io_binding()
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in the order bound
+        for name, value in (("input_ids", ids), ("position_ids", positions), ("cache_lengths", cache.lengths),
+                            ("logit_index", logit_index)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+        for kind, buffers in (("key", cache.keys), ("value", cache.values)):
+            for i, buffer in enumerate(buffers):
+                value = ort_value(buffer)
+                binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
+                binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
+        for name, value in zip(self.memory, (*memory[0], *memory[1]) if memory else ()):
+            binding.bind_ortvalue_input(name, ort_value(value))
+        self.decoder.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
     def generate(self, pixels: np.ndarray, prompt: np.ndarray, eos_id: int, cfg: GenerationConfig,
                  cache: bool = True, inputs: list[np.ndarray] = ()) -> list[list[int]]:
         """Tokens per image; `inputs`: the vision graph's other inputs, one row per image;
         `cache=False` recomputes the whole prefix every step (the reference the KV cache must equal)."""
         step = cached(self.step) if cache else uncached(self.step)
-        state = initial_state(*self.encode(pixels, *inputs), capacity(len(prompt), cfg.max_new_tokens))
+        state = self.start(self.encode(pixels, *inputs), capacity(len(prompt), cfg.max_new_tokens))
         return generate(step, state, np.tile(prompt, (len(pixels), 1)), eos_id, cfg)
 
-    def score(self, key, value, sequences: list[np.ndarray], start: int) -> np.ndarray:
+    def score(self, outputs: tuple[list, list], sequences: list[np.ndarray], start: int) -> np.ndarray:
         """Log-probability of each sequence's tokens from `start` on (teacher forcing), in one
-        decoder pass: row i attends to memory row i of `key`/`value` (the vision graph's output)."""
+        decoder pass: row i reads memory row i of `outputs` (the vision graph's, per layer)."""
         # Right padding: under causal attention no pad reaches a position before it.
         ids = np.zeros((len(sequences), max(map(len, sequences))), dtype=np.int64)
         for row, sequence in zip(ids, sequences):
             row[: len(sequence)] = sequence
-        logits = prefix_logits(self.step, initial_state(key, value, ids.shape[1] - 1), ids[:, :-1])
+        logits = prefix_logits(self.step, self.start(outputs, ids.shape[1] - 1), ids[:, :-1])
         lengths = np.array([len(sequence) - start for sequence in sequences])
         return text_logprobs(logits[:, start - 1 :], ids[:, start:], lengths)
 
-    def _run_bound(self, session, io, feeds, host_outputs: int):
-        """Run with IO binding: device-resident inputs stay put; the first `host_outputs`
-        outputs come back to host memory, the rest stay on the device."""
-        binding = session.io_binding()
-        for name, value in zip(io[0], feeds):
-            if isinstance(value, DeviceTensor):
-                binding.bind_ortvalue_input(name, value.value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for i, name in enumerate(io[1]):
-            binding.bind_output(name, "cpu" if i < host_outputs else self.device)
-        session.run_with_iobinding(binding)
-        return binding.get_outputs()
+
+def host_cache(spec: Decoder, n: int, slots: int, dtype=np.float32) -> Cache:
+    """An empty host cache shaped for a decoder (checks that feed the step graph directly)."""
+    return empty_cache(spec.layers, n, spec.kv_heads, slots, spec.head_dim, dtype)

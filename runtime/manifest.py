@@ -7,20 +7,52 @@ field, a file that is missing, outside the package or whose SHA-256 differs.
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .onnx_graph import ProtoError, graph_facts
 
 FORMAT = "edgecap-model-package"
-FORMAT_VERSION = 3  # 2: prompt_ids, HF generation settings, exact-size resize; 3: fixed-capacity KV cache
+# 2: prompt_ids, HF generation settings, exact-size resize; 3: fixed-capacity KV cache; 4: per-layer caches
+# written in place (TensorScatter), graph inputs and outputs bound by role name, kv_heads, name required
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
-REQUIRED = ("format", "format_version", "precision", "files", "graphs", "dims", "decoder", "preprocess", "tokenizer",
-            "generation")
+REQUIRED = ("format", "format_version", "name", "precision", "files", "graphs", "dims", "decoder", "preprocess",
+            "tokenizer", "generation")
 
 
 class PackageError(Exception):
     """A model package that cannot be used; the message is one line naming the cause."""
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """The decoder step as the runtime drives it: its cache is `layers` x (batch, kv_heads, capacity,
+    head_dim), keys and values; `memory` is how it reads the vision graph's output: "cross"
+    (cross-attention keys and values per layer, fed every step) or "prefix" (keys and values per
+    layer that fill the cache's first slots: GIT's image tokens)."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    memory: str
+
+
+def memory_roles(decoder: Decoder) -> list[str]:
+    """The vision graph's outputs, which are also the cross-attention inputs of the decoder step."""
+    return [f"{decoder.memory}_{kv}.{i}" for kv in ("key", "value") for i in range(decoder.layers)]
+
+
+def roles(decoder: Decoder, text_input: bool) -> dict[str, tuple[list[str], list[str]]]:
+    """(inputs, outputs) of each graph by role name: the runtime binds them by these names."""
+    cache = [f"past_{kv}.{i}" for kv in ("key", "value") for i in range(decoder.layers)]
+    cross = memory_roles(decoder) if decoder.memory == "cross" else []
+    return {"vision": (["pixel_values", *(["text_ids"] if text_input else [])], memory_roles(decoder)),
+            "decoder": (["input_ids", "position_ids", "cache_lengths", "logit_index", *cache, *cross],
+                        ["logits", *(name.replace("past_", "present_") for name in cache)])}
 
 
 @dataclass(frozen=True)
@@ -47,6 +79,10 @@ class Manifest:
     @property
     def tokenizer(self) -> dict:
         return self.data["tokenizer"]
+
+    @property
+    def decoder(self) -> Decoder:
+        return Decoder(**self.data["decoder"])
 
     @property
     def max_positions(self) -> int:
@@ -98,7 +134,8 @@ SCHEMA = {
     "tokenizer": {"file": str, "eos_id": int, "clean_up_spaces": bool},
     "generation": {"prompt_ids": list, "max_new_tokens": int, "num_beams": int, "length_penalty": (int, float),
                    "early_stopping": (bool, str), "no_repeat_ngram_size": int},
-    "decoder": {"max_positions": int},
+    "decoder": {"layers": int, "heads": int, "kv_heads": int, "head_dim": int, "vocab_size": int, "max_positions": int,
+                "memory": str},
 }
 GRAPHS = ("vision", "decoder")
 QUESTION_INPUTS, MEMORY_KINDS = (None, "prompt", "encoder"), ("cross", "prefix")
@@ -116,7 +153,7 @@ def check_question(root: Path, data: dict) -> None:
     question = data.get("question", {"input": None})
     if not isinstance(question, dict) or question.get("input") not in QUESTION_INPUTS:
         raise PackageError(f"{root}: manifest field question.input must be one of {', '.join(QUESTION_INPUTS[1:])}")
-    if data["decoder"].get("memory", "cross") not in MEMORY_KINDS:
+    if data["decoder"]["memory"] not in MEMORY_KINDS:
         raise PackageError(f"{root}: manifest field decoder.memory must be one of {', '.join(MEMORY_KINDS)}")
     for key in ("forced_bos_token_id", "forced_eos_token_id"):
         if not has_type(data["generation"].get(key), (int, type(None))):
@@ -127,10 +164,18 @@ def check_question(root: Path, data: dict) -> None:
         if question["input"] or tasks["default"] not in prompts or \
                 not all(isinstance(p["prompt"], str) and isinstance(p["parse"], str) for p in prompts.values()):
             raise PackageError(f"{root}: manifest field tasks is malformed")
-    inputs = 2 if question["input"] == "encoder" or tasks is not None else 1
-    if len(data["graphs"]["vision"]["inputs"]) != inputs:
-        reads = "tasks" if tasks is not None else f"question.input {question['input']!r}"
-        raise PackageError(f"{root}: the vision graph must take {inputs} input(s) for its {reads}")
+    decoder = data["decoder"]
+    if set(decoder) != {f.name for f in fields(Decoder)} or decoder["heads"] % decoder["kv_heads"]:
+        raise PackageError(f"{root}: manifest field decoder is malformed")
+    expected = roles(Decoder(**decoder), question["input"] == "encoder" or tasks is not None)
+    for role, (inputs, outputs) in expected.items():
+        graph = data["graphs"][role]
+        declared = [i["name"] for i in graph["inputs"]], [o["name"] for o in graph["outputs"]]
+        for kind, want, got in (("inputs", inputs, declared[0]), ("outputs", outputs, declared[1])):
+            if sorted(got) != sorted(want):
+                missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+                raise PackageError(f"{root}: the {role} graph's {kind} do not fit this package "
+                                   f"(missing {', '.join(missing[:4]) or 'none'}; unexpected {', '.join(extra[:4]) or 'none'})")
 
 
 def check_schema(root: Path, data: dict) -> None:
@@ -145,12 +190,14 @@ def check_schema(root: Path, data: dict) -> None:
         raise PackageError(f"{root}: manifest field generation.prompt_ids must list token ids")
     for role in GRAPHS:
         graph = data["graphs"][role]
-        if not isinstance(graph["file"], str) or not all(isinstance(i["name"], str) for i in graph["inputs"]):
+        if not isinstance(graph["file"], str) or not all(isinstance(i["name"], str) for i in graph["inputs"] + graph["outputs"]):
             raise PackageError(f"{root}: manifest entry for the {role} graph is malformed")
     for name, dim in data["dims"].items():
-        if not isinstance(dim["min"], int) or not (dim["max"] is None or isinstance(dim["max"], int)):
+        if not all(has_type(dim[k], int) for k in ("min", "opt")) or not (dim["max"] is None or has_type(dim["max"], int)):
             raise PackageError(f"{root}: manifest dims.{name} is malformed")
     symbols = {d for role in GRAPHS for i in data["graphs"][role]["inputs"] for d in i["shape"] if isinstance(d, str)}
+    if not isinstance(data["name"], str) or not data["name"]:
+        raise PackageError(f"{root}: manifest field name must be a non-empty string")
     if symbols - set(data["dims"]):
         raise PackageError(f"{root}: manifest dims do not cover {', '.join(sorted(symbols - set(data['dims'])))}")
     for name, meta in data["files"].items():
@@ -171,16 +218,18 @@ def check_files(root: Path, data: dict) -> None:
 
 
 def check_graphs(root: Path, data: dict) -> None:
-    """What ONNX Runtime would read: declared inputs and external-data files."""
+    """What ONNX Runtime would read: declared inputs and outputs, and external-data files."""
     for role in GRAPHS:
         graph = data["graphs"][role]
         try:
             facts = graph_facts(root / graph["file"])
         except ProtoError as e:
             raise PackageError(f"{root}: {graph['file']} is not a valid ONNX model ({e})") from None
-        declared = [i["name"] for i in graph["inputs"]]
-        if facts.inputs != declared:
-            raise PackageError(f"{root}: {graph['file']} takes inputs {facts.inputs}, the manifest declares {declared}")
+        for kind, found in (("inputs", facts.inputs), ("outputs", facts.outputs)):
+            declared = [i["name"] for i in graph[kind]]
+            if found != declared:
+                shown = found if len(found) < 8 else [*found[:6], "..."]
+                raise PackageError(f"{root}: {graph['file']} has {kind} {shown}, not the ones the manifest declares")
         for location in facts.locations:
             if location not in data["files"] or Path(location).name != location:
                 raise PackageError(f"{root}: {graph['file']} reads external data from {location!r}, "

@@ -1,10 +1,10 @@
 """Just enough of the ONNX protobuf to vet a graph before ONNX Runtime opens it:
-its inputs and their declared shapes, every external-data location it would read (in
+its inputs and outputs, the inputs' declared shapes, every external-data location it would read (in
 initializers, node attributes and subgraphs alike), and the ops it uses, for the
 TensorRT checks. (The runtime does not ship the `onnx` package.)
 
 Field numbers are from onnx.proto: ModelProto.graph=7; GraphProto node=1,
-initializer=5, input=11, sparse_initializer=15; NodeProto.attribute=5;
+initializer=5, input=11, output=12, sparse_initializer=15; NodeProto.attribute=5;
 AttributeProto t=5, g=6, tensors=10, graphs=11, sparse_tensor=22, sparse_tensors=23;
 TensorProto.external_data=13; SparseTensorProto values=1, indices=2;
 StringStringEntryProto key=1, value=2; ValueInfoProto name=1, type=2; TypeProto
@@ -120,6 +120,7 @@ def graph_ops(graph) -> set[str]:
 @dataclass(frozen=True)
 class GraphFacts:
     inputs: list[str]
+    outputs: list[str]
     shapes: dict[str, list[int | str] | None]
     locations: list[str]
     ops: set[str]
@@ -131,9 +132,10 @@ def graph_facts(path: Path) -> GraphFacts:
     if len(graphs) != 1:
         raise ProtoError("no graph in the model")
     graph = graphs[0]
-    infos = submessages(graph, 11)
-    names = [next((text(v) for n, w, v in fields(i) if n == 1 and w == 2), "") for i in infos]
-    return GraphFacts(names, {n: input_shape(i) for n, i in zip(names, infos)}, graph_locations(graph), graph_ops(graph))
+    infos, outputs = submessages(graph, 11), submessages(graph, 12)
+    names = [next((text(v) for n, w, v in fields(i) if n == 1 and w == 2), "") for i in infos + outputs]
+    return GraphFacts(names[: len(infos)], names[len(infos) :], {n: input_shape(i) for n, i in zip(names, infos)},
+                      graph_locations(graph), graph_ops(graph))
 
 
 def tensorrt_problems(facts: GraphFacts) -> list[str]:

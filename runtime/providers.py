@@ -23,16 +23,17 @@ class ProviderError(Exception):
     """An explicitly requested provider that cannot be used (a usage error, exit 2)."""
 
 
-def cache_dir(manifest) -> Path | None:
-    """Engines and timing caches are only valid for these graphs, this onnxruntime, this
-    TensorRT and this GPU: all of them key the folder, so a stale engine is never reused.
-    None where the TensorRT version or the GPU cannot be read: such a key could not tell an
-    upgraded TensorRT from the old one, so nothing is cached."""
+def cache_dir(manifest, max_batch: int) -> Path | None:
+    """Engines and timing caches are only valid for these graphs and profiles, this
+    onnxruntime, this TensorRT and this GPU: all of them key the folder, so a stale engine is
+    never reused. None where the TensorRT version or the GPU cannot be read: such a key could
+    not tell an upgraded TensorRT from the old one, so nothing is cached."""
     version, device = tensorrt_version(), gpu()
     if version is None or device is None:
         return None
     graphs = [manifest.data["files"][manifest.graph(role)["file"]]["sha256"] for role in GRAPHS]
-    key = ":".join([*graphs, ort.__version__, version, device["compute_capability"]])
+    profiles = [shapes for role in GRAPHS for shapes in profile_shapes(manifest, role, max_batch).values()]
+    key = ":".join([*graphs, *profiles, ort.__version__, version, device["compute_capability"]])
     root = Path(os.environ.get("EDGECAP_CACHE_DIR", Path.home() / ".cache" / "edgecap"))
     return root / "tensorrt" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -40,11 +41,11 @@ def cache_dir(manifest) -> Path | None:
 def profile_shapes(manifest, role: str, max_batch: int) -> dict[str, str]:
     """TensorRT optimisation profile covering every shape the package allows, so no
     engine is rebuilt mid-caption: symbolic dims span the manifest's `dims` ranges
-    (batch up to `max_batch`), optimised for batch 1, one new token, a mid-sized cache.
-    Inputs of fixed shape (past_length) need no profile."""
+    (batch up to `max_batch`), optimised for each dim's `opt`: one image, one new token, the
+    cache of the package's default run, the model's real memory length."""
     dims = manifest.data["dims"]
     bounds = {name: (d["min"], d["max"] if d["max"] is not None else max_batch) for name, d in dims.items()}
-    opt = {name: lo if name != "capacity" else (lo + hi) // 2 for name, (lo, hi) in bounds.items()}
+    opt = {name: min(max(dims[name]["opt"], lo), hi) for name, (lo, hi) in bounds.items()}
     dynamic = [i for i in manifest.graph(role)["inputs"] if any(isinstance(d, str) for d in i["shape"])]
 
     def shapes(pick):
@@ -64,7 +65,7 @@ def provider_options(name: str, manifest, role: str, max_batch: int) -> dict:
     if name != ORT_NAMES["tensorrt"]:
         return {}
     options = {"trt_fp16_enable": manifest.data["precision"] == "fp16", **profile_shapes(manifest, role, max_batch)}
-    folder = cache_dir(manifest)
+    folder = cache_dir(manifest, max_batch)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         options |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(folder),
@@ -75,8 +76,8 @@ def provider_options(name: str, manifest, role: str, max_batch: int) -> dict:
     return options
 
 
-def engine_note(manifest) -> str | None:
-    folder = cache_dir(manifest)
+def engine_note(manifest, max_batch: int) -> str | None:
+    folder = cache_dir(manifest, max_batch)
     if folder is None:
         return "building TensorRT engine (not cached: the TensorRT version or the GPU could not be read)"
     if folder.is_dir() and any(folder.iterdir()):

@@ -1,17 +1,17 @@
-"""Decoding as small pure functions over one decoder step.
+"""Decoding as small functions over one decoder step.
 
-A `GraphStep` is the decoder-step graph itself, whoever runs it (ONNX Runtime here,
-eager PyTorch in the reference):
-    (input_ids (N, T), past_key, past_value, past_length (1,), cross_key, cross_value)
-        -> logits (N, T, V), present_key, present_value
-with self-attention caches of fixed capacity, (layers, N, heads, capacity, head_dim): a step
-writes its T tokens at slots past_length .. past_length+T-1 and attends to the slots before
-them. `cached` and `uncached` turn it into a `Step` over a `State`; greedy and beam search
-only see `Step`, so the same search runs over ONNX Runtime and over the eager reference, and
-the with-cache and without-cache paths differ in nothing else.
+A `GraphStep` is the decoder-step graph itself, whoever runs it (ONNX Runtime here, eager
+PyTorch in the reference):
+    (input_ids (N, T), position_ids (N, T), cache, memory, logit_index (N, K)) -> logits (N, K, V)
+It writes the T tokens' keys and values into the cache's per-layer buffers, in place, at slots
+cache.lengths .. +T-1 of each row, attends to the slots before them, and returns the logits at
+the positions `logit_index` picks (the last one when decoding; every one when scoring). `cached`
+and `uncached` turn it into a `Step` over a `State`; greedy and beam search only see `Step`, so
+the same search runs over ONNX Runtime and over the eager reference, and the with-cache and
+without-cache paths differ in nothing else.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -30,15 +30,67 @@ class GenerationConfig:
     forced_eos_token_id: int | None = None  # the token at the length limit
 
 
+@dataclass(frozen=True)
+class Cache:
+    """gpt-fast's KVCache: per layer, key and value buffers (N, kv_heads, capacity, head_dim) of a
+    fixed capacity that the decoder step writes in place; `lengths` (N,) says how many slots of
+    each row are written. A step costs what it attends to, whatever the capacity: nothing is ever
+    copied whole (graphs.py binds the buffers as the step's inputs and outputs). `start` counts
+    the slots a memory prefix holds (GIT's image tokens), which rewinding keeps."""
+
+    keys: list
+    values: list
+    lengths: np.ndarray
+    start: np.ndarray
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def advanced(self, t: int) -> "Cache":
+        return replace(self, lengths=self.lengths + t)
+
+    def rewound(self) -> "Cache":
+        return replace(self, lengths=self.start.copy())
+
+    def select(self, rows: np.ndarray) -> "Cache":
+        """A new cache of these rows (beam expansion: each image's row repeated per beam)."""
+        return replace(self, keys=[take_rows(k, rows) for k in self.keys], values=[take_rows(v, rows) for v in self.values],
+                       lengths=self.lengths[rows], start=self.start[rows])
+
+    def reorder(self, parents: np.ndarray) -> "Cache":
+        """Row i becomes a copy of row parents[i], in place; only rows whose parent changed are
+        copied, and only their written slots (beam search, every step)."""
+        moved = np.flatnonzero(parents != np.arange(len(parents)))
+        if len(moved):
+            slots = int(self.lengths.max())
+            for buffer in (*self.keys, *self.values):
+                buffer[moved, :, :slots] = buffer[parents[moved], :, :slots]  # the right side is a copy
+        return replace(self, lengths=self.lengths[parents], start=self.start[parents])
+
+
+def empty_cache(layers: int, n: int, kv_heads: int, slots: int, head_dim: int, dtype=np.float32,
+                prefix: tuple = ()) -> Cache:
+    """A cache of `slots` slots per row beyond the prefix; `prefix`: per-layer (keys, values)
+    (N, kv_heads, M, head_dim) that fill the first M slots (GIT's image tokens)."""
+    m = prefix[0][0].shape[2] if prefix else 0
+    keys = [np.zeros((n, kv_heads, m + slots, head_dim), dtype) for _ in range(layers)]
+    values = [np.zeros((n, kv_heads, m + slots, head_dim), dtype) for _ in range(layers)]
+    for buffers, given in zip((keys, values), prefix):
+        for buffer, layer in zip(buffers, given):
+            buffer[:, :, :m] = layer
+    start = np.full(n, m, dtype=np.int64)
+    return Cache(keys, values, start.copy(), start)
+
+
 class State(NamedTuple):
-    tokens: np.ndarray  # (N, P) int64: every token fed so far; the cache holds P slots
-    key: np.ndarray  # (L, N, H, capacity, Dh) self-attention cache; never written when uncached
-    value: np.ndarray
-    cross_key: np.ndarray  # (L, N, H, M, Dh): computed once per image by the vision graph
-    cross_value: np.ndarray
+    tokens: np.ndarray  # (N, P) int64: every token fed so far
+    positions: np.ndarray  # (N, P) int64: the position of each of them
+    cache: Cache
+    memory: tuple  # what the decoder reads every step: cross-attention (keys, values) per layer, or ()
 
 
-GraphStep = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+GraphStep = Callable[..., np.ndarray]
 Step = Callable[[State, np.ndarray], tuple[np.ndarray, State]]
 
 
@@ -48,33 +100,47 @@ def capacity(prompt_length: int, max_new_tokens: int) -> int:
     return prompt_length + max_new_tokens - 1
 
 
-def initial_state(cross_key: np.ndarray, cross_value: np.ndarray, slots: int) -> State:
-    """An empty cache of `slots` slots: the first step (prefill) runs the same graph as every
-    other, and every step feeds buffers of the same shape."""
-    layers, n, heads, _, head_dim = cross_key.shape
-    empty = np.zeros((layers, n, heads, slots, head_dim), dtype=cross_key.dtype)
-    return State(np.zeros((n, 0), dtype=np.int64), empty, empty, cross_key, cross_value)
+def initial_state(cache: Cache, memory: tuple = ()) -> State:
+    n = len(cache.lengths)
+    return State(np.zeros((n, 0), np.int64), np.zeros((n, 0), np.int64), cache, memory)
 
 
-def past_length(n: int) -> np.ndarray:
-    """The `past_length` feed."""
-    return np.array([n], dtype=np.int64)
+def start(decoder, outputs: tuple[list, list], slots: int, dtype=np.float32) -> State:
+    """The state before a prompt, from the vision graph's per-layer (keys, values): the decoder's
+    cross-attention memory (`decoder.memory` "cross"), or the cache's first slots ("prefix").
+    `decoder` has layers, kv_heads, head_dim and memory (runtime.manifest.Decoder)."""
+    prefix = outputs if decoder.memory == "prefix" else ()
+    cache = empty_cache(decoder.layers, len(outputs[0][0]), decoder.kv_heads, slots, decoder.head_dim, dtype, prefix)
+    return initial_state(cache, () if prefix else outputs)
+
+
+def next_positions(positions: np.ndarray, t: int) -> np.ndarray:
+    """Positions of t new tokens: on from the last one fed, or from 0."""
+    first = positions[:, -1] + 1 if positions.shape[1] else np.zeros(len(positions), np.int64)
+    return first[:, None] + np.arange(t)
+
+
+def last_index(n: int, t: int) -> np.ndarray:
+    """`logit_index` for the next token only."""
+    return np.full((n, 1), t - 1, dtype=np.int64)
 
 
 def cached(graph_step: GraphStep) -> Step:
     def step(state: State, ids: np.ndarray) -> tuple[np.ndarray, State]:
-        logits, key, value = graph_step(ids, state.key, state.value, past_length(state.tokens.shape[1]),
-                                        state.cross_key, state.cross_value)
-        tokens = np.concatenate([state.tokens, ids], axis=1)
-        return logits[:, -1], state._replace(tokens=tokens, key=key, value=value)
+        positions = next_positions(state.positions, ids.shape[1])
+        logits = graph_step(ids, positions, state.cache, state.memory, last_index(*ids.shape))
+        return logits[:, -1], State(np.concatenate([state.tokens, ids], 1), np.concatenate([state.positions, positions], 1),
+                                    state.cache.advanced(ids.shape[1]), state.memory)
 
     return step
 
 
 def prefix_logits(graph_step: GraphStep, state: State, ids: np.ndarray) -> np.ndarray:
-    """Logits (N, T, V) at every position of `ids`, fed in one call over an empty cache of
-    at least T slots (teacher forcing)."""
-    return graph_step(ids, state.key, state.value, past_length(0), state.cross_key, state.cross_value)[0]
+    """Logits (N, T, V) at every position of `ids`, fed in one call over the state's cache
+    rewound (teacher forcing); the cache needs T slots beyond its prefix."""
+    every = np.tile(np.arange(ids.shape[1]), (len(ids), 1))
+    return graph_step(ids, next_positions(state.positions[:, :0], ids.shape[1]), state.cache.rewound(), state.memory,
+                      every)
 
 
 def text_logprobs(logits: np.ndarray, targets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -87,30 +153,32 @@ def text_logprobs(logits: np.ndarray, targets: np.ndarray, lengths: np.ndarray) 
 
 
 def uncached(graph_step: GraphStep) -> Step:
-    """Recompute the whole prefix every step: the reference the KV cache must equal."""
+    """Recompute the whole prefix every step over the cache rewound: the reference the KV cache
+    must equal."""
 
     def step(state: State, ids: np.ndarray) -> tuple[np.ndarray, State]:
         tokens = np.concatenate([state.tokens, ids], axis=1)
-        return prefix_logits(graph_step, state, tokens)[:, -1], state._replace(tokens=tokens)
+        logits = prefix_logits(graph_step, state, tokens)[:, -1]
+        positions = np.concatenate([state.positions, next_positions(state.positions, ids.shape[1])], 1)
+        return logits, State(tokens, positions, state.cache, state.memory)
 
     return step
 
 
 def take_rows(x, rows: np.ndarray):
-    """x[:, rows], C-contiguous: numpy's fancy indexing on axis 1 returns the batch axis outermost
-    in memory, which ONNX Runtime then copies at every step (Florence-2-base's 33 MB of cross
-    K/V per beam: 36 vs 19 ms per beam-3 step); np.take writes it in order, 12x faster."""
-    return np.take(x, rows, axis=1) if isinstance(x, np.ndarray) else x[:, rows]
+    """x[rows], a copy (a device tensor's way of taking rows, graphs.DeviceTensor, otherwise)."""
+    return np.take(x, rows, 0) if isinstance(x, np.ndarray) else x[rows]
 
 
-def reorder(state: State, rows: np.ndarray, cross: bool = True) -> State:
-    """Select/duplicate batch rows (beam expansion and reordering). Beams are reordered within
-    their own image, whose cross-attention rows are all the same: `cross=False` leaves those
-    alone (on a GPU, two fewer round trips through host memory per step)."""
-    key, value = take_rows(state.key, rows), take_rows(state.value, rows)
-    if not cross:
-        return state._replace(tokens=state.tokens[rows], key=key, value=value)
-    return State(state.tokens[rows], key, value, take_rows(state.cross_key, rows), take_rows(state.cross_value, rows))
+def expand(state: State, rows: np.ndarray) -> State:
+    """A state of these rows (beam expansion): copies, not views."""
+    return State(state.tokens[rows], state.positions[rows], state.cache.select(rows),
+                 tuple([take_rows(x, rows) for x in layers] for layers in state.memory))
+
+
+def reorder(state: State, parents: np.ndarray) -> State:
+    """Beams take their parents' rows (within one image, whose memory rows are all the same)."""
+    return State(state.tokens[parents], state.positions[parents], state.cache.reorder(parents), state.memory)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -217,7 +285,7 @@ def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: 
     (fed EOS) until every image is done."""
     n, k, max_new_tokens = prompt.shape[0], cfg.num_beams, cfg.max_new_tokens
     rows = np.repeat(np.arange(n), k)
-    state, ids = reorder(state, rows), prompt[rows]
+    state, ids = expand(state, rows), prompt[rows]
     scores = np.tile(np.array([0.0] + [-np.inf] * (k - 1), dtype=np.float32), n)
     generated = np.zeros((n * k, 0), dtype=np.int64)
     hyps = [Hypotheses(k, cfg) for _ in range(n)]
@@ -253,7 +321,7 @@ def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: 
         if done.all() or last:
             break
         generated = np.concatenate([generated[src], tok[:, None]], axis=1)
-        logits, state = decode_one_token(step, reorder(state, src, cross=False), tok)
+        logits, state = decode_one_token(step, reorder(state, src), tok)
     return [until_eos(h.best(), eos_id) for h in hyps]
 
 

@@ -232,16 +232,22 @@ def test_not_a_model_folder(tmp_path):
                                                      "(a local Hugging Face model folder is expected)"
 
 
-def positions_ignoring_the_cache(past_length, t, capacity):
-    """The classic KV-cache export bug: cached steps restart positions at 0 (the mask is right)."""
-    positions = torch.arange(t)
-    return positions, torch.arange(capacity)[None, :] <= (positions + past_length)[:, None]
+def positions_ignoring_the_cache(patch):
+    """The classic KV-cache export bug, in every decoder wrapper: cached steps restart positions
+    at 0 (the cache itself is right)."""
+    import export.hf as hf
+
+    for wrapper in (hf.decoders.GPT2Decoder, hf.decoders.BertDecoder):
+        def wrong(self, input_ids, position_ids, *rest, forward=wrapper.forward):
+            return forward(self, input_ids, torch.arange(input_ids.shape[1]).expand_as(input_ids), *rest)
+
+        patch.setattr(wrapper, "forward", wrong)
 
 
 def test_a_wrapper_that_loses_the_cache_position_is_refused(exported, tmp_path, monkeypatch):
     import export.hf as hf
 
-    monkeypatch.setattr(hf.decoders, "causal", positions_ignoring_the_cache)
+    positions_ignoring_the_cache(monkeypatch)
     with pytest.raises(ExportError) as refused:
         hf.export_hf(exported["vit-gpt2-real"][0], tmp_path / "pkg")
     message = str(refused.value)
@@ -261,7 +267,7 @@ def test_a_graph_that_differs_from_eager_is_refused(exported, tmp_path, monkeypa
 
     def wrong_graph(*args):
         with monkeypatch.context() as patch:
-            patch.setattr(hf.decoders, "causal", positions_ignoring_the_cache)
+            positions_ignoring_the_cache(patch)
             trace_graph(*args)
 
     monkeypatch.setattr(package, "export_graph", wrong_graph)

@@ -18,8 +18,12 @@ def test_default_package_is_complete_and_small():
     assert files == set(m.data["files"]) | {MANIFEST}
     assert {"vision.onnx.data", "decoder.onnx.data", "tokenizer.json"} <= files
     assert sum((DEFAULT_MODEL / f).stat().st_size for f in files) < 40 * 2**20
-    assert [i["name"] for i in m.graph("decoder")["inputs"]] == ["input_ids", "past_key", "past_value", "past_length",
-                                                                 "cross_key", "cross_value"]
+    layers = range(m.decoder.layers)
+    assert [i["name"] for i in m.graph("decoder")["inputs"]] == [
+        "input_ids", "position_ids", "cache_lengths", "logit_index", *(f"past_key.{i}" for i in layers),
+        *(f"past_value.{i}" for i in layers), *(f"cross_key.{i}" for i in layers), *(f"cross_value.{i}" for i in layers)]
+    assert [o["name"] for o in m.graph("decoder")["outputs"]] == [
+        "logits", *(f"present_key.{i}" for i in layers), *(f"present_value.{i}" for i in layers)]
     assert m.preprocess["crop"] == [224, 224]
     for key in ("torch", "onnx", "onnxruntime"):
         assert key in m.data["source"]["versions"]
@@ -69,9 +73,15 @@ def test_truncated_graph_is_refused(package):
     refused(package, "decoder.onnx does not match")
 
 
-def test_unknown_format_version_is_refused(package):
-    rewrite_manifest(package, lambda d: d.update(format_version=99))
-    refused(package, "format version 99 is not supported")
+@pytest.mark.parametrize("version", [3, 99])  # 3: a package from before the in-place cache
+def test_another_format_version_is_refused_with_what_to_do(package, version):
+    rewrite_manifest(package, lambda d: d.update(format_version=version))
+    refused(package, f"format version {version} is not supported .*export it again")
+
+
+def test_a_package_without_a_name_is_refused(package):
+    rewrite_manifest(package, lambda d: d.update(name=""))
+    refused(package, "name must be a non-empty string")
 
 
 def test_missing_field_is_refused(package):
@@ -128,12 +138,24 @@ def test_external_data_in_an_unlisted_file_is_refused(package):
     refused(package, "reads external data from 'other.data'")
 
 
-def test_declared_inputs_must_match_the_graph(package):
+def test_graph_inputs_and_outputs_are_bound_by_role(package):
+    """Every input and output the runtime binds must be declared by its role name, and be the
+    graph's own: a manifest that renames one, or whose graph has them otherwise, is refused."""
     def rename(d):
         d["graphs"]["decoder"]["inputs"][0]["name"] = "token_ids"
 
     rewrite_manifest(package, rename)
-    refused(package, r"decoder.onnx takes inputs \['input_ids', .*the manifest declares \['token_ids'")
+    refused(package, r"the decoder graph's inputs do not fit this package \(missing input_ids; unexpected token_ids\)")
+
+
+@pytest.mark.parametrize("kind", ["inputs", "outputs"])
+def test_declared_io_must_be_the_graphs_own(package, kind):
+    def swap(d):
+        io = d["graphs"]["decoder"][kind]
+        io[1]["name"], io[2]["name"] = io[2]["name"], io[1]["name"]  # the same roles, bound to the wrong tensors
+
+    rewrite_manifest(package, swap)
+    refused(package, f"decoder.onnx has {kind} .*, not the ones the manifest declares")
 
 
 def test_malformed_manifest_values_are_one_line_errors(package):

@@ -55,14 +55,19 @@ def manifest(captioner):
     return captioner.manifest
 
 
+def profile(options: dict, which: str) -> dict[str, str]:
+    return dict(item.split(":") for item in options[f"trt_profile_{which}_shapes"].split(","))
+
+
 def test_tensorrt_profiles_cover_the_package_limits(manifest):
+    """No dimension is ever 0; the optimum is one image, one new token, the default run's cache."""
     decoder = provider_options(TRT, manifest, "decoder", max_batch=8)
-    # past_length (shape [1]) has a fixed shape: no profile, and no dimension ever 0.
-    assert decoder["trt_profile_min_shapes"] == ("input_ids:1x1,past_key:3x1x4x1x64,past_value:3x1x4x1x64,"
-                                                 "cross_key:3x1x4x5x64,cross_value:3x1x4x5x64")
-    assert decoder["trt_profile_max_shapes"] == ("input_ids:8x40,past_key:3x8x4x40x64,past_value:3x8x4x40x64,"
-                                                 "cross_key:3x8x4x5x64,cross_value:3x8x4x5x64")
-    assert decoder["trt_profile_opt_shapes"].startswith("input_ids:1x1,past_key:3x1x4x20x64")
+    low, best, high = (profile(decoder, which) for which in ("min", "opt", "max"))
+    assert low["input_ids"] == best["input_ids"] == "1x1" and high["input_ids"] == "8x40"
+    assert (low["past_key.0"], best["past_key.2"], high["past_value.1"]) == ("1x4x1x64", "1x4x40x64", "8x4x40x64")
+    assert (low["cross_key.0"], high["cross_value.2"]) == ("1x4x5x64", "8x4x5x64")
+    assert (low["cache_lengths"], high["cache_lengths"], high["logit_index"]) == ("1", "8", "8x40")
+    assert set(low) == {i["name"] for i in manifest.graph("decoder")["inputs"]}
     vision = provider_options(TRT, manifest, "vision", max_batch=4)
     assert (vision["trt_profile_min_shapes"], vision["trt_profile_max_shapes"]) == \
         ("pixel_values:1x3x224x224", "pixel_values:4x3x224x224")
@@ -90,16 +95,16 @@ def test_tensorrt_cache_folder_is_created_with_its_parents(manifest, known_gpu, 
     assert not (tmp_path / "fresh").exists()
     options = provider_options(TRT, manifest, "vision", 8)
     assert Path(options["trt_engine_cache_path"]).is_dir()
-    assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(prov.cache_dir(manifest))
+    assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(prov.cache_dir(manifest, 8))
 
 
 @pytest.mark.parametrize("unknown", ["tensorrt_version", "gpu"])
 def test_nothing_is_cached_under_an_unknown_version(manifest, known_gpu, monkeypatch, unknown):
     monkeypatch.setattr(prov, unknown, lambda: None)
-    assert prov.cache_dir(manifest) is None
+    assert prov.cache_dir(manifest, 8) is None
     options = provider_options(TRT, manifest, "decoder", 8)
     assert "trt_engine_cache_enable" not in options and "trt_timing_cache_enable" not in options
-    assert prov.engine_note(manifest) == ("building TensorRT engine (not cached: the TensorRT version or the GPU "
+    assert prov.engine_note(manifest, 8) == ("building TensorRT engine (not cached: the TensorRT version or the GPU "
                                           "could not be read)")
 
 
@@ -126,21 +131,22 @@ def test_library_names_are_loaded_as_given(monkeypatch, tmp_path):
     assert not any(t.endswith(".so.12.so") or t.startswith("liblib") for t in tried)
 
 
-def test_engine_cache_is_keyed_by_graphs_runtime_tensorrt_and_gpu(manifest, monkeypatch, tmp_path, known_gpu):
+def test_engine_cache_is_keyed_by_graphs_profiles_runtime_tensorrt_and_gpu(manifest, monkeypatch, tmp_path, known_gpu):
     monkeypatch.setenv("EDGECAP_CACHE_DIR", str(tmp_path))
-    base = prov.cache_dir(manifest)
+    base = prov.cache_dir(manifest, 8)
     assert base.parent == tmp_path / "tensorrt"
     changed = {**manifest.data, "files": {**manifest.data["files"], "decoder.onnx": {"sha256": "0" * 64, "bytes": 1}}}
-    assert prov.cache_dir(type(manifest)(manifest.root, changed)) != base
+    assert prov.cache_dir(type(manifest)(manifest.root, changed), 8) != base
+    assert prov.cache_dir(manifest, 4) != base  # another profile: an engine built for batch 8 is not reused
     with monkeypatch.context() as m:
         m.setattr(prov.ort, "__version__", "0.0.0")
-        assert prov.cache_dir(manifest) != base
+        assert prov.cache_dir(manifest, 8) != base
     with monkeypatch.context() as m:
         m.setattr(prov, "tensorrt_version", lambda: "10.4.0")
-        assert prov.cache_dir(manifest) != base
+        assert prov.cache_dir(manifest, 8) != base
     monkeypatch.setattr(prov, "gpu", lambda: {"name": "H100", "compute_capability": "9.0", "cuda_runtime": "12.6"})
-    assert prov.cache_dir(manifest) != base
-    assert prov.engine_note(manifest).startswith("building TensorRT engine, once")
+    assert prov.cache_dir(manifest, 8) != base
+    assert prov.engine_note(manifest, 8).startswith("building TensorRT engine, once")
 
 
 class FailingGPUSessions:
@@ -203,7 +209,7 @@ def test_graphs_are_fit_for_tensorrt_and_cuda_graphs(manifest):
 def test_hygiene_check_catches_control_flow_and_custom_ops():
     from runtime.onnx_graph import GraphFacts
 
-    facts = GraphFacts(["x"], {"x": None}, [], {"If", "MatMul", "com.microsoft::MatMulNBits"})
+    facts = GraphFacts(["x"], ["y"], {"x": None}, [], {"If", "MatMul", "com.microsoft::MatMulNBits"})
     assert tensorrt_problems(facts) == ["control flow op If", "op com.microsoft::MatMulNBits not supported by TensorRT",
                                         "input x has no declared shape"]
 
@@ -211,7 +217,7 @@ def test_hygiene_check_catches_control_flow_and_custom_ops():
 def test_auto_on_this_machine_runs(manifest):
     first_available = prov.LABELS[resolve("auto")[0][0]]
     assert Captioner(manifest.root, provider="auto").provider == first_available
-    assert load_manifest(manifest.root).data["dims"]["capacity"] == {"min": 1, "max": 40}
+    assert load_manifest(manifest.root).data["dims"]["capacity"] == {"min": 1, "opt": 40, "max": 40}
 
 
 def test_doctor_reports_the_package_and_the_provider_choice():

@@ -29,8 +29,10 @@ def test_fp16_package_is_complete_and_half_the_size(fp16_package):
     assert fp16["precision"] == "fp16" and fp16["source"]["quantization"]["from_files"] == fp32["files"]
     size = lambda m: sum(f["bytes"] for f in m["files"].values())  # noqa: E731
     assert size(fp16) < 0.55 * size(fp32)
-    for role in ("vision", "decoder"):  # FP32 at the boundary: the runtime and its KV cache are unchanged
-        assert fp16["graphs"][role]["inputs"] == fp32["graphs"][role]["inputs"]
+    for role in ("vision", "decoder"):  # FP32 at the boundary but for the cache, which the step writes in place
+        for got, want in zip(fp16["graphs"][role]["inputs"], fp32["graphs"][role]["inputs"], strict=True):
+            cache = got["name"].startswith("past_")
+            assert got == {**want, "dtype": "float16" if cache else want["dtype"]}
 
 
 def test_fp16_gate_on_cpu(fp16_package, tmp_path):

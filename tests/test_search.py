@@ -6,30 +6,29 @@ import itertools
 import numpy as np
 import pytest
 
-from runtime.search import (GenerationConfig, beam_search, cached, generate, greedy, initial_state, log_softmax,
-                            prefix_logits, uncached)
+from runtime.search import (GenerationConfig, beam_search, cached, empty_cache, generate, greedy, initial_state,
+                            log_softmax, prefix_logits, uncached)
 
 VOCAB, EOS, BOS = 4, 0, 3
 
 
 def toy_graph_step(seed: int):
     """A GraphStep whose next-token logits are a fixed random function of (image, prefix).
-    It needs the full prefix, so it runs under `uncached` (the cache is never written)."""
+    It needs the full prefix, so it runs under `uncached` (the cache is never read)."""
     table = np.random.default_rng(seed).normal(scale=2.0, size=(4096, VOCAB)).astype(np.float32)
 
-    def step(input_ids, past_key, past_value, past_length, cross_key, cross_value):
-        image = cross_key[0, :, 0, 0, 0].astype(np.int64)
-        rows = [hash((int(i), *map(int, ids))) % len(table) for i, ids in zip(image, input_ids)]
-        logits = np.zeros((len(rows), input_ids.shape[1], VOCAB), np.float32)
-        logits[:, -1] = table[rows]
-        return logits, past_key, past_value
+    def step(input_ids, position_ids, cache, memory, logit_index):
+        image = memory[0][0][:, 0, 0, 0].astype(np.int64)
+        rows = [[hash((int(i), *map(int, ids[: p + 1]))) % len(table) for p in picked]
+                for i, ids, picked in zip(image, input_ids, logit_index)]
+        return table[np.array(rows)]
 
     return step
 
 
 def toy_state(images, slots=16):
-    cross = np.asarray(images, np.float32).reshape(1, -1, 1, 1, 1)
-    return initial_state(cross, cross, slots)
+    cross = np.asarray(images, np.float32).reshape(-1, 1, 1, 1)
+    return initial_state(empty_cache(1, len(images), 1, slots, 1), ([cross], [cross]))
 
 
 def toy_logprobs(step, image, prefix):
@@ -90,16 +89,35 @@ def test_batched_search_equals_one_image_at_a_time(beams):
 
 
 def test_cached_and_uncached_feed_the_graph_differently():
-    """`cached` feeds one new token after the cached ones; `uncached` the whole prefix over an
-    empty cache. Either way the cache has the same capacity at every step."""
+    """`cached` feeds one new token after the cached ones, at the next position, asking for the
+    last position's logits; `uncached` the whole prefix over the cache rewound, from position 0.
+    Either way the cache keeps its buffers and capacity."""
     seen = []
 
-    def spy(input_ids, past_key, past_value, past_length, cross_key, cross_value):
-        seen.append((input_ids.shape[1], int(past_length[0]), past_key.shape[3]))
-        return np.tile(np.float32([0, 1, 0, 0]), (len(input_ids), input_ids.shape[1], 1)), past_key, past_value
+    def spy(input_ids, position_ids, cache, memory, logit_index):
+        seen.append((input_ids.shape[1], position_ids[0].tolist(), int(cache.lengths[0]), cache.capacity,
+                     logit_index[0].tolist()))
+        return np.tile(np.float32([0, 1, 0, 0]), (len(input_ids), logit_index.shape[1], 1))
 
-    greedy(cached(spy), toy_state([0], slots=3), np.array([[BOS]]), EOS, GenerationConfig(3))
-    assert seen == [(1, 0, 3), (1, 1, 3), (1, 2, 3)]
+    state = toy_state([0], slots=3)
+    greedy(cached(spy), state, np.array([[BOS]]), EOS, GenerationConfig(3))
+    assert seen == [(1, [0], 0, 3, [0]), (1, [1], 1, 3, [0]), (1, [2], 2, 3, [0])]
     seen.clear()
-    greedy(uncached(spy), toy_state([0], slots=3), np.array([[BOS]]), EOS, GenerationConfig(3))
-    assert seen == [(1, 0, 3), (2, 0, 3), (3, 0, 3)]
+    greedy(uncached(spy), state, np.array([[BOS]]), EOS, GenerationConfig(3))
+    assert seen == [(1, [0], 0, 3, [0]), (2, [0, 1], 0, 3, [0, 1]), (3, [0, 1, 2], 0, 3, [0, 1, 2])]
+
+
+def test_a_cache_is_reordered_in_place_copying_only_rows_that_change_parent():
+    cache = empty_cache(2, 4, 1, 6, 2).advanced(3)
+    for buffer in (*cache.keys, *cache.values):
+        buffer[...] = np.arange(4)[:, None, None, None] + 10 * np.arange(6)[None, None, :, None]
+    before = [b.copy() for b in cache.keys]
+    reordered = cache.reorder(np.array([0, 0, 3, 3]))  # beams 1 and 2 continue beams 0 and 3
+    assert all(a is b for a, b in zip(reordered.keys, cache.keys))  # the same buffers, bound to the graph
+    for buffer, old in zip(reordered.keys, before):
+        assert buffer[:, 0, :3, 0].tolist() == [[0, 10, 20], [0, 10, 20], [3, 13, 23], [3, 13, 23]]
+        assert (buffer[:, :, 3:] == old[:, :, 3:]).all()  # slots not yet written are not copied
+    assert reordered.lengths.tolist() == [3] * 4
+    prefix = empty_cache(1, 2, 1, 4, 1, prefix=([np.ones((2, 1, 3, 1))], [np.ones((2, 1, 3, 1))]))
+    assert prefix.lengths.tolist() == [3, 3] and prefix.capacity == 7
+    assert prefix.advanced(2).rewound().lengths.tolist() == [3, 3]  # the prefix stays

@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, TEXTS, caption_without_torch, hf_pair, reference_scores
 from runtime import Captioner
 from runtime.preprocess import load_pixels
-from runtime.search import cached, initial_state, prefix_logits
+from runtime.search import cached, prefix_logits
 
 QUESTIONS = ["what is in the picture?", "how many dogs are there"]
 # Seeds whose random weights answer differently by image and by question (checked below); "-real" at a
@@ -140,7 +140,7 @@ def test_int8_blip_vqa_is_calibrated_with_a_question_and_stays_exact_in_cache_an
     prompt, inputs = captioner.ask(question=question)
     for i, tokens in enumerate(batch):
         ids = np.array([[*prompt, *tokens]], dtype=np.int64)
-        state = initial_state(*captioner.graphs.encode(pixels[i : i + 1], *(x[None] for x in inputs)), ids.shape[1])
+        state = captioner.graphs.start(captioner.graphs.encode(pixels[i : i + 1], *(x[None] for x in inputs)), ids.shape[1])
         whole, step, steps = prefix_logits(captioner.graphs.step, state, ids)[0], cached(captioner.graphs.step), []
         for t in range(ids.shape[1]):
             logits, state = step(state, ids[:, t : t + 1])

@@ -19,7 +19,7 @@ Adding a family is a module and a line in FAMILIES.
 
 import os
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -28,11 +28,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import numpy as np
 import torch
 
+from runtime.manifest import Decoder
 from runtime.preprocess import upright
-from runtime.search import GenerationConfig, until_eos
+from runtime.search import GenerationConfig, State, cached, capacity, prefix_logits, start, until_eos
 
 from ..check import Agreement, ExportError, Tolerance, compare, compare_argmax
-from ..package import OPSET, GraphShape, report, trace, versions, write_package
+from ..package import OPSET, GraphShape, eager_outputs, report, trace, versions, write_package
+from ..reference import torch_graph_step
 from ..progress import Progress
 from ..quantize import check_vision_compute, quantize_package
 from . import blip, blip_vqa, decoders, florence2, git, vision_encoder_decoder
@@ -72,8 +74,8 @@ def load_model(src: Path, attention: str | None = None):
 def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, int]) -> GraphShape:
     text = family.text_config(model)
     layers, heads, width, positions = decoders.dims(text)
-    shape = GraphShape(layers, heads, width // heads, 0, text.vocab_size, positions, image_size, family.MEMORY,
-                       positions if family.QUESTION in ("encoder", "task") else 0)
+    decoder = Decoder(layers, heads, heads, width // heads, text.vocab_size, positions, family.MEMORY)
+    shape = GraphShape(decoder, 0, image_size, positions if family.QUESTION in ("encoder", "task") else 0)
     inputs = shape.vision_inputs(1, torch.Generator())
     with torch.inference_mode():
         memory_tokens = captioner.memory(*inputs).shape[1] - sum(t.shape[1] for t in inputs[1:])
@@ -83,18 +85,19 @@ def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, in
 
 
 def check_wrappers(family, model, captioner: HFCaptioner, shape: GraphShape, tol: Tolerance) -> Agreement:
-    """The stacked-cache wrappers vs transformers' forward, prefill and one cached step,
+    """The per-layer-cache wrappers vs transformers' forward, prefill and one cached step,
     judged like the graphs (export.check)."""
     gen = torch.Generator().manual_seed(0)
     inputs = shape.vision_inputs(2, gen)
-    ids = torch.randint(shape.vocab_size, (2, 6), generator=gen)
-    empty = torch.zeros(shape.layers, 2, shape.heads, 6, shape.head_dim)
+    ids = torch.randint(shape.decoder.vocab_size, (2, 6), generator=gen)
     with torch.inference_mode():
         want = family.reference_logits(model, inputs, ids)
-        cross = captioner.vision(*inputs)
-        first, key, value = captioner.step(ids[:, :5], empty, empty, torch.tensor([0]), *cross)
-        last, _, _ = captioner.step(ids[:, 5:], key, value, torch.tensor([5]), *cross)
-    got, want, seen = torch.cat([first, last], dim=1).numpy(), want.numpy(), Agreement()
+    step, ids = torch_graph_step(captioner), ids.numpy()
+    state = start(shape.decoder, eager_outputs(captioner, inputs), 6)
+    first = prefix_logits(step, state, ids[:, :5])
+    fed = State(ids[:, :5], np.tile(np.arange(5), (2, 1)), state.cache.advanced(5), state.memory)
+    last, _ = cached(step)(fed, ids[:, 5:])
+    got, want, seen = np.concatenate([first, last[:, None]], axis=1), want.numpy(), Agreement()
     what = "the decoder wrapper vs transformers' forward (prefill 5 tokens + 1 cached step, batch 2)"
     compare(what, ["logits"], [got], [want], tol, seen)
     compare_argmax(what, got, want, tol, seen)
@@ -139,8 +142,8 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
         manifest = write_package(folder, out, {
             "name": src.name,
             "precision": "fp32",
-            "dims": shape.dims(),
-            "decoder": shape.decoder_section(),
+            "dims": shape.dims(capacity(len(generation["prompt_ids"]), generation["max_new_tokens"])),
+            "decoder": asdict(shape.decoder),
             "preprocess": spec,
             "tokenizer": {"file": "tokenizer.json", "eos_id": eos,
                           "clean_up_spaces": bool(tokenizer.clean_up_tokenization_spaces),

@@ -13,7 +13,7 @@ RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor configs
 
 
 class HFCaptioner(nn.Module):
-    """vision(pixels[, text_ids]) -> memory K/V; step(...) as in runtime.search. `encoder`
+    """vision(pixels[, text_ids]) -> memory K/V per layer; step(...) as in export.hf.decoders. `encoder`
     maps the vision inputs to hidden states (its output's first item), `project` those to
     the decoder's width, `decoder.memory_kv` them to every layer's keys and values."""
 
@@ -24,11 +24,11 @@ class HFCaptioner(nn.Module):
     def memory(self, pixels: torch.Tensor, *text_ids: torch.Tensor) -> torch.Tensor:
         return self.project(self.encoder(pixels, *text_ids)[0])
 
-    def vision(self, pixels: torch.Tensor, *text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def vision(self, pixels: torch.Tensor, *text_ids: torch.Tensor) -> tuple[list, list]:
         return self.decoder.memory_kv(self.memory(pixels, *text_ids))
 
-    def step(self, input_ids, past_key, past_value, past_length, memory_key, memory_value):
-        return self.decoder(input_ids, past_key, past_value, past_length, memory_key, memory_value)
+    def step(self, *feeds):
+        return self.decoder(*feeds)
 
 
 def read_config(src: Path) -> dict:
