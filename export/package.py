@@ -37,7 +37,7 @@ from .check import Agreement, ExportError, Tolerance, compare, compare_argmax
 from .destination import install
 from .kv import TRANSLATIONS
 from .progress import Progress
-from .reference import torch_graph_step
+from .reference import step_args, torch_graph_step
 
 OPSET = 18  # lowest the dynamo exporter targets natively; widest TensorRT/Jetson support
 DECODER_OPSET = 24  # the decoder step's TensorScatter (export.kv)
@@ -55,6 +55,10 @@ class GraphShape:
     # is as long as what the text makes it: BLIP VQA's question encoding, Florence-2's encoder
     # states over [image tokens; task prompt].
     text_positions: int = 0
+    # > 0: the vision graph takes one photo's tiles (SmolVLM), at most this many, each giving
+    # memory_tokens image features of the language model's `width`.
+    tiles: int = 0
+    width: int = 0
 
     def dims(self, default_capacity: int) -> dict:
         """Ranges of the graphs' symbolic dims, each with the size TensorRT optimises for (`opt`:
@@ -66,9 +70,11 @@ class GraphShape:
         text = {"text": {"min": 1, "opt": prompt, "max": self.text_positions},
                 "memory": {"min": 1, "opt": self.memory_tokens + prompt,
                            "max": self.memory_tokens + self.text_positions}} if self.text_positions else {}
+        tiles = {"tiles": {"min": 1, "opt": self.tiles, "max": self.tiles},
+                 "features": {"min": 1, "opt": self.tiles * self.memory_tokens, "max": positions}} if self.tiles else {}
         return {"batch": {"min": 1, "opt": 1, "max": None}, "seq": {"min": 1, "opt": 1, "max": positions},
                 "picked": {"min": 1, "opt": 1, "max": positions},
-                "capacity": {"min": 1, "opt": min(default_capacity, slots), "max": slots}, **text}
+                "capacity": {"min": 1, "opt": min(default_capacity, slots), "max": slots}, **text, **tiles}
 
     def io(self) -> dict[str, tuple[list[str], list[str]]]:
         return roles(self.decoder, bool(self.text_positions))
@@ -90,17 +96,17 @@ class VisionGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """The step with its cross-attention memory as one list (keys then values), or none (a prefix
-    memory: left out of the example inputs, not passed empty, which would unname the dims)."""
+    """The step with its memory inputs as one list in role order (cross-attention keys then values,
+    or image features and their index), or none (a prefix memory: left out of the example inputs,
+    not passed empty, which would unname the dims)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, decoder: Decoder):
         super().__init__()
-        self.model = model
+        self.model, self.decoder = model, decoder
 
     def forward(self, input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values, memory=()):
-        half = len(memory) // 2
         return self.model.step(input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values,
-                               *((memory[:half], memory[half:]) if memory else ()))
+                               *step_args(self.decoder, dict(enumerate(memory))))
 
 
 def export_graph(module, args, names, dynamic_shapes, path: Path) -> None:
@@ -200,7 +206,7 @@ def check_greedy(model: nn.Module, graphs: Graphs, shape: GraphShape, prompt: li
     outputs = eager_outputs(model, inputs)
     ids = np.array(prompt, np.int64)
     cfg = GenerationConfig(max_new_tokens=min(GREEDY_TOKENS, shape.decoder.max_positions - len(prompt) + 1))
-    eager_step, no_eos, slots = torch_graph_step(model), -1, capacity(len(prompt), cfg.max_new_tokens)
+    eager_step, no_eos, slots = torch_graph_step(model, shape.decoder), -1, capacity(len(prompt), cfg.max_new_tokens)
     ours = graphs.generate(inputs[0].numpy(), ids, no_eos, cfg, inputs=[t.numpy() for t in inputs[1:]])
     theirs = greedy(cached(eager_step), start(shape.decoder, outputs, slots), np.tile(ids, (GREEDY_SAMPLES, 1)), no_eos, cfg)
     for row, (got, want) in enumerate(zip(ours, theirs, strict=True)):
@@ -223,31 +229,29 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
     within `tol`, the next token at every position, then greedy decoding of sample images."""
     graphs = Graphs.open(folder / "vision.onnx", folder / "decoder.onnx", shape.decoder)
     gen, rng = torch.Generator().manual_seed(1), np.random.default_rng(1)
-    seen, d = Agreement(), shape.decoder
+    seen, d, eager_step = Agreement(), shape.decoder, torch_graph_step(model, shape.decoder)
     roles_ = shape.io()
     for batch in (1, 3):
         inputs = shape.vision_inputs(batch, gen)
         outputs = eager_outputs(model, inputs)
         got = graphs.encode(*(t.numpy() for t in inputs))
-        compare(f"vision graph at batch {batch}", roles_["vision"][1], [*got[0], *got[1]], [*outputs[0], *outputs[1]], tol, seen)
-        memory = outputs if d.memory == "cross" else ()
+        compare(f"vision graph at batch {batch}", roles_["vision"][1], [x for layers in got for x in layers],
+                [x for layers in outputs for x in layers], tol, seen)
+        memory = () if d.memory == "prefix" else outputs
         # Rows of different lengths (the batch's last row one slot behind), capacities beyond what is
         # written: slots not yet written hold noise, which must stay masked.
         for past, seq, slots in ((0, 1, 1), (0, 7, 9), (5, 1, 6), (11, 3, 17)):
             lengths = np.full(batch, past) - (np.arange(batch) == batch - 1) * (past > 0) * (batch > 1)
             ids = rng.integers(d.vocab_size, size=(batch, seq))
+            if d.memory == "embeddings":  # placeholders that take image features, where a prompt starts
+                ids[:, 1 : min(seq - 1, 1 + shape.memory_tokens)] = d.image_token
             positions = lengths[:, None] + np.arange(seq)
             index = np.tile(np.arange(seq), (batch, 1))
             noise = [rng.standard_normal((batch, d.kv_heads, slots, d.head_dim)).astype(np.float32) for _ in range(2 * d.layers)]
-            with torch.inference_mode():
-                logits, keys, values = model.step(*map(torch.from_numpy, (ids, positions, lengths, index)),
-                                                  [torch.from_numpy(x) for x in noise[: d.layers]],
-                                                  [torch.from_numpy(x) for x in noise[d.layers :]],
-                                                  *([[torch.from_numpy(x) for x in layers] for layers in memory]))
-            want = [logits.numpy(), *(t.numpy() for t in (*keys, *values))]
-            cache = [x.copy() for x in noise]
-            written = Cache(cache[: d.layers], cache[d.layers :], lengths, np.zeros(batch, np.int64))
-            got = [graphs.step(ids, positions, written, memory, index), *cache]
+            eager, ours = (Cache([x.copy() for x in noise[: d.layers]], [x.copy() for x in noise[d.layers :]], lengths,
+                                 np.zeros(batch, np.int64)) for _ in range(2))
+            want = [eager_step(ids, positions, eager, memory, index), *eager.keys, *eager.values]
+            got = [graphs.step(ids, positions, ours, memory, index), *ours.keys, *ours.values]
             what = f"decoder step graph at batch {batch}, past {past}, length {seq}"
             compare(what, roles_["decoder"][1], got, want, tol, seen)
             compare_argmax(what, got[0], want[0], tol, seen)
@@ -265,7 +269,8 @@ def trace(model: nn.Module, shape: GraphShape, folder: Path, progress: Progress,
     d, io = shape.decoder, shape.io()
     batch = Dim("batch", min=1, max=1024)
     text = Dim("text", min=1, max=shape.text_positions) if shape.text_positions else None
-    vision_dims = {"pixel_values": {0: batch}, **({"text_ids": {0: batch, 1: text}} if text else {})}
+    images = Dim("tiles", min=1, max=shape.tiles) if shape.tiles else batch
+    vision_dims = {"pixel_values": {0: images}, **({"text_ids": {0: batch, 1: text}} if text else {})}
     export_graph(VisionGraph(model).eval(), tuple(shape.vision_inputs(2, torch.Generator())), io["vision"], vision_dims,
                  folder / "vision.onnx")
     progress.update(1, "vision graph traced and checked")
@@ -274,15 +279,21 @@ def trace(model: nn.Module, shape: GraphShape, folder: Path, progress: Progress,
     slots = Dim("capacity", min=1, max=positions + (shape.memory_tokens if d.memory == "prefix" else 0))
     seq, picked = Dim("seq", min=1, max=positions), Dim("picked", min=1, max=positions)
     cache = [torch.randn(2, d.kv_heads, 7, d.head_dim) for _ in range(2 * d.layers)]
-    memory = [torch.randn(2, d.heads, 4 if text else shape.memory_tokens, d.head_dim)
-              for _ in range(2 * d.layers)] if d.memory == "cross" else []
+    if d.memory == "cross":
+        memory = [torch.randn(2, d.heads, 4 if text else shape.memory_tokens, d.head_dim) for _ in range(2 * d.layers)]
+        memory_dims = [{0: batch, **({2: Dim("memory", min=1, max=shape.memory_tokens + shape.text_positions)}
+                                     if text else {})}] * len(memory)
+    elif d.memory == "embeddings":
+        memory = [torch.randn(2, 4, shape.width), torch.tensor([[-1, 0, 1], [0, 1, -1]])]
+        memory_dims = [{0: batch, 1: Dim("features", min=1, max=positions)}, {0: batch, 1: seq}]
+    else:
+        memory, memory_dims = [], []
     example = (torch.zeros(2, 3, dtype=torch.int64), torch.tensor([[2, 3, 4], [2, 3, 4]]), torch.tensor([2, 2]),
                torch.tensor([[0, 2], [1, 2]]), cache[: d.layers], cache[d.layers :], *([memory] if memory else []))
-    memory_dims = {0: batch, **({2: Dim("memory", min=1, max=shape.memory_tokens + shape.text_positions)} if text else {})}
     dynamic = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}, "cache_lengths": {0: batch},
                "logit_index": {0: batch, 1: picked}, "past_keys": [{0: batch, 2: slots}] * d.layers,
-               "past_values": [{0: batch, 2: slots}] * d.layers, **({"memory": [memory_dims] * len(memory)} if memory else {})}
-    export_graph(DecoderStepGraph(model).eval(), example, io["decoder"], dynamic, folder / "decoder.onnx")
+               "past_values": [{0: batch, 2: slots}] * d.layers, **({"memory": memory_dims} if memory else {})}
+    export_graph(DecoderStepGraph(model, d).eval(), example, io["decoder"], dynamic, folder / "decoder.onnx")
     progress.update(2, "decoder step graph traced and checked")
     seen = validate(model, shape, folder, Progress("validate", 3, every_s=0), tol, prompt)
     progress.update(3, f"ONNX Runtime matches eager PyTorch ({seen.summary()}, {seen.argmax_rows} next tokens "

@@ -8,25 +8,34 @@ import numpy as np
 import torch
 
 from runtime.manifest import Decoder, sha256
-from runtime.search import GenerationConfig, cached, capacity, generate, prefix_logits, start
+from runtime.search import GenerationConfig, cached, capacity, generate, memory_feeds, prefix_logits, start
 
 from .encoder import load_pretrained
 from .model import Captioner, load_decoder
 from .preprocess import reference_pixels
 
 
-def torch_graph_step(model):
-    """Adapt a model's `step` (export.model, export.hf.decoders) to the `GraphStep` signature:
-    numpy in, the present keys and values written back into the cache's buffers, logits out."""
+def step_args(decoder: Decoder, feeds: dict) -> tuple:
+    """The memory inputs by role name (runtime.search.memory_feeds) as a step's arguments:
+    cross-attention keys and values as two lists, or image features and their index."""
+    values = list(feeds.values())
+    return (values[: decoder.layers], values[decoder.layers :]) if decoder.memory == "cross" else tuple(values)
+
+
+def torch_graph_step(model, decoder: Decoder):
+    """Adapt a model's `step` (export.model, export.hf.decoders, export.hf.llm) to the `GraphStep`
+    signature: numpy in, the present keys and values written back into the cache's buffers, logits out."""
 
     def tensor(a):
         return torch.from_numpy(np.ascontiguousarray(a))
 
     @torch.inference_mode()
     def step(ids, positions, cache, memory, logit_index):
+        feeds = {name: [tensor(x) for x in value] if isinstance(value, list) else tensor(value)
+                 for name, value in memory_feeds(decoder, memory, ids, cache).items()}
         logits, keys, values = model.step(tensor(ids), tensor(positions), tensor(cache.lengths), tensor(logit_index),
                                           [tensor(k) for k in cache.keys], [tensor(v) for v in cache.values],
-                                          *([tensor(x) for x in layers] for layers in memory))
+                                          *step_args(decoder, feeds))
         for buffer, present in zip((*cache.keys, *cache.values), (*keys, *values)):
             buffer[...] = present.numpy()
         return logits.numpy()
@@ -43,8 +52,8 @@ class Reference:
         self.spec = manifest["preprocess"]
         self.prompt = np.array(manifest["generation"]["prompt_ids"], dtype=np.int64)
         self.eos_id = manifest["tokenizer"]["eos_id"]
-        self.graph_step = torch_graph_step(decoder)
         self.decoder = Decoder(**manifest["decoder"])
+        self.graph_step = torch_graph_step(decoder, self.decoder)
 
     def pixels(self, images) -> torch.Tensor:
         return torch.stack([reference_pixels(i, self.spec) for i in images])

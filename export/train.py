@@ -84,9 +84,9 @@ def heldout_exact_match(model, tok, ids, probs, sentences) -> float:
         memory = model.cross_kv(model.memory(torch.from_numpy(ids), torch.from_numpy(probs)))
     prompt = np.full((len(ids), 1), sp["bos_id"], dtype=np.int64)
     c, cfg = model.cfg, GenerationConfig(max_new_tokens=model.cfg.max_positions)
-    state = start(Decoder(c.n_layer, c.n_head, c.n_head, c.head_dim, c.vocab_size, c.max_positions, "cross"),
-                  tuple([t.numpy() for t in layers] for layers in memory), capacity(1, cfg.max_new_tokens))
-    out = greedy(cached(torch_graph_step(model)), state, prompt, sp["eos_id"], cfg)
+    decoder = Decoder(c.n_layer, c.n_head, c.n_head, c.head_dim, c.vocab_size, c.max_positions, "cross")
+    state = start(decoder, tuple([t.numpy() for t in layers] for layers in memory), capacity(1, cfg.max_new_tokens))
+    out = greedy(cached(torch_graph_step(model, decoder)), state, prompt, sp["eos_id"], cfg)
     return float(np.mean([tok.decode(o) == s for o, s in zip(out, sentences)]))
 
 

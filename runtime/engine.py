@@ -25,8 +25,9 @@ from .graphs import Graphs, host, session_options
 from .providers import ProviderError
 from .manifest import GRAPHS, PackageError, load_manifest
 from .florence import parse
-from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels, open_image, to_pixels
-from .search import GenerationConfig, take_rows
+from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels, open_image, to_pixels, to_tiles
+from .prompting import chat_text
+from .search import GenerationConfig, cached, capacity, generate, take_rows, uncached
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
 # The bundled model's variants. INT8 passes the fidelity gate (README "Quantization"), so it
@@ -100,6 +101,7 @@ class Captioner:
         self.defaults = GenerationConfig(**{f.name: self.manifest.generation[f.name] for f in fields(GenerationConfig)
                                             if f.name in self.manifest.generation})
         self.prompt = np.array(self.manifest.generation["prompt_ids"], dtype=np.int64)
+        self.eos = np.array(self.manifest.eos_ids, dtype=np.int64)
 
     def _load(self, names: list[str], explicit: bool, opts, max_batch: int):
         """Both sessions on the first provider that initialises: an explicit provider that
@@ -155,7 +157,18 @@ class Captioner:
         """(prompt, the vision graph's inputs beyond pixels, per image) for what the model is
         asked: nothing (a caption), a `question`, or a `task` and its `text`, as the package says
         they are read (Manifest.question, Manifest.tasks). ValueError for what the model does not
-        take, lacks or cannot fit."""
+        take, lacks or cannot fit. A chat model's prompt is laid out for each image's tiles
+        (`chat_prompt`): here, for an untiled image (the shortest)."""
+        if self.manifest.chat is not None:
+            if task is not None or text is not None:
+                raise ValueError("this model takes a question (--question), not a task or text")
+            if question is not None and not question.strip():
+                raise ValueError("the question is empty")
+            prompt = self.chat_prompt(question, [(0, 0)])
+            if len(prompt) >= self.manifest.max_positions:
+                raise ValueError(f"the question makes a {len(prompt)}-token prompt even for an untiled image; this "
+                                 f"model reads {self.manifest.max_positions} tokens")
+            return prompt, []
         if self.manifest.tasks is not None:
             if question is not None:
                 raise ValueError("this model takes a task (--task), not a question")
@@ -178,6 +191,13 @@ class Captioner:
         if not 1 <= len(ids) <= limit:
             raise ValueError(f"the question is {len(ids)} tokens; this model reads 1 to {limit}")
         return np.concatenate([self.prompt, np.array(ids, dtype=np.int64)]), []
+
+    def chat_prompt(self, question: str | None, grids: list[tuple[int, int]]) -> np.ndarray:
+        """A chat model's prompt ids: the question (the package's default when None) about images
+        tiled as `grids` ((rows, cols) each), in its chat template (runtime.prompting)."""
+        chat = self.manifest.chat
+        text = chat_text(chat, chat["question"] if question is None else question, grids)
+        return np.array(self.tokenizer.encode(text).ids, dtype=np.int64)
 
     def task_prompt(self, task: str | None, text: str | None) -> str:
         """The prompt Florence2Processor builds for a task (the default one for None) and its text."""
@@ -209,7 +229,7 @@ class Captioner:
     def generate(self, pixels: np.ndarray, cfg: GenerationConfig, cache: bool = True, question: str | None = None,
                  task: str | None = None, text: str | None = None) -> list[list[int]]:
         """Tokens per image, in forward passes of at most `images_per_pass` images."""
-        n, eos = self.images_per_pass(cfg.num_beams), self.manifest.tokenizer["eos_id"]
+        n, eos = self.images_per_pass(cfg.num_beams), self.eos
         prompt, inputs = self.ask(question, task, text)
         tokens = []
         for i in range(0, len(pixels), n):
@@ -221,7 +241,10 @@ class Captioner:
         """Text as transformers' `decode(prompt + tokens, skip_special_tokens=True)` gives it:
         a text prompt (BLIP's "a picture of") is part of the caption; a question is not part of
         its answer. A package whose special tokens carry meaning (Florence-2's <loc_N>) keeps
-        them: the text its processor parses, without the decoder's start and forced BOS."""
+        them: the text its processor parses, without the decoder's start and forced BOS. A chat
+        model's answer is its tokens alone, without the spaces around them."""
+        if self.manifest.chat is not None:
+            return self.tokenizer.decode(tokens).strip()
         if not self.manifest.tokenizer.get("skip_special_tokens", True):
             forced = self.defaults.forced_bos_token_id
             return self.tokenizer.decode(tokens[1:] if tokens[:1] == [forced] else tokens, skip_special_tokens=False)
@@ -279,24 +302,60 @@ class Captioner:
         return np.array([*prompt, *ids, self.manifest.tokenizer["eos_id"]], dtype=np.int64)
 
     def caption(self, images, max_new_tokens=None, num_beams=None, length_penalty=None, batch_size: int = 8,
-                question: str | None = None, task: str | None = None, text: str | None = None):
+                question: str | None = None, task: str | None = None, text: str | None = None, cache: bool = True):
         """One image -> Caption (raises ImageError); a list -> list of Caption, where a
         bad image gets `error` set and the others are still captioned. With `question`, each
         Caption's text answers it; with `task` (and its `text`), it is the task's output
-        (ValueError on a model that takes neither)."""
+        (ValueError on a model that takes neither). `cache=False` recomputes the whole prefix at
+        every step: the reference the KV cache must equal."""
         asked = {"question": question, "task": task, "text": text}
         cfg = self.generation_config(max_new_tokens, num_beams, length_penalty, **asked)
+        batch = self._answer_batch if self.manifest.chat is not None else self._caption_batch
         if not isinstance(images, (list, tuple)):
-            result = self._caption_batch([images], cfg, asked)[0]
+            result = batch([images], cfg, asked, cache)[0]
             if result.error:
                 raise ImageError(result.error)
             return result
         results = []
         for start in range(0, len(images), batch_size):
-            results += self._caption_batch(images[start : start + batch_size], cfg, asked)
+            results += batch(images[start : start + batch_size], cfg, asked, cache)
         return results
 
-    def _caption_batch(self, images, cfg: GenerationConfig, asked: dict) -> list[Caption]:
+    def _answer_batch(self, images, cfg: GenerationConfig, asked: dict, cache: bool) -> list[Caption]:
+        """A chat model: each image cut into tiles and encoded (one vision pass per image), its
+        prompt laid out for its tiles; images whose prompts are the same (same tiling) are decoded
+        together, `images_per_pass` at a time. An image whose prompt and answer would not fit the
+        model's positions gets its error; the others are answered."""
+        start, question = time.perf_counter(), asked["question"]
+        results, groups = [], {}
+        for image in images:
+            results.append(Caption(image=str(image) if isinstance(image, (str, Path)) else type(image).__name__,
+                                   question=question))
+            try:
+                tiles, rows, cols = to_tiles(open_image(image, self.max_pixels), self.manifest.preprocess)
+                prompt = self.chat_prompt(question, [(rows, cols)])
+                if len(prompt) + cfg.max_new_tokens - 1 > self.manifest.max_positions:
+                    raise ImageError(f"{results[-1].image}: its {rows}x{cols} tiles make a {len(prompt)}-token prompt; with "
+                                     f"{cfg.max_new_tokens} new tokens that is beyond the model's {self.manifest.max_positions}")
+            except ImageError as e:
+                results[-1].error = str(e)
+                continue
+            (features,), = self.graphs.encode(tiles)
+            features = host(features)
+            groups.setdefault(prompt.tobytes(), (prompt, []))[1].append((results[-1], features.reshape(-1, features.shape[-1])))
+        step, n = (cached if cache else uncached)(self.graphs.step), self.images_per_pass(cfg.num_beams)
+        for prompt, members in groups.values():
+            for i in range(0, len(members), n):
+                chunk = members[i : i + n]
+                state = self.graphs.start(([np.stack([f for _, f in chunk])],), capacity(len(prompt), cfg.max_new_tokens))
+                for (r, _), t in zip(chunk, generate(step, state, np.tile(prompt, (len(chunk), 1)), self.eos, cfg)):
+                    r.tokens, r.text = t, self.decode(t)
+        ok = [r for r in results if r.error is None]
+        for r in ok:
+            r.ms = (time.perf_counter() - start) * 1000 / len(ok)
+        return results
+
+    def _caption_batch(self, images, cfg: GenerationConfig, asked: dict, cache: bool) -> list[Caption]:
         start = time.perf_counter()
         results, pixels, sizes = [], [], []
         task = asked["task"] or (self.manifest.tasks or {}).get("default")
@@ -311,7 +370,7 @@ class Captioner:
                 results[-1].error = str(e)
         ok = [r for r in results if r.error is None]
         if ok:
-            tokens = self.generate(np.stack(pixels), cfg, **asked)
+            tokens = self.generate(np.stack(pixels), cfg, cache, **asked)
             ms = (time.perf_counter() - start) * 1000 / len(ok)
             for r, t, size in zip(ok, tokens, sizes, strict=True):
                 r.tokens, r.text, r.ms = t, self.decode(t), ms

@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from .manifest import Decoder, memory_roles
 from .search import (Cache, GenerationConfig, State, cached, capacity, empty_cache, generate, initial_state,
-                     prefix_logits, start, text_logprobs, uncached)
+                     memory_feeds, prefix_logits, start, text_logprobs, uncached)
 
 CPU = ["CPUExecutionProvider"]
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -98,7 +98,6 @@ class Graphs:
         self.vision_io, self.memory = io_names(vision), memory_roles(spec)
         inputs = {i.name: i for i in decoder.get_inputs()}
         self.dtype = DTYPES[inputs["past_key.0"].type]  # the cache's: fp16 packages keep it in fp16
-        self.cross = spec.memory == "cross"
 
     @classmethod
     def open(cls, vision: Path, decoder: Path, spec: Decoder, precision: str = "fp32") -> "Graphs":
@@ -108,7 +107,7 @@ class Graphs:
 
     def encode(self, pixels: np.ndarray, *inputs: np.ndarray) -> tuple[list, list]:
         """(N, 3, H, W) [+ the graph's other inputs, such as question ids (N, Q)] -> per-layer
-        (keys, values), once per image (left on the device with a device set)."""
+        (keys, values), or ([image features],), once per image (left on the device with a device set)."""
         feeds = dict(zip(self.vision_io[0], (pixels, *inputs)))
         if self.device is None:
             outputs = dict(zip(self.vision_io[1], self.vision.run(None, feeds)))
@@ -120,6 +119,8 @@ class Graphs:
                 binding.bind_output(name, self.device)
             self.vision.run_with_iobinding(binding)
             outputs = {n: DeviceTensor(v) for n, v in zip(self.vision_io[1], binding.get_outputs())}
+        if self.spec.memory == "embeddings":
+            return ([outputs["image_features"]],)
         half = len(self.memory) // 2
         return [outputs[n] for n in self.memory[:half]], [outputs[n] for n in self.memory[half:]]
 
@@ -130,7 +131,7 @@ class Graphs:
         state = start(self.spec, tuple([host(x) for x in layers] for layers in outputs), slots, self.dtype)
         cache = DeviceCache(*([DeviceTensor.upload(b, self.device) for b in buffers]
                               for buffers in (state.cache.keys, state.cache.values)), state.cache.lengths, state.cache.start)
-        return initial_state(cache, outputs if self.cross else ())
+        return initial_state(cache, () if self.spec.memory == "prefix" else outputs)
 
     def step(self, ids: np.ndarray, positions: np.ndarray, cache: Cache, memory: tuple, logit_index: np.ndarray):
         """The decoder-step graph as a `GraphStep`: writes the cache in place, returns the logits."""
@@ -144,8 +145,11 @@ class Graphs:
                 value = ort_value(buffer)
                 binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
                 binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
-        for name, value in zip(self.memory, (*memory[0], *memory[1]) if memory else ()):
-            binding.bind_ortvalue_input(name, ort_value(value))
+        for name, value in memory_feeds(self.spec, memory, ids, cache).items():
+            if isinstance(value, np.ndarray) and value.dtype == np.int64:
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, ort_value(value))
         self.decoder.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 

@@ -7,7 +7,7 @@ field, a file that is missing, outside the package or whose SHA-256 differs.
 
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from .onnx_graph import ProtoError, graph_facts
@@ -29,8 +29,9 @@ class PackageError(Exception):
 class Decoder:
     """The decoder step as the runtime drives it: its cache is `layers` x (batch, kv_heads, capacity,
     head_dim), keys and values; `memory` is how it reads the vision graph's output: "cross"
-    (cross-attention keys and values per layer, fed every step) or "prefix" (keys and values per
-    layer that fill the cache's first slots: GIT's image tokens)."""
+    (cross-attention keys and values per layer, fed every step), "prefix" (keys and values per
+    layer that fill the cache's first slots: GIT's image tokens) or "embeddings" (image features
+    that take the place of the prompt's `image_token` placeholders: the LLM-based families)."""
 
     layers: int
     heads: int
@@ -39,19 +40,23 @@ class Decoder:
     vocab_size: int
     max_positions: int
     memory: str
+    image_token: int | None = None
 
 
 def memory_roles(decoder: Decoder) -> list[str]:
-    """The vision graph's outputs, which are also the cross-attention inputs of the decoder step."""
+    """The vision graph's outputs: what the decoder step reads (cross, embeddings) or its cache
+    starts with (prefix)."""
+    if decoder.memory == "embeddings":
+        return ["image_features"]
     return [f"{decoder.memory}_{kv}.{i}" for kv in ("key", "value") for i in range(decoder.layers)]
 
 
 def roles(decoder: Decoder, text_input: bool) -> dict[str, tuple[list[str], list[str]]]:
     """(inputs, outputs) of each graph by role name: the runtime binds them by these names."""
     cache = [f"past_{kv}.{i}" for kv in ("key", "value") for i in range(decoder.layers)]
-    cross = memory_roles(decoder) if decoder.memory == "cross" else []
+    memory = {"cross": memory_roles(decoder), "prefix": [], "embeddings": ["image_features", "feature_index"]}
     return {"vision": (["pixel_values", *(["text_ids"] if text_input else [])], memory_roles(decoder)),
-            "decoder": (["input_ids", "position_ids", "cache_lengths", "logit_index", *cache, *cross],
+            "decoder": (["input_ids", "position_ids", "cache_lengths", "logit_index", *cache, *memory[decoder.memory]],
                         ["logits", *(name.replace("past_", "present_") for name in cache)])}
 
 
@@ -96,6 +101,16 @@ class Manifest:
         return self.data.get("tasks")
 
     @property
+    def chat(self) -> dict | None:
+        """A chat model's prompting (runtime.prompting): {"template", "question", "image": layout}."""
+        return self.data.get("chat")
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends a sequence (the first also fills finished rows)."""
+        return self.tokenizer.get("eos_ids", [self.tokenizer["eos_id"]])
+
+    @property
     def question(self) -> str | None:
         """Where a question goes: "prompt" (its tokens follow the prompt, as GIT reads one),
         "encoder" (with the tokenizer's special tokens, into the vision graph's second input,
@@ -127,8 +142,9 @@ def package_file(root: Path, name: str) -> Path:
 # Every field the runtime reads, with its type: checked up front so that a malformed
 # manifest is one clear error, not a KeyError deep in session setup.
 SCHEMA = {
-    # resize: an int sets the shorter side (aspect kept), [h, w] an exact size, as torchvision's Resize.
-    # crop_offset: "round" is torchvision's CenterCrop, "floor" transformers' center_crop.
+    # kind "fixed" (the default): one picture of a fixed size. resize: an int sets the shorter side
+    # (aspect kept), [h, w] an exact size, as torchvision's Resize. crop_offset: "round" is
+    # torchvision's CenterCrop, "floor" transformers' center_crop. Kind "tiles": PREPROCESS_TILES.
     "preprocess": {"resize": (int, list), "crop": (list, type(None)), "crop_offset": str, "resample": str,
                    "rescale": float, "mean": list, "std": list},
     "tokenizer": {"file": str, "eos_id": int, "clean_up_spaces": bool},
@@ -137,10 +153,18 @@ SCHEMA = {
     "decoder": {"layers": int, "heads": int, "kv_heads": int, "head_dim": int, "vocab_size": int, "max_positions": int,
                 "memory": str},
 }
+# SmolVLM's tiles (runtime.preprocess.to_tiles): the longest edge resized to `longest_edge`, then
+# (`split`) cut into tiles of `tile` pixels plus the whole image as one more tile.
+PREPROCESS_TILES = {"longest_edge": int, "tile": int, "split": bool, "resample": str, "rescale": float, "mean": list,
+                    "std": list}
+# A chat model's prompt (runtime.prompting): its chat template, the question asked when none is
+# given, and how one image is laid out ("tiles": SmolVLM's).
+CHAT = {"template": str, "question": str, "image": dict}
+CHAT_IMAGE = {"layout": str, "tokens": int, "image": str, "around": str, "global": str}
 GRAPHS = ("vision", "decoder")
-QUESTION_INPUTS, MEMORY_KINDS = (None, "prompt", "encoder"), ("cross", "prefix")
-CHOICES = {("preprocess", "resample"): ("bilinear", "bicubic"), ("preprocess", "crop_offset"): ("round", "floor"),
-           ("generation", "early_stopping"): (True, False, "never")}
+QUESTION_INPUTS, MEMORY_KINDS = (None, "prompt", "encoder"), ("cross", "prefix", "embeddings")
+CHOICES = {("preprocess", "resample"): ("bilinear", "bicubic", "lanczos"), ("preprocess", "crop_offset"): ("round", "floor"),
+           ("generation", "early_stopping"): (True, False, "never"), ("chat.image", "layout"): ("tiles",)}
 
 
 def has_type(value, kind) -> bool:
@@ -164,8 +188,13 @@ def check_question(root: Path, data: dict) -> None:
         if question["input"] or tasks["default"] not in prompts or \
                 not all(isinstance(p["prompt"], str) and isinstance(p["parse"], str) for p in prompts.values()):
             raise PackageError(f"{root}: manifest field tasks is malformed")
+    if (data.get("chat") is not None) != (data["decoder"]["memory"] == "embeddings") or \
+            (data.get("chat") is not None) != (data["preprocess"].get("kind") == "tiles"):
+        raise PackageError(f"{root}: manifest fields chat, preprocess.kind and decoder.memory do not fit together")
     decoder = data["decoder"]
-    if set(decoder) != {f.name for f in fields(Decoder)} or decoder["heads"] % decoder["kv_heads"]:
+    required = {f.name for f in fields(Decoder) if f.default is MISSING}
+    if not required <= set(decoder) <= {f.name for f in fields(Decoder)} or decoder["heads"] % decoder["kv_heads"] \
+            or (decoder["memory"] == "embeddings") != has_type(decoder.get("image_token"), int):
         raise PackageError(f"{root}: manifest field decoder is malformed")
     expected = roles(Decoder(**decoder), question["input"] == "encoder" or tasks is not None)
     for role, (inputs, outputs) in expected.items():
@@ -178,16 +207,32 @@ def check_question(root: Path, data: dict) -> None:
                                    f"(missing {', '.join(missing[:4]) or 'none'}; unexpected {', '.join(extra[:4]) or 'none'})")
 
 
+def check_fields(root: Path, section: str, values: dict, schema: dict, empty: tuple = ()) -> None:
+    """Every field of `schema` in `values`, of its type, not empty unless named in `empty`."""
+    for key, kind in schema.items():
+        value = values[key]
+        if not has_type(value, kind) or (value in ([], "") and key not in empty):
+            raise PackageError(f"{root}: manifest field {section}.{key} has the wrong type")
+        if (section, key) in CHOICES and value not in CHOICES[section, key]:
+            raise PackageError(f"{root}: manifest field {section}.{key} has an unknown value {value!r}")
+
+
 def check_schema(root: Path, data: dict) -> None:
-    for section, keys in SCHEMA.items():
-        for key, kind in keys.items():
-            value = data[section][key]
-            if not has_type(value, kind) or value in ([], ""):
-                raise PackageError(f"{root}: manifest field {section}.{key} has the wrong type")
-            if (section, key) in CHOICES and value not in CHOICES[section, key]:
-                raise PackageError(f"{root}: manifest field {section}.{key} has an unknown value {value!r}")
+    chat = data.get("chat")
+    tiled = data["preprocess"].get("kind", "fixed")
+    if tiled not in ("fixed", "tiles"):
+        raise PackageError(f"{root}: manifest field preprocess.kind has an unknown value {tiled!r}")
+    for section, schema in SCHEMA.items():
+        schema = PREPROCESS_TILES if section == "preprocess" and tiled == "tiles" else schema
+        # A chat model's prompt is built per request (runtime.prompting): it has no fixed prompt ids.
+        check_fields(root, section, data[section], schema, ("prompt_ids",) if chat is not None else ())
+    if chat is not None:
+        check_fields(root, "chat", chat, CHAT)
+        check_fields(root, "chat.image", chat["image"], CHAT_IMAGE)
     if not all(has_type(i, int) for i in data["generation"]["prompt_ids"]):
         raise PackageError(f"{root}: manifest field generation.prompt_ids must list token ids")
+    if not all(has_type(i, int) for i in data["tokenizer"].get("eos_ids", [0])):
+        raise PackageError(f"{root}: manifest field tokenizer.eos_ids must list token ids")
     for role in GRAPHS:
         graph = data["graphs"][role]
         if not isinstance(graph["file"], str) or not all(isinstance(i["name"], str) for i in graph["inputs"] + graph["outputs"]):

@@ -6,6 +6,7 @@ raises becomes one `ImageError` line naming the file. Resize, crop and normalisa
 are bit-identical to the export side's torchvision reference."""
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from PIL import TiffImagePlugin, WebPImagePlugin  # noqa: F401
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 DEFAULT_MAX_PIXELS = 40_000_000  # any camera photo; a decompression bomb is refused unread
 MAX_ASPECT = 50  # beyond this the shorter side resized to 256 makes a huge, meaningless strip
-RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+            "lanczos": Image.Resampling.LANCZOS}
+MAX_TILED_SIDE = 4096  # SmolVLM's processor caps the resized image at 4k
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -115,17 +118,69 @@ def crop_offset(size: int, crop: int, rule: str) -> int:
     return (size - crop) // 2 if rule == "floor" else int(round((size - crop) / 2.0))
 
 
+def normalized(image: Image.Image, spec: dict) -> np.ndarray:
+    """RGB PIL image -> float32 (3, H, W): rescaled, minus the mean, over the std."""
+    x = np.asarray(image, dtype=np.float32) / np.float32(round(1 / spec["rescale"]))
+    x = (x - np.asarray(spec["mean"], dtype=np.float32)) / np.asarray(spec["std"], dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
 def to_pixels(image: Image.Image, spec: dict) -> np.ndarray:
-    """RGB PIL image -> float32 (3, H, W) as the manifest's `preprocess` says."""
+    """RGB PIL image -> float32 (3, H, W) as the manifest's `preprocess` says (a fixed size)."""
     size = resized_size(*image.size, spec["resize"])
     image = image.resize(size, RESAMPLE[spec["resample"]])
     if spec["crop"]:
         crop_h, crop_w = spec["crop"]
         top, left = crop_offset(size[1], crop_h, spec["crop_offset"]), crop_offset(size[0], crop_w, spec["crop_offset"])
         image = image.crop((left, top, left + crop_w, top + crop_h))
-    x = np.asarray(image, dtype=np.float32) / np.float32(round(1 / spec["rescale"]))
-    x = (x - np.asarray(spec["mean"], dtype=np.float32)) / np.asarray(spec["std"], dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return normalized(image, spec)
+
+
+def longest_edge_size(width: int, height: int, longest: int) -> tuple[int, int]:
+    """SmolVLM's first resize: the longest edge to `longest` (up or down), the other by the aspect
+    ratio, truncated then made even, and the whole capped at MAX_TILED_SIDE."""
+    aspect = width / height
+    if width >= height:
+        width, height = longest, int(longest / aspect)
+        height += height % 2
+    else:
+        height, width = longest, int(longest * aspect)
+        width += width % 2
+    if width >= height and width > MAX_TILED_SIDE:
+        width, height = MAX_TILED_SIDE, int(MAX_TILED_SIDE / aspect)
+    elif height > width and height > MAX_TILED_SIDE:
+        height, width = MAX_TILED_SIDE, int(MAX_TILED_SIDE * aspect)
+    return max(width, 1), max(height, 1)
+
+
+def tile_multiple_size(width: int, height: int, tile: int) -> tuple[int, int]:
+    """Both sides up to multiples of the tile, the longer one first, as resize_for_vision_encoder."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return width, height
+
+
+def to_tiles(image: Image.Image, spec: dict) -> tuple[np.ndarray, int, int]:
+    """RGB PIL image -> (tiles (n, 3, tile, tile) float32, rows, cols) as SmolVLM's image processor
+    (PIL backend) makes them: the longest edge resized, then (splitting) both sides to multiples
+    of the tile, cut into rows x cols tiles in reading order plus the whole image resized to one
+    tile last; an image no larger than one tile is that tile alone (0 x 0)."""
+    resample, tile = RESAMPLE[spec["resample"]], spec["tile"]
+    image = image.resize(longest_edge_size(*image.size, spec["longest_edge"]), resample)
+    if not spec["split"]:
+        return normalized(image.resize((tile, tile), resample), spec)[None], 0, 0
+    image = image.resize(tile_multiple_size(*image.size, tile), resample)
+    width, height = image.size
+    if width <= tile and height <= tile:
+        return normalized(image, spec)[None], 0, 0
+    rows, cols = (height - tile) // tile + 1, (width - tile) // tile + 1
+    crops = [image.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    return np.stack([normalized(t, spec) for t in (*crops, image.resize((tile, tile), resample))]), rows, cols
 
 
 def load_pixels(source, spec: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

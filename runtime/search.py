@@ -16,6 +16,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from .manifest import memory_roles
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -87,7 +89,7 @@ class State(NamedTuple):
     tokens: np.ndarray  # (N, P) int64: every token fed so far
     positions: np.ndarray  # (N, P) int64: the position of each of them
     cache: Cache
-    memory: tuple  # what the decoder reads every step: cross-attention (keys, values) per layer, or ()
+    memory: tuple  # what the decoder reads: cross-attention (keys, values) per layer, ([image features],) or ()
 
 
 GraphStep = Callable[..., np.ndarray]
@@ -165,6 +167,30 @@ def uncached(graph_step: GraphStep) -> Step:
     return step
 
 
+def feature_index(ids: np.ndarray, cache: Cache, image_token: int, features: int) -> np.ndarray:
+    """(N, T): which image feature each fed token takes, -1 for none. In a sequence fed from its
+    start, the k-th `image_token` takes feature k, for k < `features` (the processor's placeholders
+    in the prompt); later tokens, an image token the model writes itself included, keep their own
+    embeddings, as in transformers' generate."""
+    if (cache.lengths != cache.start).any():
+        return np.full(ids.shape, -1, dtype=np.int64)
+    placeholder = ids == image_token
+    k = np.cumsum(placeholder, axis=1) - 1
+    return np.where(placeholder & (k < features), k, -1)
+
+
+def memory_feeds(decoder, memory: tuple, ids: np.ndarray, cache: Cache) -> dict:
+    """The decoder step's memory inputs by role name (runtime.manifest.roles) for these ids:
+    cross-attention keys and values, or image features and which token takes which."""
+    if decoder.memory == "cross":
+        return dict(zip(memory_roles(decoder), (*memory[0], *memory[1])))
+    if decoder.memory == "embeddings":
+        features = memory[0][0]
+        return {"image_features": features,
+                "feature_index": feature_index(ids, cache, decoder.image_token, features.shape[1])}
+    return {}
+
+
 def take_rows(x, rows: np.ndarray):
     """x[rows], a copy (a device tensor's way of taking rows, graphs.DeviceTensor, otherwise)."""
     return np.take(x, rows, 0) if isinstance(x, np.ndarray) else x[rows]
@@ -228,26 +254,29 @@ def decode_one_token(step: Step, state: State, tokens: np.ndarray) -> tuple[np.n
     return step(state, tokens[:, None])
 
 
-def until_eos(row, eos_id: int) -> list[int]:
-    row = [int(t) for t in row]
-    return row[: row.index(eos_id)] if eos_id in row else row
+def until_eos(row, eos) -> list[int]:
+    """The row up to its first end-of-sequence token (`eos`: one id or several)."""
+    row, ends = [int(t) for t in row], set(np.atleast_1d(eos).tolist())
+    return next((row[:i] for i, t in enumerate(row) if t in ends), row)
 
 
-def greedy(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: GenerationConfig) -> list[list[int]]:
-    """Batched greedy decoding; rows that reach EOS keep feeding EOS until all are done."""
+def greedy(step: Step, state: State, prompt: np.ndarray, eos, cfg: GenerationConfig) -> list[list[int]]:
+    """Batched greedy decoding; rows that reach an EOS (`eos`: one id or several, as transformers'
+    eos_token_id) keep feeding the first one until all are done."""
+    ends = np.atleast_1d(eos)
     logits, state = prefill(step, state, prompt)
-    out = np.full((prompt.shape[0], cfg.max_new_tokens), eos_id, dtype=np.int64)
+    out = np.full((prompt.shape[0], cfg.max_new_tokens), ends[0], dtype=np.int64)
     done = np.zeros(prompt.shape[0], dtype=bool)
     for t in range(cfg.max_new_tokens):
         logits = ban_repeated_ngrams(logits, state.tokens, cfg.no_repeat_ngram_size)
         logits = force_tokens(logits, prompt.shape[1] + t, prompt.shape[1] + cfg.max_new_tokens, cfg)
-        token = np.where(done, eos_id, pick_next_token(logits))
+        token = np.where(done, ends[0], pick_next_token(logits))
         out[:, t] = token
-        done |= token == eos_id
+        done |= np.isin(token, ends)
         if done.all() or t == cfg.max_new_tokens - 1:
             break
         logits, state = decode_one_token(step, state, token)
-    return [until_eos(row, eos_id) for row in out]
+    return [until_eos(row, ends) for row in out]
 
 
 class Hypotheses:
@@ -279,10 +308,11 @@ class Hypotheses:
         return self.items[0][1]
 
 
-def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: GenerationConfig) -> list[list[int]]:
+def beam_search(step: Step, state: State, prompt: np.ndarray, eos, cfg: GenerationConfig) -> list[list[int]]:
     """Batched beam search, token for token what transformers' `generate` picks. Rows are
     image-major (image b's beams are b*K .. b*K+K-1); a finished image keeps its rows
-    (fed EOS) until every image is done."""
+    (fed EOS) until every image is done. `eos`: one id or several."""
+    ends = np.atleast_1d(eos)
     n, k, max_new_tokens = prompt.shape[0], cfg.num_beams, cfg.max_new_tokens
     rows = np.repeat(np.arange(n), k)
     state, ids = expand(state, rows), prompt[rows]
@@ -297,10 +327,11 @@ def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: 
         logprobs = ban_repeated_ngrams(log_softmax(logits), state.tokens, cfg.no_repeat_ngram_size)
         logprobs = force_tokens(logprobs, prompt.shape[1] + t, prompt.shape[1] + max_new_tokens, cfg)
         flat = (logprobs + scores[:, None]).reshape(n, k * vocab)
-        # 2K candidates guarantee K that are not EOS (at most one EOS per beam).
-        top = np.argpartition(-flat, 2 * k, axis=1)[:, : 2 * k]
+        # As transformers: (1 + EOS ids) x K candidates, at least 2K, guarantee K that are not EOS.
+        wide = max(2, 1 + len(ends)) * k
+        top = np.argpartition(-flat, wide, axis=1)[:, :wide]
         top = np.take_along_axis(top, np.argsort(-np.take_along_axis(flat, top, 1), 1, kind="stable"), 1)
-        src, tok = np.arange(n * k), np.full(n * k, eos_id, dtype=np.int64)
+        src, tok = np.arange(n * k), np.full(n * k, ends[0], dtype=np.int64)
         last = t == max_new_tokens - 1
         for b in np.flatnonzero(~done):
             chosen = []
@@ -308,10 +339,11 @@ def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: 
                 beam, token = divmod(int(c), vocab)
                 # A candidate finishes on EOS, or at the length limit whatever it is; as in
                 # transformers, only the step's K best candidates can finish.
-                if (token == eos_id or last) and rank < k:
-                    tokens = generated[b * k + beam].tolist() + ([] if token == eos_id else [token])
+                ended = token in ends
+                if (ended or last) and rank < k:
+                    tokens = generated[b * k + beam].tolist() + ([] if ended else [token])
                     hyps[b].add(tokens, float(flat[b, c]), t + 1)
-                if token != eos_id:
+                if not ended:
                     chosen.append((b * k + beam, token, flat[b, c]))
                 if len(chosen) == k:
                     break
@@ -322,11 +354,11 @@ def beam_search(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: 
             break
         generated = np.concatenate([generated[src], tok[:, None]], axis=1)
         logits, state = decode_one_token(step, reorder(state, src), tok)
-    return [until_eos(h.best(), eos_id) for h in hyps]
+    return [until_eos(h.best(), ends) for h in hyps]
 
 
-def generate(step: Step, state: State, prompt: np.ndarray, eos_id: int, cfg: GenerationConfig) -> list[list[int]]:
+def generate(step: Step, state: State, prompt: np.ndarray, eos, cfg: GenerationConfig) -> list[list[int]]:
     """Generated tokens per row (prompt and EOS excluded)."""
     if cfg.num_beams == 1:
-        return greedy(step, state, prompt, eos_id, cfg)
-    return beam_search(step, state, prompt, eos_id, cfg)
+        return greedy(step, state, prompt, eos, cfg)
+    return beam_search(step, state, prompt, eos, cfg)

@@ -30,6 +30,7 @@ import torch
 
 from runtime.manifest import Decoder
 from runtime.preprocess import upright
+from runtime.prompting import chat_text
 from runtime.search import GenerationConfig, State, cached, capacity, prefix_logits, start, until_eos
 
 from ..check import Agreement, ExportError, Tolerance, compare, compare_argmax
@@ -37,12 +38,13 @@ from ..package import OPSET, GraphShape, eager_outputs, report, trace, versions,
 from ..reference import torch_graph_step
 from ..progress import Progress
 from ..quantize import check_vision_compute, quantize_package
-from . import blip, blip_vqa, decoders, florence2, git, vision_encoder_decoder
-from .common import (HFCaptioner, generation_settings, image_processor, load_tokenizer, preprocess_spec, read_config,
-                     single_eos)
+from . import blip, blip_vqa, decoders, florence2, git, smolvlm, vision_encoder_decoder
+from .common import (HFCaptioner, eos_ids, generation_settings, image_processor, load_tokenizer, preprocess_spec,
+                     read_config)
 
-FAMILIES = {family.ARCHITECTURE: family for family in (vision_encoder_decoder, blip, blip_vqa, git, florence2)}
-SUPPORTED = " and ".join(family.SUPPORTS for family in FAMILIES.values())
+FAMILIES = {architecture: family for family in (vision_encoder_decoder, blip, blip_vqa, git, florence2, smolvlm)
+            for architecture in getattr(family, "ARCHITECTURES", (family.ARCHITECTURE,))}
+SUPPORTED = " and ".join(dict.fromkeys(family.SUPPORTS for family in FAMILIES.values()))
 
 
 class Unsupported(ExportError):
@@ -71,11 +73,12 @@ def load_model(src: Path, attention: str | None = None):
     return family, family.model_class().from_pretrained(src, local_files_only=True, attn_implementation=attention).eval()
 
 
-def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, int]) -> GraphShape:
+def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, int], tiles: int) -> GraphShape:
     text = family.text_config(model)
-    layers, heads, width, positions = decoders.dims(text)
-    decoder = Decoder(layers, heads, heads, width // heads, text.vocab_size, positions, family.MEMORY)
-    shape = GraphShape(decoder, 0, image_size, positions if family.QUESTION in ("encoder", "task") else 0)
+    layers, heads, kv_heads, head_dim, width, positions = decoders.dims(text)
+    image_token = model.config.image_token_id if family.MEMORY == "embeddings" else None
+    decoder = Decoder(layers, heads, kv_heads, head_dim, text.vocab_size, positions, family.MEMORY, image_token)
+    shape = GraphShape(decoder, 0, image_size, positions if family.QUESTION in ("encoder", "task") else 0, tiles, width)
     inputs = shape.vision_inputs(1, torch.Generator())
     with torch.inference_mode():
         memory_tokens = captioner.memory(*inputs).shape[1] - sum(t.shape[1] for t in inputs[1:])
@@ -87,18 +90,20 @@ def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, in
 def check_wrappers(family, model, captioner: HFCaptioner, shape: GraphShape, tol: Tolerance) -> Agreement:
     """The per-layer-cache wrappers vs transformers' forward, prefill and one cached step,
     judged like the graphs (export.check)."""
-    gen = torch.Generator().manual_seed(0)
+    gen, d = torch.Generator().manual_seed(0), shape.decoder
     inputs = shape.vision_inputs(2, gen)
-    ids = torch.randint(shape.decoder.vocab_size, (2, 6), generator=gen)
+    ids = torch.randint(d.vocab_size, (2, 6), generator=gen)
+    if d.memory == "embeddings":  # one image's placeholders amid the text
+        ids = torch.cat([ids[:, :2], torch.full((2, shape.memory_tokens), d.image_token), ids[:, 2:]], dim=1)
     with torch.inference_mode():
         want = family.reference_logits(model, inputs, ids)
-    step, ids = torch_graph_step(captioner), ids.numpy()
-    state = start(shape.decoder, eager_outputs(captioner, inputs), 6)
-    first = prefix_logits(step, state, ids[:, :5])
-    fed = State(ids[:, :5], np.tile(np.arange(5), (2, 1)), state.cache.advanced(5), state.memory)
-    last, _ = cached(step)(fed, ids[:, 5:])
+    step, ids, t = torch_graph_step(captioner, d), ids.numpy(), ids.shape[1] - 1
+    state = start(d, eager_outputs(captioner, inputs), t + 1)
+    first = prefix_logits(step, state, ids[:, :t])
+    fed = State(ids[:, :t], np.tile(np.arange(t), (2, 1)), state.cache.advanced(t), state.memory)
+    last, _ = cached(step)(fed, ids[:, t:])
     got, want, seen = np.concatenate([first, last[:, None]], axis=1), want.numpy(), Agreement()
-    what = "the decoder wrapper vs transformers' forward (prefill 5 tokens + 1 cached step, batch 2)"
+    what = f"the decoder wrapper vs transformers' forward (prefill {t} tokens + 1 cached step, batch 2)"
     compare(what, ["logits"], [got], [want], tol, seen)
     compare_argmax(what, got, want, tol, seen)
     return seen
@@ -122,35 +127,42 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
     # Everything read from the folder's small files is checked before the weights are loaded.
     family = family_of(src)
     tasks = {"tasks": family.tasks(src)} if family.QUESTION == "task" else {}
+    chat = {"chat": family.chat(src)} if family.QUESTION == "chat" else {}
     tokenizer = load_tokenizer(src)
-    spec = preprocess_spec(src)
+    spec = family.preprocess_spec(src) if chat else preprocess_spec(src)
     family, model = load_model(src, attention="eager")
     prompt_ids, eos = family.prompt_and_eos(src, model, tokenizer, prompt)
-    eos = single_eos(src, prompt_ids, eos)
-    generation, ignored = generation_settings(model, prompt_ids, eos)
+    eos = eos_ids(src, prompt_ids, eos, chat)
+    generation, ignored = generation_settings(model, prompt_ids, eos[0])
     captioner = family.captioner(model)
-    if not isinstance(spec["resize"], list) and spec["crop"] is None:
+    if spec.get("kind") == "tiles":
+        image_size, tiles = (spec["tile"], spec["tile"]), (spec["longest_edge"] // spec["tile"]) ** 2 + 1
+    elif not isinstance(spec["resize"], list) and spec["crop"] is None:
         raise ExportError(f"{src}: the image processor keeps the aspect ratio without a crop; "
                          "the vision graph needs a fixed size")
-    image_size = tuple(spec["crop"] or spec["resize"])
-    shape = graph_shape(family, model, captioner, image_size)
+    else:
+        image_size, tiles = tuple(spec["crop"] or spec["resize"]), 0
+    shape = graph_shape(family, model, captioner, image_size, tiles)
     wrapper = check_wrappers(family, model, captioner, shape, tol)
+    # A chat model's check prompt: its default question about one untiled image, as the runtime builds it.
+    checked = tokenizer(chat_text(chat["chat"], chat["chat"]["question"], [(0, 0)])).input_ids if chat else prompt_ids
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        seen = trace(captioner, shape, folder, progress, tol, generation["prompt_ids"])
+        seen = trace(captioner, shape, folder, progress, tol, checked)
         tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
         manifest = write_package(folder, out, {
             "name": src.name,
             "precision": "fp32",
-            "dims": shape.dims(capacity(len(generation["prompt_ids"]), generation["max_new_tokens"])),
+            "dims": shape.dims(capacity(len(checked) + (tiles - 1) * shape.memory_tokens, generation["max_new_tokens"])),
             "decoder": asdict(shape.decoder),
             "preprocess": spec,
-            "tokenizer": {"file": "tokenizer.json", "eos_id": eos,
+            "tokenizer": {"file": "tokenizer.json", "eos_id": eos[0], **({"eos_ids": eos} if len(eos) > 1 else {}),
                           "clean_up_spaces": bool(tokenizer.clean_up_tokenization_spaces),
                           **({"skip_special_tokens": False} if family.QUESTION == "task" else {})},
             "generation": generation,
             **({"question": {"input": family.QUESTION}} if family.QUESTION in ("prompt", "encoder") else {}),
             **tasks,
+            **chat,
             "source": {
                 "model": family.describe(model),
                 "folder": src.name,
@@ -176,10 +188,11 @@ class HFReference:
         from transformers.utils import logging
 
         logging.set_verbosity_error()  # generate's advice about max_length and masks
-        self.family, self.model = load_model(Path(src))
+        self.src, (self.family, self.model) = Path(src), load_model(Path(src))
         self.tokenizer = load_tokenizer(Path(src))
         self.prompt = np.array(manifest["generation"]["prompt_ids"], dtype=np.int64)
-        self.eos_id = manifest["tokenizer"]["eos_id"]
+        self.eos_id = manifest["tokenizer"].get("eos_ids", manifest["tokenizer"]["eos_id"])
+        self.chat = manifest.get("chat")
         self.processor = image_processor(Path(src))
         if self.family.QUESTION == "task":  # Florence-2's processor builds the task prompts
             from transformers import Florence2Processor
@@ -210,11 +223,15 @@ class HFReference:
     @torch.inference_mode()
     def generate(self, images, cfg: GenerationConfig, question: str | None = None, task: str | None = None,
                  text: str | None = None) -> list[list[int]]:
-        pixels = self.pixels(images)
-        prompt, asked = self.ask(question, task, text, images)
         kwargs = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "do_sample": False,
                   "length_penalty": cfg.length_penalty, "early_stopping": cfg.early_stopping,
                   "no_repeat_ngram_size": cfg.no_repeat_ngram_size}
+        if self.chat is not None:  # the processor lays out tiles and prompt; one image per row
+            inputs = self.family.reference_inputs(self.src, [upright(i) for i in images], question or self.chat["question"])
+            out = self.model.generate(**inputs, **kwargs)
+            return [until_eos(row, self.eos_id) for row in out[:, inputs.input_ids.shape[1]:].tolist()]
+        pixels = self.pixels(images)
+        prompt, asked = self.ask(question, task, text, images)
         inputs = [pixels, *(q.repeat(len(pixels), 1) for q in asked)]
         out = self.family.generate(self.model, inputs, torch.from_numpy(np.tile(prompt, (len(pixels), 1))),
                                    self.eos_id, **kwargs)

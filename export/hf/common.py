@@ -9,7 +9,7 @@ from torch import nn
 
 from ..check import ExportError
 
-RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor configs store them
+RESAMPLE = {1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor configs store them
 
 
 class HFCaptioner(nn.Module):
@@ -99,14 +99,12 @@ def generation_settings(model, prompt_ids: list[int], eos) -> tuple[dict, list[s
             "forced_eos_token_id": setting("forced_eos_token_id", None)}, ignored
 
 
-def single_eos(src: Path, prompt_ids: list, eos) -> int:
-    if isinstance(eos, list):
-        if len(eos) != 1:
-            raise ExportError(f"{src}: several EOS tokens {eos}; the runtime stops on one")
-        eos = eos[0]
-    if None in prompt_ids or eos is None:
+def eos_ids(src: Path, prompt_ids: list, eos, chat: dict) -> list[int]:
+    """Every id that ends a sequence (transformers' eos_token_id: one or several)."""
+    eos = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    if None in prompt_ids or not eos or (not prompt_ids and not chat):
         raise ExportError(f"{src}: the config sets no decoder start / EOS token id")
-    return int(eos)
+    return [int(e) for e in eos]
 
 
 def load_tokenizer(src: Path):

@@ -147,10 +147,14 @@ def wrap(lm: nn.Module) -> nn.Module:
     return GPT2Decoder(lm) if lm.config.model_type == "gpt2" else BertDecoder(lm)
 
 
-def dims(text) -> tuple[int, int, int, int]:
-    """(layers, heads, width, positions) of a GPT-2, BART or BERT-style text config (the decoder's)."""
+def dims(text) -> tuple[int, int, int, int, int, int]:
+    """(layers, heads, key-value heads, head size, width, positions) of a GPT-2, BART, BERT-style or
+    Llama-style text config (the decoder's)."""
     if text.model_type == "gpt2":
-        return text.n_layer, text.n_head, text.n_embd, text.n_positions
+        return text.n_layer, text.n_head, text.n_head, text.n_embd // text.n_head, text.n_embd, text.n_positions
     if text.model_type == "bart":
-        return text.decoder_layers, text.decoder_attention_heads, text.d_model, text.max_position_embeddings
-    return text.num_hidden_layers, text.num_attention_heads, text.hidden_size, text.max_position_embeddings
+        heads = text.decoder_attention_heads
+        return text.decoder_layers, heads, heads, text.d_model // heads, text.d_model, text.max_position_embeddings
+    heads = text.num_attention_heads
+    return (text.num_hidden_layers, heads, getattr(text, "num_key_value_heads", None) or heads,
+            getattr(text, "head_dim", None) or text.hidden_size // heads, text.hidden_size, text.max_position_embeddings)

@@ -1,0 +1,144 @@
+"""Family: `SmolVLMForConditionalGeneration` and `Idefics3ForConditionalGeneration` (HuggingFaceTB's
+SmolVLM / SmolVLM2 256M, 500M, 2.2B; Idefics3-8B: the same layout): a SigLIP vision encoder over tiles
+of the photo, a pixel-shuffle connector to the language model's width, and a Llama language model
+whose prompt holds the tiles' features in place of the processor's <image> placeholders
+("embeddings" memory, export.hf.llm).
+
+The processor splits a photo into tiles of `max_image_size` (after resizing its longest edge to
+`size`, then to multiples of the tile) plus the whole photo as one more tile, and lays each tile out
+in the prompt as `<fake_token_around_image><row_r_col_c>` and `image_seq_len` <image> tokens (the
+global tile: `<global-img>`); its chat template wraps the question. The manifest carries all of it
+(preprocess kind "tiles", the `chat` section) and the runtime rebuilds both, equal to the
+processor's (PIL backend). Every tile is full-size after the processor's resizes, so the patch mask
+is all ones and the vision graph takes whole tiles."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..check import ExportError
+from .common import RESAMPLE
+from .llm import CausalLM
+
+ARCHITECTURE, MODEL_TYPE = "SmolVLMForConditionalGeneration", "smolvlm"
+ARCHITECTURES = (ARCHITECTURE, "Idefics3ForConditionalGeneration")
+SUPPORTS = "SmolVLMForConditionalGeneration and Idefics3ForConditionalGeneration"
+MEMORY, QUESTION = "embeddings", "chat"
+DEFAULT_QUESTION = "Can you describe this image?"  # SmolVLM's model card asks this for a description
+
+
+def unsupported(config: dict) -> str | None:
+    text = config.get("text_config", {})
+    if text.get("model_type", "llama") != "llama":
+        return f"a SmolVLM whose language model is {text.get('model_type')!r} (Llama expected)"
+    return None
+
+
+def model_class():
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
+class ImageFeatures(nn.Module):
+    """Whole tiles (N, 3, S, S) -> their features in the language model's width (N, tokens, D), as
+    get_image_features computes them for tiles without padding (every patch position in order)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.vision, self.connector = model.model.vision_model, model.model.connector
+
+    def forward(self, pixels):
+        emb = self.vision.embeddings
+        x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2) + emb.position_embedding.weight[None]
+        x = self.vision.post_layernorm(self.vision.encoder(inputs_embeds=x).last_hidden_state)
+        return self.connector(x)
+
+
+class Captioner(nn.Module):
+    """vision(tiles) -> ([features],); step(...) as export.hf.llm.CausalLM."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.features, self.lm = ImageFeatures(model), CausalLM(model.model.text_model, model.lm_head)
+
+    def memory(self, pixels):
+        return self.features(pixels)
+
+    def vision(self, pixels):
+        return ([self.features(pixels)],)
+
+    def step(self, *feeds):
+        return self.lm(*feeds)
+
+
+def captioner(model) -> Captioner:
+    return Captioner(model).eval()
+
+
+def text_config(model):
+    return model.config.text_config
+
+
+def describe(model) -> str:
+    return type(model).__name__
+
+
+def processor(src: Path):
+    """transformers' processor with its PIL-backend image processor (the runtime resizes with Pillow)."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(src, local_files_only=True)
+        proc.image_processor = AutoImageProcessor.from_pretrained(src, local_files_only=True, backend="pil")
+    except (OSError, ValueError, ImportError) as e:
+        raise ExportError(f"{src}: no usable SmolVLM processor ({str(e).splitlines()[0]})") from None
+    return proc
+
+
+def preprocess_spec(src: Path) -> dict:
+    """The image processor's tiling in the manifest's terms (preprocess kind "tiles")."""
+    ip = processor(src).image_processor
+    resample = int(ip.resample)
+    if resample not in RESAMPLE or not (ip.do_resize and ip.do_rescale and ip.do_normalize):
+        raise ExportError(f"{src}: image processor settings the runtime does not implement (resample {resample}, "
+                          f"resize {ip.do_resize}, rescale {ip.do_rescale}, normalize {ip.do_normalize})")
+    return {"kind": "tiles", "longest_edge": int(ip.size["longest_edge"]), "tile": int(ip.max_image_size["longest_edge"]),
+            "split": bool(ip.do_image_splitting), "resample": RESAMPLE[resample], "rescale": float(ip.rescale_factor),
+            "mean": [float(m) for m in ip.image_mean], "std": [float(s) for s in ip.image_std]}
+
+
+def chat(src: Path) -> dict:
+    """The manifest's `chat`: the processor's chat template and how an image is laid out in the prompt."""
+    proc = processor(src)
+    if not proc.chat_template:
+        raise ExportError(f"{src}: the processor has no chat template")
+    return {"template": proc.chat_template, "question": DEFAULT_QUESTION,
+            "image": {"layout": "tiles", "tokens": int(proc.image_seq_len), "image": proc.image_token,
+                      "around": proc.fake_image_token, "global": proc.global_image_token}}
+
+
+def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
+    if prompt:
+        raise ExportError(f"{src}: a SmolVLM takes its question at run time (--question), not a prompt at export")
+    return [], model.generation_config.eos_token_id
+
+
+def reference_inputs(src: Path, images, question: str):
+    """transformers' processor on these images (one per row) and question, as the model card calls it."""
+    proc = processor(src)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    return proc(text=[text] * len(images), images=[[image] for image in images], return_tensors="pt")
+
+
+def reference_logits(model, inputs, ids):
+    """transformers' own forward over prompt ids that hold one tile's placeholders per row."""
+    pixels = inputs[0]
+    return model(input_ids=ids, pixel_values=pixels[:, None]).logits
+
+
+def generate(model, inputs, prompt, eos_id, **kwargs):
+    return model.generate(**inputs, **kwargs)
+

@@ -1,0 +1,144 @@
+"""SmolVLM, an LLM-based vision-language model (a SigLIP encoder over tiles of the photo, a Llama
+language model with the tiles' features in its prompt), exact against transformers: tiny
+random-weight folders built offline with the real processor, chat template and special tokens
+(export.hf_random.build_smolvlm), photos of three aspect ratios (4x4, 3x4 and 2x4 tiles plus the whole
+image), greedy and beam 3, two questions and the default one, batch 1 and 3, cache and no cache;
+one folder also at a trained checkpoint's scale."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import caption_without_torch, hf_pair, photos, transparent
+from runtime import Captioner
+from runtime.preprocess import open_image, to_tiles
+
+QUESTIONS = [None, "What is in the image?", "How many animals are there?"]  # None: the package's default
+
+
+@pytest.fixture(scope="module")
+def smolvlm(tmp_path_factory):
+    from export.hf import export_hf
+    from export.hf_random import build_smolvlm
+
+    root, out = tmp_path_factory.mktemp("smolvlm"), {}
+    for name, settings in {"tiny": {}, "tiny-real": {"seed": 1, "realistic": True}}.items():
+        build_smolvlm(root / name, **settings)
+        export_hf(root / name, root / f"{name}.pkg")
+        out[name] = (root / name, root / f"{name}.pkg")
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list:
+    """Three aspect ratios: square (4x4 tiles), 4:3 (3x4), 2:1 (2x4); and three of one size (one batch)."""
+    folder = tmp_path_factory.mktemp("smolvlm-images")
+    pictures = photos()
+    wide = np.asarray(Image.fromarray(pictures["rocket"]).resize((400, 200)))
+    arrays = [pictures["astronaut"], pictures["chelsea"], wide]
+    paths = []
+    for i, array in enumerate(arrays):
+        Image.fromarray(array).save(folder / f"{i}.png")
+        paths.append(folder / f"{i}.png")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def same_size(tmp_path_factory) -> list:
+    folder = tmp_path_factory.mktemp("smolvlm-same")
+    pictures = photos()
+    paths = []
+    for name in ("chelsea", "coffee", "motorcycle"):
+        Image.fromarray(pictures[name]).resize((300, 200)).save(folder / f"{name}.png")
+        paths.append(folder / f"{name}.png")
+    return paths
+
+
+def test_tiles_and_prompt_ids_equal_the_processors(smolvlm, images):
+    """Pixels bit for bit (PIL backend: LANCZOS resizes, tiles in reading order, the whole image last),
+    and the prompt ids of the chat template with each tile's placeholders."""
+    from export.hf.smolvlm import reference_inputs
+
+    src, pkg = smolvlm["tiny"]
+    captioner = Captioner(pkg, provider="cpu")
+    grids = []
+    for path in [*images, *(Image.fromarray(a) for a in photos().values()), *transparent().values()]:
+        image = open_image(path)
+        tiles, rows, cols = to_tiles(image, captioner.manifest.preprocess)
+        ref = reference_inputs(src, [image], "What is in the image?")
+        assert np.array_equal(tiles, ref.pixel_values[0].numpy())
+        assert captioner.chat_prompt("What is in the image?", [(rows, cols)]).tolist() == ref.input_ids[0].tolist()
+        grids.append((rows, cols))
+    assert {(4, 4), (3, 4), (2, 4)} <= set(grids)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_answers_equal_transformers_generate(smolvlm, images, same_size, num_beams):
+    captioner, ref = hf_pair(*smolvlm["tiny"])
+    seen = {}
+    for question in QUESTIONS:
+        cfg = captioner.generation_config(num_beams=num_beams, question=question)
+        ours = [c.tokens for c in captioner.caption(images, num_beams=num_beams, question=question)]
+        assert ours == [ref.generate([p], cfg, question=question)[0] for p in images]
+        assert ours == [c.tokens for c in captioner.caption(images, num_beams=num_beams, question=question, cache=False)]
+        batch = [c.tokens for c in captioner.caption(same_size, num_beams=num_beams, question=question)]
+        assert batch == ref.generate(same_size, cfg, question=question)  # three images in one pass
+        assert batch == [captioner.caption(p, num_beams=num_beams, question=question).tokens for p in same_size]
+        seen[question] = ours
+    # A meaningful subject: answers differ by image and by question, and end at different lengths.
+    assert len({tuple(t) for t in seen[QUESTIONS[1]]}) > 1 and len({tuple(a[0]) for a in zip(*seen.values())}) > 1
+    assert len({len(t) for answers in seen.values() for t in answers}) > 2
+
+
+def test_the_realistic_model_is_exact_and_its_logits_agree_relative_to_their_scale(smolvlm, images):
+    from export.hf.smolvlm import reference_inputs
+    import torch
+
+    src, pkg = smolvlm["tiny-real"]
+    captioner, ref = hf_pair(src, pkg)
+    cfg = captioner.generation_config()
+    tokens = [c.tokens for c in captioner.caption(images)]
+    assert tokens == [ref.generate([p], cfg)[0] for p in images]
+    image = open_image(images[1])
+    inputs = reference_inputs(src, [image], captioner.manifest.chat["question"])
+    ids = np.concatenate([inputs.input_ids[0].numpy(), tokens[1]])[None]
+    with torch.inference_mode():
+        want = ref.model(input_ids=torch.from_numpy(ids), pixel_values=inputs.pixel_values).logits.numpy()[0]
+    tiles, rows, cols = to_tiles(image, captioner.manifest.preprocess)
+    from runtime.search import prefix_logits
+
+    features = captioner.graphs.encode(tiles)[0][0]
+    state = captioner.graphs.start(([features.reshape(1, -1, features.shape[-1])],), ids.shape[1])
+    got = prefix_logits(captioner.graphs.step, state, ids)[0]
+    scale = float(np.abs(want).max())
+    assert scale > 20  # logits in the tens, as a trained model's
+    assert np.abs(got - want).max() < 1e-4 * scale
+
+
+def test_the_cli_answers_without_torch(smolvlm, images):
+    _, pkg = smolvlm["tiny"]
+    r = caption_without_torch("--model", pkg, *images[:2], "--question", "What is in the image?", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["question"] for line in lines] == ["What is in the image?"] * 2
+    captioner = Captioner(pkg, provider="cpu")
+    assert [line["answer"] for line in lines] == [c.text for c in captioner.caption(images[:2], question="What is in the image?")]
+
+
+def test_refusals_are_one_line_and_lose_no_other_image(smolvlm, images, tmp_path):
+    _, pkg = smolvlm["tiny"]
+    for args, message in ((["--task", "<OD>"], "takes a question (--question), not a task"),
+                          (["--question", " "], "the question is empty"),
+                          (["--question", "why " * 600], "-token prompt even for an untiled image")):
+        r = caption_without_torch("--model", pkg, images[0], *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    # Enough new tokens that the 4x4-tile photo's prompt no longer fits; the others are answered.
+    captioner = Captioner(pkg, provider="cpu")
+    fits_3x4 = captioner.manifest.max_positions - len(captioner.chat_prompt(None, [(3, 4)])) + 1
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a photo")
+    results = captioner.caption([*images, broken], max_new_tokens=fits_3x4)
+    assert "4x4 tiles make a" in results[0].error and "beyond the model's" in results[0].error
+    assert results[1].error is None and results[2].error is None and "not an image" in results[3].error
