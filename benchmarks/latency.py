@@ -398,6 +398,84 @@ def florence2_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     return scenarios, notes
 
 
+def chat_variant(cap, max_new_tokens: int) -> Variant:
+    """A chat model's answers to its default question; `vision` is one photo's tiles through the
+    vision graph, `first_token` adds the prompt's prefill (tiles, layout, chat template and all)."""
+    from runtime.preprocess import open_image, to_tiles
+    from runtime.search import cached, capacity, prefill
+
+    def encode(batch):
+        return [cap.graphs.encode(to_tiles(open_image(i), cap.manifest.preprocess)[0]) for i in batch]
+
+    def first_token(batch):
+        tiles, rows, cols = to_tiles(open_image(batch[0]), cap.manifest.preprocess)
+        (features,), = cap.graphs.encode(tiles)
+        prompt = cap.chat_prompt(None, [(rows, cols)])
+        state = cap.graphs.start(([features.reshape(1, -1, features.shape[-1])],), capacity(len(prompt), max_new_tokens))
+        return prefill(cached(cap.graphs.step), state, prompt[None])
+
+    return Variant(lambda b: [c.tokens for c in cap.caption(b, max_new_tokens=max_new_tokens)], encode, first_token,
+                   decoder_weight_bytes(cap.manifest.root))
+
+
+def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
+    """transformers' processor + generate vs the runtime FP32, INT8 and INT4 on an LLM-based model's
+    folder (e.g. `python -m export random-hf DIR --encoder smolvlm --size 256m`): one photo, its
+    default question, `--max-tokens` new tokens (32 by default), greedy; and whole processes."""
+    from export.hf import HFReference, export_hf
+    from export.quantize import quantize_package
+    from runtime import Captioner
+
+    package, tokens, start = work / "fp32", args.max_tokens or 32, time.perf_counter()
+    export_hf(args.chat, package)
+    notes = {"chat_folder": str(args.chat), "export_s": round(time.perf_counter() - start, 1), "new_tokens": tokens}
+    variants_dirs = {"FP32": package}
+    for precision in ("int8", "int4"):
+        quantize_package(package, precision, work / precision)
+        variants_dirs[precision.upper()] = work / precision
+    caps = {name: Captioner(folder, provider="cpu", threads=threads) for name, folder in variants_dirs.items()}
+    notes |= {f"{name.lower()}_package_mib": round(sum(f.stat().st_size for f in folder.iterdir()) / 2**20, 1)
+              for name, folder in variants_dirs.items()}
+    cap = caps["FP32"]
+    ref = HFReference(args.chat, cap.manifest.data)
+    image = SAMPLES / "chelsea.jpg"
+    tiles, rows, cols = to_tiles_of(cap, image)
+    prompt = cap.chat_prompt(None, [(rows, cols)])
+    d = cap.manifest.decoder
+    # The cache a mid-answer step reads, FP32: what the floor adds to the weights.
+    notes |= {"tiles": f"{rows}x{cols} + 1", "prompt_tokens": len(prompt),
+              "cache_mib_mid_answer": round(2 * d.layers * d.kv_heads * d.head_dim * 4 * (len(prompt) + tokens // 2) / 2**20, 1)}
+    cfg = cap.generation_config(max_new_tokens=tokens)
+    first = replace(cfg, max_new_tokens=1)
+
+    def hf_vision(batch):
+        from export.hf.smolvlm import reference_inputs
+
+        inputs = reference_inputs(args.chat, [i for i in batch], cap.manifest.chat["question"])
+        return ref.model.model.get_image_features(pixel_values=inputs.pixel_values)
+
+    variants = {"transformers generate": Variant(in_torch(lambda b: ref.generate(b, cfg), threads), in_torch(hf_vision, threads),
+                                                 in_torch(lambda b: ref.generate(b, first), threads),
+                                                 decoder_weight_bytes(package)),
+                **{f"runtime {name}": chat_variant(c, tokens) for name, c in caps.items()}}
+    scenarios = {f"{args.chat.name}, one photo ({rows}x{cols} tiles + 1, {len(prompt)}-token prompt), {tokens} tokens, "
+                 f"greedy, {threads} threads": (variants, [[image]])}
+    answer = ["--max-tokens", tokens, "--threads", threads, image]
+    runs = {"transformers generate": lambda: process_run(HF_CHAT_PROCESS, args.chat, package, image, tokens),
+            **{f"runtime {name}": (lambda folder=folder: process_run(RUNTIME_PROCESS, "--model", folder, *answer))
+               for name, folder in variants_dirs.items()}}
+    measured = {name: [run() for _ in range(2)] for name, run in runs.items()}
+    notes["processes"] = {name: {"cold_start_s": round(statistics.median(t for t, _ in m), 2),
+                                 "peak_rss_mib": round(max(r for _, r in m), 1)} for name, m in measured.items()}
+    return scenarios, notes
+
+
+def to_tiles_of(cap, image: Path):
+    from runtime.preprocess import open_image, to_tiles
+
+    return to_tiles(open_image(image), cap.manifest.preprocess)
+
+
 RUNTIME_PROCESS = """
 import sys
 from runtime.caption import main
@@ -424,6 +502,15 @@ from runtime.manifest import load_manifest
 from runtime.search import GenerationConfig
 ref = HFReference(sys.argv[1], load_manifest(sys.argv[2]).data)
 print(ref.generate([sys.argv[3]], GenerationConfig(**json.loads(sys.argv[5])), task=sys.argv[4]))
+"""
+# transformers on a chat model's folder: folder, package, image and new tokens.
+HF_CHAT_PROCESS = """
+import sys
+from export.hf import HFReference
+from runtime.manifest import load_manifest
+from runtime.search import GenerationConfig
+ref = HFReference(sys.argv[1], load_manifest(sys.argv[2]).data)
+print(ref.generate([sys.argv[3]], GenerationConfig(int(sys.argv[4]))))
 """
 # The child's own peak: VmHWM belongs to the exec'd address space. (ru_maxrss from wait4
 # would count the benchmark's own pages, torch included, from before the child's exec.)
@@ -482,13 +569,24 @@ def report(scenarios: dict, meta: dict) -> str:
                   f"peak RSS; eager PyTorch {p['eager_cold_start_s']:.2f} s and {p['eager_peak_rss_mib']:.0f} MiB "
                   f"({p['eager_peak_rss_mib'] / p['runtime_peak_rss_mib']:.1f}x the runtime's memory)."]
     if "processes" in meta:
-        lines += ["Whole process, one <CAPTION> at the checkpoint's beam 3 (median of 2 fresh processes; peak RSS): "
+        what = "one <CAPTION> at the checkpoint's beam 3" if "text_encoder_ms" in meta else \
+            f"one answer of {meta['new_tokens']} tokens"
+        packages = ", ".join(f"{k.split('_')[0].upper()} {v:.0f} MiB" for k, v in meta.items() if k.endswith("_package_mib"))
+        lines += [f"Whole process, {what} (median of 2 fresh processes; peak RSS): "
                   + "; ".join(f"{name} {p['cold_start_s']:.1f} s, {p['peak_rss_mib']:.0f} MiB"
-                              for name, p in meta["processes"].items())
-                  + f". Packages: FP32 {meta['fp32_package_mib']:.0f} MiB, INT8 {meta['int8_package_mib']:.0f} MiB.", "",
-                  "Text encoder alone, part of the vision column (<CAPTION>, median of 5; the runtime's includes the "
+                              for name, p in meta["processes"].items()) + f". Packages: {packages}."]
+    if "text_encoder_ms" in meta:
+        lines += ["", "Text encoder alone, part of the vision column (<CAPTION>, median of 5; the runtime's includes the "
                   "decoder's cross-attention K/V projections): "
                   + "; ".join(f"{name} {ms:.0f} ms" for name, ms in meta["text_encoder_ms"].items()) + "."]
+    if "prompt_tokens" in meta:  # a chat model: prefill rate, and the cache a step reads beside its weights
+        results = next(iter(scenarios.values()))
+        rates = {name: meta["prompt_tokens"] / (r["first_token_ms"]["median"] - r["vision_ms"]["median"]) * 1000
+                 for name, r in results.items()}
+        lines += ["", f"Prompt: {meta['tiles']} tiles, {meta['prompt_tokens']} tokens. Prefill (time to first token less the "
+                  "vision column): " + "; ".join(f"{name} {rate:.0f} tokens/s" for name, rate in rates.items())
+                  + f". The floor counts the decoder's weights only; a step mid-answer also reads "
+                  f"{meta['cache_mib_mid_answer']:.0f} MiB of FP32 cache."]
     if "capacity_sweep" in meta:
         sweep = meta["capacity_sweep"]
         rows = {key.split(",")[0]: {} for key in sweep}
@@ -539,8 +637,12 @@ def main(argv=None) -> int:
     parser.add_argument("--florence2", type=Path, default=None,
                         help="a Florence-2 folder (e.g. `python -m export random-hf DIR --encoder florence2 --size base`): "
                              "measure it alone, into latency-florence2-cpu.*")
+    parser.add_argument("--chat", type=Path, default=None,
+                        help="an LLM-based model's folder (e.g. `python -m export random-hf DIR --encoder smolvlm --size "
+                             "256m`): transformers vs the runtime FP32, INT8 and INT4 alone, into latency-chat-cpu.*")
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help="tokens per Florence-2 answer at most (default: the checkpoint's own, max_length 1025)")
+                        help="tokens per answer at most (default: Florence-2's checkpoint's own max_length 1025; 32 "
+                             "for --chat)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one scenario, 2 rounds, no files written: a smoke run")
@@ -557,11 +659,13 @@ def main(argv=None) -> int:
 
     rounds = 2 if args.quick else args.rounds
     bandwidth = read_bandwidth_gb_s(args.threads)
-    scenarios = {} if args.florence2 else bundled_scenarios(args, args.threads)
+    scenarios = {} if args.florence2 or args.chat else bundled_scenarios(args, args.threads)
     notes, results = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.florence2:
             scenarios, notes = florence2_scenarios(args, args.threads, Path(tmp))
+        if args.chat:
+            scenarios, notes = chat_scenarios(args, args.threads, Path(tmp))
         if args.hf and not args.quick:
             hf, notes = hf_scenarios(args, args.threads, Path(tmp))
             scenarios |= hf
@@ -576,7 +680,7 @@ def main(argv=None) -> int:
     meta = {"threads": args.threads, "rounds": rounds, "bandwidth_gb_s": round(bandwidth, 2),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                        f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}",
-            **({} if args.florence2 else {"process_runs": process_runs,
+            **({} if args.florence2 or args.chat else {"process_runs": process_runs,
                                           "process": process_costs(sorted(SAMPLES.glob("*.jpg"))[0], process_runs)}),
             **{k: v for k, v in notes.items() if k != "peer"}}
     table = report(results, meta)
@@ -584,7 +688,7 @@ def main(argv=None) -> int:
     payload = json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
-        name = "latency-florence2-cpu" if args.florence2 else "latency-cpu"
+        name = "latency-florence2-cpu" if args.florence2 else "latency-chat-cpu" if args.chat else "latency-cpu"
         (RESULTS / f"{name}.md").write_text(table)
         (RESULTS / f"{name}.json").write_text(payload)
         plot(results, RESULTS / f"{name}.png")

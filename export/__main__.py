@@ -52,14 +52,19 @@ def run(args) -> str:
 
         return export_hf(args.src, args.out, args.prompt, args.precision, Tolerance(args.rtol, args.atol),
                          args.vision_compute)
-    from .hf_random import build_blip, build_florence2, build_git, build_vision_encoder_decoder
+    from .hf_random import build_blip, build_florence2, build_git, build_smolvlm, build_vision_encoder_decoder
 
     # Tiny models are conditioned for parity tests; base ones keep transformers' own init
     # (tied embeddings, std 0.02): captions run to the length limit, a fixed workload to time.
     conditioned = args.size == "tiny"
+    if (args.size in ("256m", "500m")) != (args.encoder == "smolvlm") and args.size != "tiny":
+        raise UsageError(f"--size {args.size} is not a size of {args.encoder}: smolvlm has tiny, 256m and 500m; "
+                         "the others tiny and base")
+    if args.encoder == "smolvlm":
+        return str(build_smolvlm(args.out, args.size, conditioned, realistic=args.realistic))
     if args.encoder in ("git", "florence2"):
         if args.realistic:
-            raise ExportError("--realistic is for the vit, deit, swin, blip and blip-vqa families")
+            raise ExportError("--realistic is for the vit, deit, swin, blip, blip-vqa and smolvlm families")
         return str((build_git if args.encoder == "git" else build_florence2)(args.out, args.size, conditioned))
     if args.encoder in ("blip", "blip-vqa"):
         return str(build_blip(args.out, args.size, conditioned, realistic=args.realistic, vqa=args.encoder == "blip-vqa"))
@@ -80,7 +85,8 @@ def main(argv=None) -> int:
     add_tolerance(pk)
     qz = sub.add_parser("quantize", help="a reduced-precision package from an fp32 one")
     qz.add_argument("src", type=Path, help="fp32 model package")
-    qz.add_argument("--precision", choices=["int8", "fp16"], required=True)
+    qz.add_argument("--precision", choices=["int8", "int4", "fp16"], required=True,
+                    help="int4: 4-bit weights for the decoder (blocks of 32), int8 for the rest")
     qz.add_argument("--out", type=Path, required=True)
     qz.add_argument("--calibration", type=int, default=96, help="int8: calibration images (default 96)")
     qz.add_argument("--fp32-budget", type=float, default=None,
@@ -92,16 +98,17 @@ def main(argv=None) -> int:
     hf.add_argument("src", type=Path, help="folder with config.json, weights, tokenizer, preprocessor_config.json")
     hf.add_argument("--out", type=Path, required=True)
     hf.add_argument("--prompt", default=None, help='BLIP text prefix, e.g. "a picture of" (as the pipeline takes it)')
-    hf.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32")
+    hf.add_argument("--precision", choices=["fp32", "int8", "int4", "fp16"], default="fp32")
     add_vision_compute(hf)
     add_tolerance(hf)
     rh = sub.add_parser("random-hf", help="build a random-weight Hugging Face captioner folder offline (tests, benchmarks)")
     rh.add_argument("out", type=Path)
-    rh.add_argument("--encoder", choices=["vit", "deit", "swin", "blip", "blip-vqa", "git", "florence2"], default="vit",
-                    help="the vision encoder of a VisionEncoderDecoderModel, or a whole family "
-                         "(blip, blip-vqa, git, florence2)")
+    rh.add_argument("--encoder", choices=["vit", "deit", "swin", "blip", "blip-vqa", "git", "florence2", "smolvlm"],
+                    default="vit", help="the vision encoder of a VisionEncoderDecoderModel, or a whole family "
+                                        "(blip, blip-vqa, git, florence2, smolvlm)")
     rh.add_argument("--decoder", choices=["gpt2", "bert"], default="gpt2")
-    rh.add_argument("--size", choices=["tiny", "base"], default="tiny")
+    rh.add_argument("--size", choices=["tiny", "base", "256m", "500m"], default="tiny",
+                    help="base: the family's base checkpoint's architecture; 256m, 500m: SmolVLM-256M / -500M's")
     rh.add_argument("--realistic", action="store_true",
                     help="a trained checkpoint's magnitudes: logits in the tens to hundreds, two residual "
                                          "dimensions at +-400")

@@ -40,9 +40,8 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from runtime import Captioner
 from runtime.graphs import CPU, Graphs, session_options
-from runtime.manifest import GRAPHS, load_manifest
+from runtime.manifest import GRAPHS, WEIGHT_ONLY, Decoder, load_manifest
 from runtime.preprocess import load_pixels
-from runtime.manifest import Decoder
 from runtime.search import GenerationConfig, cached
 
 from .check import ExportError
@@ -304,12 +303,15 @@ def int8_matmuls(model: onnx.ModelProto) -> int:
     return count
 
 
-def to_matmul_nbits(model: onnx.ModelProto) -> onnx.ModelProto:
-    """MatMul weights -> onnxruntime's MatMulNBits: 8 bits, blocks of 32, int8 compute."""
+def to_matmul_nbits(model: onnx.ModelProto, bits: int = 8, embeddings: bool = False) -> onnx.ModelProto:
+    """MatMul weights -> onnxruntime's MatMulNBits: `bits` (8 or 4), blocks of 32, int8 compute;
+    with `embeddings`, the token embedding table's Gather too -> GatherBlockQuantized (the table
+    stays `bits` wide in memory, not folded back to FP32)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, logger
 
     logger.setLevel("WARNING")  # one INFO line per node it skips
-    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=BLOCK, is_symmetric=True, accuracy_level=4)
+    ops = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))} if embeddings else {}
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True, accuracy_level=4, **ops)
     quantizer.process()
     return quantizer.model.model
 
@@ -433,8 +435,8 @@ def check_finite(folder: Path, manifest: dict, precision: str, request: Request)
 def check_vision_compute(precision: str, vision_compute: str) -> None:
     if vision_compute not in VISION_COMPUTE:
         raise ExportError(f"vision compute {vision_compute!r}: one of {', '.join(VISION_COMPUTE)}")
-    if vision_compute != "fp32" and precision != "int8":
-        raise ExportError(f"vision compute {vision_compute} is for int8 packages (--precision int8)")
+    if vision_compute != "fp32" and precision not in WEIGHT_ONLY:
+        raise ExportError(f"vision compute {vision_compute} is for int8 and int4 packages (--precision int8|int4)")
 
 
 def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96,
@@ -460,19 +462,35 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
                 progress.update(i, f"{name} converted and checked")
             method = {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
                       "fp32_ops": FP32_OPS}
+        elif manifest.get("chat") is not None:  # an LLM-based model: its language model is what a step reads
+            model = onnx.load(str(src / vision))
+            computing = int8_matmuls(model) if vision_compute == "int8" else 0
+            save_graph(model, package / vision)
+            progress.update(1, f"{vision}: {computing} MatMuls computing in int8" if computing else f"{vision}: FP32")
+            bits = 4 if precision == "int4" else 8
+            model = onnx.load(str(src / decoder))
+            untie_lm_head(model)
+            save_graph(to_matmul_nbits(model, bits, embeddings=True), package / decoder)
+            progress.update(2, f"{decoder}: MatMul and embedding weights {bits}-bit")
+            method = {"method": f"weights only, blocks of {BLOCK}: the language model's MatMuls (output head included) "
+                                f"-> MatMulNBits (bits {bits}, accuracy_level 4), its embedding table -> "
+                                f"GatherBlockQuantized (bits {bits}); vision "
+                                + ("MatMuls -> per-token dynamic int8 MatMulInteger" if computing else "FP32"),
+                      "vision": {"compute": vision_compute, "int8_compute_matmuls": computing}}
         else:
             model, measured = int8_vision(src, manifest, request, scratch, calibration, fp32_budget, vision_compute)
             save_graph(model, package / vision)
             progress.update(1, f"{vision}: {measured['int8_layers']} Conv/Gemm layers int8, "
                                f"{len(measured['fp32_layers'])} FP32, {measured['int8_compute_matmuls']} MatMuls "
                                f"computing in int8, calibration agreement {measured['calibration_agreement']:.1%}")
+            bits = 4 if precision == "int4" else 8
             model = onnx.load(str(src / decoder))
             gemm_to_matmul(model)
             untie_lm_head(model)
             store_int8(model, embedding_tables(model))
-            save_graph(to_matmul_nbits(model), package / decoder)
-            progress.update(2, f"{decoder}: MatMul weights int8")
-            method = {"method": f"weights only, blocks of {BLOCK}: MatMul -> MatMulNBits (bits 8, accuracy_level 4); "
+            save_graph(to_matmul_nbits(model, bits), package / decoder)
+            progress.update(2, f"{decoder}: MatMul weights {bits}-bit")
+            method = {"method": f"weights only, blocks of {BLOCK}: MatMul -> MatMulNBits (bits {bits}, accuracy_level 4); "
                                 "Conv/Gemm -> int8 + DequantizeLinear folded at load, bias-corrected; "
                                 "embedding tables -> int8 + DequantizeLinear"
                                 + ("; vision MatMuls -> per-token dynamic int8 MatMulInteger" if vision_compute == "int8" else ""),

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from .engine import BUNDLED, Caption, Captioner
 from .florence import draw
 from .manifest import PackageError
-from .preprocess import DEFAULT_MAX_PIXELS, open_image
+from .preprocess import DEFAULT_MAX_PIXELS, ImageError, open_image
 from .providers import CHOICES, ProviderError
 from .stream import Stream, StreamError, VttWriter, is_stream, require_av
 
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draw", type=Path, default=None, metavar="DIR",
                         help="write each image with its task's boxes and polygons drawn to DIR (Florence-2)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--stream", action="store_true",
+                        help="print each image's text as it is generated (greedy; a beam search's when it ends)")
     parser.add_argument("--verbose", action="store_true", help="also say which providers this onnxruntime lacks")
     return parser
 
@@ -86,6 +88,21 @@ def report(c: Caption, as_json: bool, time: float | None = None) -> None:
         print(f"error: {c.error}", file=sys.stderr, flush=True)
     else:
         print(f"{c.image}{'' if time is None else f'@{time:.2f}s'}: {c.text}", flush=True)
+
+
+def stream_text(captioner: Captioner, image: str, cfg: dict) -> bool:
+    """`image: ` and its text piece by piece as it is generated; False (after one error line) if it failed."""
+    try:
+        pieces = captioner.stream(image, cfg["max_new_tokens"], cfg["question"], cfg["task"], cfg["text"])
+        first = next(pieces, "")  # the image is read and encoded here: its error comes before any output
+        print(f"{image}: {first}", end="", flush=True)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print(flush=True)
+        return True
+    except ImageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return False
 
 
 def caption_stream(captioner: Captioner, source: str, cfg: dict, every: float, as_json: bool,
@@ -125,6 +142,8 @@ def main(argv=None) -> int:
             raise ValueError("batch size must be at least 1")
         if not args.every > 0:
             raise ValueError("--every must be a positive number of seconds")
+        if args.stream and (args.json or any(map(is_stream, args.images))):
+            raise ValueError("--stream prints images' text as it comes: not with --json or video inputs")
         if args.vtt and sum(map(is_stream, args.images)) != 1:
             raise ValueError("--vtt writes the subtitles of one video input; give exactly one")
         if any(map(is_stream, args.images)):
@@ -158,6 +177,9 @@ def main(argv=None) -> int:
                 failed += sum(not caption_stream(captioner, s, cfg, args.every, args.json, vtt) for s in group)
                 continue
             images = expand(list(group))
+            if args.stream:
+                failed += sum(not stream_text(captioner, image, cfg) for image in images)
+                continue
             for start in range(0, len(images), args.batch_size):
                 for c in captioner.caption(images[start : start + args.batch_size], batch_size=args.batch_size, **cfg):
                     failed += c.error is not None

@@ -12,6 +12,7 @@ several threads at once, so one instance can serve many threads.
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from .manifest import GRAPHS, PackageError, load_manifest
 from .florence import parse
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels, open_image, to_pixels, to_tiles
 from .prompting import chat_text
-from .search import GenerationConfig, cached, capacity, generate, take_rows, uncached
+from .search import GenerationConfig, cached, capacity, generate, greedy_steps, take_rows, uncached
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
 # The bundled model's variants. INT8 passes the fidelity gate (README "Quantization"), so it
@@ -54,6 +55,11 @@ class Caption:
     tokens: list[int] = field(default_factory=list)
     ms: float = 0.0
     error: str | None = None
+
+
+def name_of(image) -> str:
+    """How results and messages name an input: its path, or its type (an array, a PIL image, bytes)."""
+    return str(image) if isinstance(image, (str, Path)) else type(image).__name__
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -321,28 +327,33 @@ class Captioner:
             results += batch(images[start : start + batch_size], cfg, asked, cache)
         return results
 
+    def _chat_input(self, image, question: str | None, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
+        """A chat model's (prompt ids, image features (K, D)) for one image: cut into tiles and
+        encoded in one vision pass, the prompt laid out for its tiles. ImageError for an image
+        that does not decode or whose prompt and answer would not fit the model's positions."""
+        tiles, rows, cols = to_tiles(open_image(image, self.max_pixels), self.manifest.preprocess)
+        prompt = self.chat_prompt(question, [(rows, cols)])
+        if len(prompt) + cfg.max_new_tokens - 1 > self.manifest.max_positions:
+            raise ImageError(f"{name_of(image)}: its {rows}x{cols} tiles make a {len(prompt)}-token prompt; with "
+                             f"{cfg.max_new_tokens} new tokens that is beyond the model's {self.manifest.max_positions}")
+        (features,), = self.graphs.encode(tiles)
+        features = host(features)
+        return prompt, features.reshape(-1, features.shape[-1])
+
     def _answer_batch(self, images, cfg: GenerationConfig, asked: dict, cache: bool) -> list[Caption]:
-        """A chat model: each image cut into tiles and encoded (one vision pass per image), its
-        prompt laid out for its tiles; images whose prompts are the same (same tiling) are decoded
-        together, `images_per_pass` at a time. An image whose prompt and answer would not fit the
-        model's positions gets its error; the others are answered."""
+        """A chat model: each image's prompt laid out for its tiles (`_chat_input`); images whose
+        prompts are the same (same tiling) are decoded together, `images_per_pass` at a time. An
+        image that fails gets its error; the others are answered."""
         start, question = time.perf_counter(), asked["question"]
         results, groups = [], {}
         for image in images:
-            results.append(Caption(image=str(image) if isinstance(image, (str, Path)) else type(image).__name__,
-                                   question=question))
+            results.append(Caption(image=name_of(image), question=question))
             try:
-                tiles, rows, cols = to_tiles(open_image(image, self.max_pixels), self.manifest.preprocess)
-                prompt = self.chat_prompt(question, [(rows, cols)])
-                if len(prompt) + cfg.max_new_tokens - 1 > self.manifest.max_positions:
-                    raise ImageError(f"{results[-1].image}: its {rows}x{cols} tiles make a {len(prompt)}-token prompt; with "
-                                     f"{cfg.max_new_tokens} new tokens that is beyond the model's {self.manifest.max_positions}")
+                prompt, features = self._chat_input(image, question, cfg)
             except ImageError as e:
                 results[-1].error = str(e)
                 continue
-            (features,), = self.graphs.encode(tiles)
-            features = host(features)
-            groups.setdefault(prompt.tobytes(), (prompt, []))[1].append((results[-1], features.reshape(-1, features.shape[-1])))
+            groups.setdefault(prompt.tobytes(), (prompt, []))[1].append((results[-1], features))
         step, n = (cached if cache else uncached)(self.graphs.step), self.images_per_pass(cfg.num_beams)
         for prompt, members in groups.values():
             for i in range(0, len(members), n):
@@ -355,13 +366,44 @@ class Captioner:
             r.ms = (time.perf_counter() - start) * 1000 / len(ok)
         return results
 
+    def stream(self, image, max_new_tokens=None, question: str | None = None, task: str | None = None,
+               text: str | None = None) -> Iterator[str]:
+        """The caption (or answer) of one image as pieces of text while it is generated: joined,
+        they are `caption(image, ...).text`. A piece is what the tokens so far add to the text
+        (trailing spaces held back until a word follows, a character split across tokens until it
+        is whole). With the package's default of beam search the whole text comes as one piece,
+        once the search ends. Raises ImageError, ValueError as `caption` does."""
+        asked = {"question": question, "task": task, "text": text}
+        cfg = self.generation_config(max_new_tokens, **asked)
+        if cfg.num_beams > 1:
+            yield self.caption(image, max_new_tokens, **asked).text
+            return
+        if self.manifest.chat is not None:
+            prompt, features = self._chat_input(image, question, cfg)
+            state = self.graphs.start(([features[None]],), capacity(len(prompt), cfg.max_new_tokens))
+        else:
+            prompt, inputs = self.ask(**asked)
+            pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
+            state = self.graphs.start(self.graphs.encode(pixels, *(x[None] for x in inputs)),
+                                      capacity(len(prompt), cfg.max_new_tokens))
+        tokens, shown = [], ""
+        for token in greedy_steps(cached(self.graphs.step), state, prompt[None], self.eos, cfg):
+            if token[0] in self.eos:
+                break
+            tokens.append(int(token[0]))
+            so_far = self.decode(tokens).rstrip()
+            if so_far.startswith(shown) and len(so_far) > len(shown) and not so_far.endswith("\ufffd"):
+                yield so_far[len(shown):]
+                shown = so_far
+        if rest := self.decode(tokens)[len(shown):]:
+            yield rest
+
     def _caption_batch(self, images, cfg: GenerationConfig, asked: dict, cache: bool) -> list[Caption]:
         start = time.perf_counter()
         results, pixels, sizes = [], [], []
         task = asked["task"] or (self.manifest.tasks or {}).get("default")
         for image in images:
-            results.append(Caption(image=str(image) if isinstance(image, (str, Path)) else type(image).__name__,
-                                   question=asked["question"], task=task))
+            results.append(Caption(image=name_of(image), question=asked["question"], task=task))
             try:
                 rgb = open_image(image, self.max_pixels)
                 pixels.append(to_pixels(rgb, self.manifest.preprocess))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .manifest import Decoder, memory_roles
+from .manifest import WEIGHT_ONLY, Decoder, memory_roles
 from .search import (Cache, GenerationConfig, State, cached, capacity, empty_cache, generate, initial_state,
                      memory_feeds, prefix_logits, start, text_logprobs, uncached)
 
@@ -28,7 +28,7 @@ def session_options(precision: str, threads: int | None = None) -> ort.SessionOp
     # Two sessions run alternately; idle pool threads spinning after one session's run
     # steal the cores the next one needs (2x slower per caption on a 2-core box).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if precision == "int8":
+    if precision in WEIGHT_ONLY:
         # Conv weights are stored int8 + DequantizeLinear: fold them to FP32 at load
         # rather than dequantize at every run (ORT's int8 convolutions ran the bundled CNN 2.6x slower).
         opts.add_session_config_entry("session.disable_quant_qdq", "1")

@@ -17,6 +17,7 @@ FORMAT = "edgecap-model-package"
 # written in place (TensorScatter), graph inputs and outputs bound by role name, kv_heads, name required
 FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
+WEIGHT_ONLY = ("int8", "int4")  # precisions whose weights alone are quantized, activations FP32 (export.quantize)
 REQUIRED = ("format", "format_version", "name", "precision", "files", "graphs", "dims", "decoder", "preprocess",
             "tokenizer", "generation")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .gpu import gpu, tensorrt_version
-from .manifest import GRAPHS
+from .manifest import GRAPHS, WEIGHT_ONLY
 
 ORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 CHOICES = ("auto", *ORT_NAMES)
@@ -106,13 +106,13 @@ def resolve(choice: str, available: list[str] | None = None) -> tuple[list[str],
 
 
 def for_package(names: list[str], precision: str, explicit: bool) -> list[str]:
-    """int8 packages are weight-only (MatMulNBits, int8 weights folded at load): TensorRT can
+    """int8 and int4 packages are weight-only (MatMulNBits, int8 weights folded at load): TensorRT can
     neither build their MatMulNBits nor calibrate INT8 without activation scales, so they run
     on CUDA or the CPU; asking for TensorRT explicitly is an error."""
-    if precision != "int8" or names[0] != ORT_NAMES["tensorrt"]:
+    if precision not in WEIGHT_ONLY or names[0] != ORT_NAMES["tensorrt"]:
         return names
     if explicit:
-        raise ProviderError("int8 packages are weight-only (MatMulNBits) and TensorRT cannot build them; "
+        raise ProviderError(f"{precision} packages are weight-only (MatMulNBits) and TensorRT cannot build them; "
                             "use --provider cuda, or an fp32/fp16 package with TensorRT")
     return names[1:]
 

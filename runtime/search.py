@@ -12,7 +12,7 @@ without-cache paths differ in nothing else.
 """
 
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -260,23 +260,27 @@ def until_eos(row, eos) -> list[int]:
     return next((row[:i] for i, t in enumerate(row) if t in ends), row)
 
 
-def greedy(step: Step, state: State, prompt: np.ndarray, eos, cfg: GenerationConfig) -> list[list[int]]:
-    """Batched greedy decoding; rows that reach an EOS (`eos`: one id or several, as transformers'
+def greedy_steps(step: Step, state: State, prompt: np.ndarray, eos, cfg: GenerationConfig) -> Iterator[np.ndarray]:
+    """Batched greedy decoding, yielding each step's new token per row as it is picked (what a
+    stream prints); rows that reach an EOS (`eos`: one id or several, as transformers'
     eos_token_id) keep feeding the first one until all are done."""
     ends = np.atleast_1d(eos)
     logits, state = prefill(step, state, prompt)
-    out = np.full((prompt.shape[0], cfg.max_new_tokens), ends[0], dtype=np.int64)
     done = np.zeros(prompt.shape[0], dtype=bool)
     for t in range(cfg.max_new_tokens):
         logits = ban_repeated_ngrams(logits, state.tokens, cfg.no_repeat_ngram_size)
         logits = force_tokens(logits, prompt.shape[1] + t, prompt.shape[1] + cfg.max_new_tokens, cfg)
         token = np.where(done, ends[0], pick_next_token(logits))
-        out[:, t] = token
+        yield token
         done |= np.isin(token, ends)
         if done.all() or t == cfg.max_new_tokens - 1:
             break
         logits, state = decode_one_token(step, state, token)
-    return [until_eos(row, ends) for row in out]
+
+
+def greedy(step: Step, state: State, prompt: np.ndarray, eos, cfg: GenerationConfig) -> list[list[int]]:
+    """Generated tokens per row (prompt and EOS excluded), greedily."""
+    return [until_eos(row, eos) for row in np.stack(list(greedy_steps(step, state, prompt, eos, cfg)), axis=1)]
 
 
 class Hypotheses:

@@ -60,7 +60,7 @@ def test_int8_compute_is_only_offered_to_int8_packages(tmp_path):
     for command in (["quantize", str(DEFAULT_MODEL)], ["hf", str(tmp_path / "missing")]):
         r = subprocess.run([sys.executable, "-m", "export", *command, "--out", str(tmp_path / "q"), "--precision",
                             "fp16", "--vision-compute", "int8"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-        assert r.returncode == 1 and r.stderr == "error: vision compute int8 is for int8 packages (--precision int8)\n"
+        assert r.returncode == 1 and r.stderr == "error: vision compute int8 is for int8 and int4 packages (--precision int8|int4)\n"
     assert not (tmp_path / "q").exists()
 
 

@@ -142,3 +142,38 @@ def test_refusals_are_one_line_and_lose_no_other_image(smolvlm, images, tmp_path
     results = captioner.caption([*images, broken], max_new_tokens=fits_3x4)
     assert "4x4 tiles make a" in results[0].error and "beyond the model's" in results[0].error
     assert results[1].error is None and results[2].error is None and "not an image" in results[3].error
+
+
+def test_streamed_pieces_join_into_the_answer(smolvlm, images):
+    """The Python iterator and `--stream`: pieces as the tokens come, joined the same text."""
+    _, pkg = smolvlm["tiny"]
+    captioner = Captioner(pkg, provider="cpu")
+    for path in images:
+        for question in QUESTIONS[:2]:
+            pieces = list(captioner.stream(path, question=question))
+            assert "".join(pieces) == captioner.caption(path, question=question).text and all(pieces)
+    assert max(len(list(captioner.stream(p))) for p in images) > 2  # it does come in pieces
+    r = caption_without_torch("--model", pkg, images[0], images[1], "--stream")
+    assert r.returncode == 0, r.stderr
+    # split on newlines only: a random model writes form feeds, which splitlines() also breaks on
+    assert r.stdout.split("\n") == [*(f"{p}: {c.text}" for p, c in zip(images[:2], captioner.caption(images[:2]))), ""]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_weight_only_packages_keep_cache_and_batch_exact(smolvlm, images, same_size, tmp_path, precision):
+    """4- and 8-bit language-model weights (MatMulNBits, the output head included; the embedding
+    table GatherBlockQuantized): cache = no cache and batched = one by one hold exactly; how close
+    the answers stay to FP32 is measured on the held-out photos in benchmarks.parity (README)."""
+    import onnx
+
+    from export.quantize import quantize_package
+
+    _, pkg = smolvlm["tiny-real"]
+    quantize_package(pkg, precision, tmp_path / precision)
+    captioner = Captioner(tmp_path / precision, provider="cpu")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / precision / "decoder.onnx")).graph.node}
+    assert "MatMulNBits" in ops and "MatMul" in ops  # weights 4/8-bit; attention over the cache stays FP32
+    answers = [c.tokens for c in captioner.caption(images)]
+    assert answers == [c.tokens for c in captioner.caption(images, cache=False)]
+    batch = [c.tokens for c in captioner.caption(same_size)]
+    assert batch == [captioner.caption(p).tokens for p in same_size]
