@@ -1,4 +1,5 @@
 """python -m benchmarks.serve [--model PKG] [--levels 1 4 16 64] [--requests N] [--threads N] [--rounds N]
+python -m benchmarks.serve --slow 200 [--rounds N]      python -m benchmarks.serve --camera [--rounds N]
 
 Load on the caption service: `python -m runtime.serve` in its own process on 127.0.0.1, closed-loop
 clients (each sends its next request when the last one is answered) at each concurrency level, a
@@ -9,10 +10,18 @@ with captioning in this process is interleaved: rounds of (the photos one at a t
 batches of --max-batch, the service at --compare clients), medians of the rates and of the per-round
 ratios, so that drift of the machine's speed falls on both sides. Then an overload run (concurrency 64 against a queue of 16): only 503s beyond the queue, and
 every caption that comes back is its own image's. Writes benchmarks/results/serve-cpu.{json,md,png}.
+
+--slow N: the service under N slow clients, each sending a request body one byte every 100 ms (and
+again once the service gives up on it with a 408), while --compare normal clients run: rounds
+alternate without and with them; the normal clients' images/s, p99 and errors, and the server's
+RSS, into serve-slow-cpu.{json,md}.
+--camera: 12-megapixel JPEGs from --compare clients, images decoded on the service's decoding
+threads vs on the graphs' thread (--decode-threads 0), rounds alternating, into serve-camera-cpu.{json,md}.
 """
 
 import argparse
 import http.client
+import io
 import json
 import os
 import platform
@@ -144,6 +153,86 @@ def interleaved(port: int, captioner: Captioner, images: list[bytes], expected: 
             "batched_vs_one_at_a_time": median(batched / one), "service_vs_batched": median(service / batched)}
 
 
+def trickle(port: int, stop: threading.Event, opened: list) -> None:
+    """A slow client: a request whose body comes one byte every 100 ms; when the service gives up
+    on it (408, connection closed), another, until `stop`."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+                conn.sendall(b"POST /caption HTTP/1.1\r\nHost: edgecap\r\nContent-Length: 100000\r\n\r\n")
+                opened.append(1)
+                while not stop.wait(0.1):
+                    conn.sendall(b"\0")
+        except OSError:  # answered and closed by the service
+            continue
+
+
+def slow_clients(args, images: list[bytes], expected: list[str], common: list[str]) -> dict:
+    """Normal clients alone and beside `args.slow` trickling ones, rounds alternating; medians."""
+    server = Server(common + ["--max-queue", "256", "--max-connections", str(4 * args.slow)])
+    try:
+        load(server.port, images, expected, args.compare, 64)  # warm-up
+        rss_before, rss_peak, runs = rss_mib(server.proc.pid), 0.0, {"alone": [], "beside slow clients": []}
+        for _ in range(args.rounds):
+            runs["alone"].append(load(server.port, images, expected, args.compare, args.requests))
+            stop, opened = threading.Event(), []
+            slow = [threading.Thread(target=trickle, args=(server.port, stop, opened)) for _ in range(args.slow)]
+            for t in slow:
+                t.start()
+            while len(opened) < args.slow:  # every slow client holds a connection before the normal ones start
+                stop.wait(0.05)
+            runs["beside slow clients"].append(load(server.port, images, expected, args.compare, args.requests))
+            rss_peak = max(rss_peak, rss_mib(server.proc.pid))  # with every slow client still connected
+            stop.set()
+            for t in slow:
+                t.join(timeout=120)
+    finally:
+        server.stop()
+    median = {name: {key: round(float(np.median([r[key] for r in rs])), 1) for key in ("images_per_s", "p50_ms", "p99_ms")}
+              for name, rs in runs.items()}
+    errors = {name: sum(sum(v for k, v in r["statuses"].items() if k != 200) + r["wrong_captions"] for r in rs)
+              for name, rs in runs.items()}
+    return {"slow_clients": args.slow, "normal_clients": args.compare, "rounds": args.rounds, "requests": args.requests,
+            "median": median, "errors": errors, "rss_mib_before": round(rss_before, 1),
+            "rss_mib_with_slow": round(rss_peak, 1),
+            "images_per_s_ratio": round(median["beside slow clients"]["images_per_s"] / median["alone"]["images_per_s"], 3),
+            "p99_ratio": round(median["beside slow clients"]["p99_ms"] / median["alone"]["p99_ms"], 3)}
+
+
+def camera_photos() -> list[bytes]:
+    """12-megapixel JPEGs (4000 x 3000, quality 90) made from the held-out photos."""
+    from PIL import Image
+
+    out = []
+    for path in heldout_photos()[:8]:
+        buffer = io.BytesIO()
+        Image.open(path).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def camera(args, common: list[str]) -> dict:
+    """Camera-size photos from `args.compare` clients: decoded on decoding threads vs on the graphs' thread."""
+    photos = camera_photos()
+    expected = [c.text for c in Captioner(args.model, provider="cpu").caption(photos)]
+    servers = {"decoding threads (2)": Server(common + ["--max-queue", "256"]),
+               "on the graphs' thread": Server(common + ["--max-queue", "256", "--decode-threads", "0"])}
+    try:
+        runs = {name: [] for name in servers}
+        for name, server in servers.items():
+            load(server.port, photos, expected, args.compare, 16)  # warm-up
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                runs[name].append(load(server.port, photos, expected, args.compare, 48))
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {"clients": args.compare, "rounds": args.rounds, "photo": "4000 x 3000 JPEG, quality 90",
+            **{name: {key: round(float(np.median([r[key] for r in rs])), 2) for key in ("images_per_s", "p50_ms", "p99_ms")}
+               | {"errors": sum(sum(v for k, v in r["statuses"].items() if k != 200) + r["wrong_captions"] for r in rs)}
+               for name, rs in runs.items()}}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -200,12 +289,22 @@ def main(argv=None) -> int:
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--compare", type=int, default=16, help="clients in the interleaved comparison")
     parser.add_argument("--rounds", type=int, default=7, help="rounds of the interleaved comparison")
+    parser.add_argument("--slow", type=int, default=0, help="measure N slow clients beside the normal ones, alone")
+    parser.add_argument("--camera", action="store_true", help="measure camera-size photos' decoding, alone")
     args = parser.parse_args(argv)
     images = [p.read_bytes() for p in heldout_photos()]
     captioner = Captioner(args.model, provider="cpu", threads=args.threads)
     expected = [c.text for c in captioner.caption(images, batch_size=1)]
     common = ["--provider", "cpu", "--threads", str(args.threads), "--max-batch", str(args.max_batch),
               "--max-delay-ms", str(args.max_delay_ms), *(["--model", str(args.model)] if args.model else [])]
+    if args.slow or args.camera:
+        name, result = ("serve-slow-cpu", slow_clients(args, images, expected, common)) if args.slow else \
+            ("serve-camera-cpu", camera(args, common))
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / f"{name}.md").write_text("```json\n" + json.dumps(result, indent=1) + "\n```\n")
+        print(json.dumps(result, indent=1))
+        return 0
     server = Server(common + ["--max-queue", "256"])
     try:
         load(server.port, images, expected, 64, 128)  # warm-up at the largest passes: RSS after it is the baseline

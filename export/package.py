@@ -18,7 +18,7 @@ before anything is written to `out` (export.check says how agreement is judged).
 
 import json
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 

@@ -63,8 +63,8 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
     order = rng.permutation(len(lengths))
     chunk = batch_size * 50
     batches = []
-    for start in range(0, len(order), chunk):
-        part = order[start : start + chunk]
+    for first in range(0, len(order), chunk):
+        part = order[first : first + chunk]
         part = part[np.argsort(lengths[part], kind="stable")]
         batches += [part[i : i + batch_size] for i in range(0, len(part) - batch_size + 1, batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]

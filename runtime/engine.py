@@ -128,7 +128,8 @@ class Captioner:
                 notes.append(f"provider: {failed} failed to initialise ({e.reason}); falling back to {prov.LABELS[names[1]]}")
                 names = names[1:]
                 continue
-            return sessions, [*notes, prov.check_session(sessions[1], names, explicit)]
+            # Either session may have fallen back alone: ONNX Runtime places each graph's nodes apart.
+            return sessions, [*notes, *(prov.check_session(s, names, explicit, role) for role, s in zip(GRAPHS, sessions))]
 
     def _session(self, role: str, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
         path = self.manifest.path(self.manifest.graph(role)["file"])

@@ -14,8 +14,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .manifest import WEIGHT_ONLY, Decoder, memory_roles
-from .search import (Cache, GenerationConfig, State, cached, capacity, empty_cache, generate, initial_state,
-                     memory_feeds, prefix_logits, start, text_logprobs, uncached)
+from .search import (Cache, GenerationConfig, State, cached, capacity, generate, initial_state, memory_feeds,
+                     prefix_logits, start, text_logprobs, uncached)
 
 CPU = ["CPUExecutionProvider"]
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -172,7 +172,3 @@ class Graphs:
         lengths = np.array([len(sequence) - start for sequence in sequences])
         return text_logprobs(logits[:, start - 1 :], ids[:, start:], lengths)
 
-
-def host_cache(spec: Decoder, n: int, slots: int, dtype=np.float32) -> Cache:
-    """An empty host cache shaped for a decoder (checks that feed the step graph directly)."""
-    return empty_cache(spec.layers, n, spec.kv_heads, slots, spec.head_dim, dtype)

@@ -117,14 +117,15 @@ def for_package(names: list[str], precision: str, explicit: bool) -> list[str]:
     return names[1:]
 
 
-def check_session(session: ort.InferenceSession, requested: list[str], explicit: bool) -> str | None:
-    """Did the session get the first provider asked for? An error if it was explicit,
-    a one-line note if `auto` silently fell further back."""
+def check_session(session: ort.InferenceSession, requested: list[str], explicit: bool, role: str) -> str | None:
+    """Did the session of the `role` graph get the first provider asked for? An error if it was
+    explicit, a one-line note if `auto` silently fell further back."""
     used = session.get_providers()
     if requested[0] in used:
         return None
     label, fallback = LABELS[requested[0]], LABELS.get(used[0], used[0])
     if explicit:
-        raise ProviderError(f"{label} failed to initialise (onnxruntime fell back to {fallback}); "
+        raise ProviderError(f"{label} failed to initialise for the {role} graph (onnxruntime fell back to {fallback}); "
                             "python -m runtime.doctor shows why")
-    return f"provider: {label} failed to initialise; running on {fallback} (python -m runtime.doctor shows why)"
+    return (f"provider: {label} failed to initialise for the {role} graph; running it on {fallback} "
+            "(python -m runtime.doctor shows why)")

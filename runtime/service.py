@@ -8,7 +8,12 @@ prometheus_client).
 - `POST /caption`: one image as the raw body or a multipart upload -> the CLI's JSON record.
 - Dynamic batching: concurrent requests share forward passes of up to `max_batch` images,
   gathered for at most `max_delay_s` after the first (`Batcher`).
-- Images arrive only as bytes in requests: nothing a client names is opened.
+- Images arrive only as bytes in requests: nothing a client names is opened. They are decoded on
+  a pool of threads of their own, so that the thread running the graphs only runs graphs.
+- Limits: every body (raw or multipart) capped at `max_body_bytes` while it is read, nothing
+  spooled past it (413); a body that does not arrive within `read_timeout_s` is a 408 and frees
+  its slot; uvicorn holds at most `max_connections` (runtime.serve). An error the service did not
+  foresee is logged whole and answered with one line that names no internals (500).
 """
 
 import asyncio
@@ -16,6 +21,7 @@ import base64
 import binascii
 import hmac
 import json
+import logging
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +38,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .engine import Caption, Captioner
+from .preprocess import ImageError, open_image
 
 OPEN = ("/v2/health/live", "/v2/health/ready")  # what load balancers probe: never behind the key
+log = logging.getLogger("edgecap.service")
 
 
 class HTTPError(Exception):
@@ -51,7 +59,9 @@ class ServiceConfig:
     max_queue: int = 64
     timeout_s: float = 30.0
     max_body_bytes: int = 32 * 2**20
+    read_timeout_s: float = 30.0
     api_key: str | None = None
+    decode_threads: int = 2  # decoding a camera JPEG takes ~125 ms of one core
 
 
 def deserialize_bytes(buffer: bytes) -> list[bytes]:
@@ -139,15 +149,26 @@ class QueueFull(Exception):
 
 
 class Batcher:
-    """Coalesces concurrent images into forward passes on one worker thread (the captioner's
-    sessions use the cores; two passes at once would only share them)."""
+    """Coalesces concurrent images (decoded already) into forward passes on one worker thread (the
+    captioner's sessions use the cores; two passes at once would only share them)."""
 
     def __init__(self, captioner: Captioner, cfg: ServiceConfig, metrics: Metrics):
         self.captioner, self.cfg, self.metrics = captioner, cfg, metrics
         self.queue: asyncio.Queue = asyncio.Queue(cfg.max_queue)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="caption")
 
-    def submit(self, images: list[bytes]) -> list[asyncio.Future]:
+    def caption(self, images: list) -> list[Caption]:
+        """One batch, in forward passes as the graphs see them (beams take rows: fewer images per
+        pass), each counted in edgecap_batch_images."""
+        per_pass = self.captioner.images_per_pass(self.captioner.generation_config().num_beams)
+        results = []
+        for start in range(0, len(images), per_pass):
+            chunk = images[start : start + per_pass]
+            self.metrics.batch.observe(len(chunk))
+            results += self.captioner.caption(chunk, batch_size=len(chunk))
+        return results
+
+    def submit(self, images: list) -> list[asyncio.Future]:
         """Futures of the images' Captions, all queued or none (QueueFull)."""
         if self.queue.maxsize - self.queue.qsize() < len(images):
             raise QueueFull
@@ -172,8 +193,7 @@ class Batcher:
             batch = [(image, future) for image, future in batch if not future.done()]  # skip timed-out requests
             if not batch:
                 continue
-            self.metrics.batch.observe(len(batch))
-            caption = partial(self.captioner.caption, [image for image, _ in batch], batch_size=len(batch))
+            caption = partial(self.caption, [image for image, _ in batch])
             try:
                 results = await loop.run_in_executor(self.worker, caption)
             except Exception as e:  # the model failed, not the request: every waiter gets it
@@ -187,14 +207,28 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
     model = captioner.manifest.data["name"]
     metrics = Metrics()
     batcher = Batcher(captioner, cfg, metrics)
+    decoders = ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode")
+
+    async def decode(images: list[bytes]) -> list:
+        """Each image decoded (to an upright RGB image) on the decoding threads; a bad one is a 400
+        naming it, before anything is queued."""
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(*(loop.run_in_executor(decoders, safe_open, image, captioner.max_pixels)
+                                         for image in images))
+        bad = [(i, d) for i, d in enumerate(decoded) if isinstance(d, ImageError)]
+        if bad:  # the protocol has no partial results: the request is refused, naming the element
+            raise HTTPError(400, str(bad[0][1]) if len(images) == 1 else f"element {bad[0][0]}: {bad[0][1]}")
+        return decoded
 
     async def caption_images(images: list[bytes]) -> list[Caption]:
         if not images:
             raise HTTPError(400, "no images in the request")
         if len(images) > cfg.max_queue:  # would never fit: no use retrying
             raise HTTPError(413, f"{len(images)} images in one request; the queue holds {cfg.max_queue}")
+        # decode_threads 0 decodes on the graphs' thread, as the service did before (benchmarks.serve --camera)
+        decoded = await decode(images) if cfg.decode_threads else images
         try:
-            futures = batcher.submit(images)
+            futures = batcher.submit(decoded)
         except QueueFull:
             raise HTTPError(503, f"queue full ({cfg.max_queue} images waiting)", {"Retry-After": "1"}) from None
         try:
@@ -202,23 +236,42 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
         except TimeoutError:
             raise HTTPError(504, f"no caption within {cfg.timeout_s:g} s") from None
         bad = [(i, r.error) for i, r in enumerate(results) if r.error]
-        if bad:  # the protocol has no partial results: the request is refused, naming the element
+        if bad:  # e.g. a chat model's image whose tiles make too long a prompt
             raise HTTPError(400, bad[0][1] if len(images) == 1 else f"element {bad[0][0]}: {bad[0][1]}")
         return results
 
-    def check_declared_size(request: Request) -> None:
+    async def read_body(request: Request) -> bytes:
+        """The whole body, capped while it arrives, within the read timeout."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
             raise HTTPError(413, f"request body over {cfg.max_body_bytes} bytes")
-
-    async def read_body(request: Request) -> bytes:
-        check_declared_size(request)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > cfg.max_body_bytes:
-                raise HTTPError(413, f"request body over {cfg.max_body_bytes} bytes")
+
+        async def receive():
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > cfg.max_body_bytes:
+                    raise HTTPError(413, f"request body over {cfg.max_body_bytes} bytes")
+
+        try:
+            await asyncio.wait_for(receive(), cfg.read_timeout_s)
+        except TimeoutError:
+            raise HTTPError(408, f"the request body did not arrive within {cfg.read_timeout_s:g} s") from None
         return bytes(body)
+
+    async def uploaded_file(request: Request) -> bytes:
+        """The one file of a multipart upload, parsed from a body read as any other (capped, timed):
+        nothing is spooled to disk beyond the cap."""
+        body = await read_body(request)
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async with Request(request.scope, replay).form(max_files=1, max_part_size=cfg.max_body_bytes) as form:
+            files = [v for v in form.values() if hasattr(v, "read")]
+            if len(files) != 1:
+                raise HTTPError(400, "send one file in the multipart form")
+            return await files[0].read()
 
     def check_model(name: str) -> None:
         if name != model:
@@ -254,15 +307,8 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
         return infer_response(parsed, model, [r.text for r in results])
 
     async def caption(request):
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            check_declared_size(request)
-            async with request.form(max_files=1, max_part_size=cfg.max_body_bytes) as form:
-                files = [v for v in form.values() if hasattr(v, "read")]
-                if len(files) != 1:
-                    raise HTTPError(400, "send one file in the multipart form")
-                body = await files[0].read()
-        else:
-            body = await read_body(request)
+        multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
+        body = await (uploaded_file(request) if multipart else read_body(request))
         result = (await caption_images([body]))[0]
         return JSONResponse({"caption": result.text, "tokens": result.tokens, "ms": round(result.ms, 1)})
 
@@ -280,12 +326,14 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
         yield
         task.cancel()
         batcher.worker.shutdown(wait=True)
+        decoders.shutdown(wait=True)
 
     async def refused(request, e: HTTPError):
         return JSONResponse({"error": str(e)}, e.status, headers=e.headers)
 
-    async def failed(request, e: Exception):  # a bug or a model failure: logged by uvicorn, one line out
-        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}".replace("\n", " ")}, 500)
+    async def failed(request, e: Exception):  # a bug or a model failure: logged whole, one line out naming nothing
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return JSONResponse({"error": "internal error; the service log has the details"}, 500)
 
     async def guard(request: Request, call_next):
         """The API key before any handler; requests counted by endpoint and status."""
@@ -303,6 +351,14 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
 
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPError: refused, Exception: failed},
                      middleware=[Middleware(BaseHTTPMiddleware, dispatch=guard)])
+
+
+def safe_open(image: bytes, max_pixels: int):
+    """An upright RGB image, or the ImageError to report (returned: one bad image must not fail gather)."""
+    try:
+        return open_image(image, max_pixels)
+    except ImageError as e:
+        return e
 
 
 def endpoint_label(path: str) -> str:

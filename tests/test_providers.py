@@ -253,9 +253,26 @@ def test_a_provider_onnxruntime_drops_silently_is_caught(manifest, monkeypatch):
     monkeypatch.setattr(ort, "InferenceSession", lambda path, opts, providers, **kw: real(path, opts, providers=[CPU]))
     cap = Captioner(manifest.root, provider="auto")
     assert cap.provider == "CPU"
-    assert cap.notes == ["provider: CUDA failed to initialise; running on CPU (python -m runtime.doctor shows why)"]
-    with pytest.raises(ProviderError, match=r"^CUDA failed to initialise \(onnxruntime fell back to CPU\)"):
+    assert cap.notes == [f"provider: CUDA failed to initialise for the {role} graph; running it on CPU "
+                         "(python -m runtime.doctor shows why)" for role in ("vision", "decoder")]
+    with pytest.raises(ProviderError, match=r"^CUDA failed to initialise for the vision graph \(onnxruntime fell back"):
         Captioner(manifest.root, provider="cuda")
+
+
+def test_the_vision_graph_falling_back_alone_is_caught(manifest, monkeypatch):
+    """ONNX Runtime places each graph's nodes apart: the vision graph alone may land on the CPU."""
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+
+    def session(path, opts, providers, **kw):
+        got = real(path, opts, providers=[CPU])
+        if "decoder" in str(path):  # the decoder's session says it got CUDA
+            monkeypatch.setattr(got, "get_providers", lambda: [CUDA, CPU], raising=False)
+        return got
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    assert Captioner(manifest.root, provider="auto").notes == [
+        "provider: CUDA failed to initialise for the vision graph; running it on CPU (python -m runtime.doctor shows why)"]
 
 
 def profile_bounds(manifest, role: str, max_batch: int) -> dict[str, tuple[list[int], list[int]]]:

@@ -5,7 +5,9 @@ started here is bounded in time and stopped at the end."""
 import base64
 import io
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ import pytest
 from benchmarks.serve import Server
 from helpers import ROOT
 from runtime import Captioner
+from runtime.engine import Caption
 
 MODEL = "efficientnet-lite0-concept-captioner"
 KEY = "test-key"
@@ -134,36 +138,135 @@ def test_refusals_are_one_line_json_with_their_status(keyed, images):
         assert status == 400 and "\n" not in reply["error"], bad
 
 
-def test_deadline_and_size_limits():
-    with server("--max-queue", "1", "--max-body-mib", "0.01", "--timeout-s", "0.001") as (url, _):
-        assert call(f"{url}/caption", (ROOT / "runtime/samples/coffee.jpg").read_bytes()[:5000])[0] == 504
-        status, reply, _ = call(f"{url}/caption", bytes(20_000))
-        assert status == 413 and "over" in reply["error"]
-        two = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AA==", "AA=="]}]}
-        status, reply, _ = call(f"{url}/v2/models/{MODEL}/infer", json.dumps(two).encode())
-        assert status == 413 and reply["error"] == "2 images in one request; the queue holds 1"
+class Stub:
+    """A captioner whose forward passes wait until the test lets them go (`release`): what is
+    queued, timed out or refused is then decided by events, never by how fast this machine is."""
+
+    manifest = SimpleNamespace(data={"name": "stub"})
+    max_pixels = 10_000_000
+
+    def __init__(self, per_pass: int = 8, fail: Exception | None = None):
+        self.release, self.entered, self.per_pass, self.fail, self.seen = threading.Event(), threading.Event(), per_pass, fail, []
+
+    def images_per_pass(self, beams: int) -> int:
+        return self.per_pass
+
+    def generation_config(self):
+        return SimpleNamespace(num_beams=1)
+
+    def caption(self, images, batch_size):
+        self.seen.append(len(images))
+        self.entered.set()
+        if not self.release.wait(60):
+            raise TimeoutError("the test never released the pass")
+        if self.fail:
+            raise self.fail
+        return [Caption(image="Image", text=f"{image.size[0]} wide", tokens=[1]) for image in images]
 
 
-def test_a_full_queue_answers_503_with_retry_after():
-    """Four 12-megapixel images fill a queue of four while the worker decodes them one at a time
-    (a few hundred ms); a request for two more meanwhile is refused, and nothing else is lost."""
+@contextmanager
+def in_process(stub: Stub, **settings):
+    """The service app in this process (Starlette's TestClient), over a stub captioner."""
+    from starlette.testclient import TestClient
+
+    from runtime.service import ServiceConfig, build_app
+
+    with TestClient(build_app(stub, ServiceConfig(**settings)), raise_server_exceptions=False) as client:
+        try:
+            yield client
+        finally:
+            stub.release.set()
+
+
+def png(width: int = 8) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.linear_gradient("L").resize((4000, 3000)).convert("RGB").save(buffer, "JPEG")
-    big = base64.b64encode(buffer.getvalue()).decode()
-    with server("--max-queue", "4", "--max-batch", "1") as (url, _):
-        infer = f"{url}/v2/models/{MODEL}/infer"
+    Image.new("RGB", (width, 4)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def infer_body(images: list[bytes]) -> bytes:
+    return json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)],
+                                   "data": [base64.b64encode(i).decode() for i in images]}]}).encode()
+
+
+def test_a_full_queue_answers_503_with_retry_after():
+    """One pass holds an image while three wait: a queue of four has room for one more, so a
+    request for two is refused whole, and nothing else is lost."""
+    stub = Stub(per_pass=1)
+    with in_process(stub, max_queue=4, max_batch=1) as client:
         first = []
-        worker = threading.Thread(target=lambda: first.append(call(infer, json.dumps(
-            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [4], "data": [big] * 4}]}).encode())))
+        worker = threading.Thread(target=lambda: first.append(client.post("/v2/models/stub/infer",
+                                                                           content=infer_body([png()] * 4))))
         worker.start()
-        time.sleep(0.15)
-        status, reply, headers = call(infer, json.dumps(
-            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [big] * 2}]}).encode())
+        assert stub.entered.wait(30)  # the first image is in its pass; three are queued
+        refused = client.post("/v2/models/stub/infer", content=infer_body([png()] * 2))
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        stub.release.set()
         worker.join(timeout=60)
-        assert status == 503 and headers.get("retry-after", headers.get("Retry-After")) == "1", reply
-        assert first[0][0] == 200 and len(first[0][1]["outputs"][0]["data"]) == 4
+    assert first[0].status_code == 200 and len(first[0].json()["outputs"][0]["data"]) == 4
+
+
+def test_a_caption_past_the_deadline_is_a_504_and_a_model_failure_names_no_internals(caplog):
+    with in_process(Stub(), timeout_s=0.05) as client:
+        reply = client.post("/caption", content=png())
+        assert reply.status_code == 504 and reply.json() == {"error": "no caption within 0.05 s"}
+    stub = Stub(fail=RuntimeError("/opt/models/secret.onnx: bad allocation"))
+    stub.release.set()
+    with in_process(stub) as client:
+        reply = client.post("/caption", content=png())
+    assert reply.status_code == 500 and reply.json() == {"error": "internal error; the service log has the details"}
+    assert "secret.onnx" in caplog.text  # logged whole, for the operator
+
+
+def test_bodies_raw_and_multipart_are_capped_and_bad_images_never_reach_the_graphs():
+    stub = Stub()
+    stub.release.set()
+    with in_process(stub, max_body_bytes=10_000) as client:
+        reply = client.post("/caption", content=bytes(20_000))
+        assert reply.status_code == 413 and "over 10000 bytes" in reply.json()["error"]
+        reply = client.post("/caption", files={"image": ("big.png", bytes(20_000), "image/png")})
+        assert reply.status_code == 413 and "over 10000 bytes" in reply.json()["error"]
+        reply = client.post("/caption", files={"image": ("ok.png", png(12), "image/png")})
+        assert reply.status_code == 200 and reply.json()["caption"] == "12 wide"
+        reply = client.post("/v2/models/stub/infer", content=infer_body([png(), b"%PDF-1.4"]))
+        assert reply.status_code == 400 and reply.json()["error"].startswith("element 1: image: not an image")
+    assert stub.seen == [1]  # decoded first: the bad request never took a forward pass
+
+
+def test_passes_are_counted_as_the_graphs_see_them():
+    """Beams take rows: a batch of four images runs as two passes of two, and the metric says so."""
+    stub = Stub(per_pass=2)
+    stub.release.set()
+    with in_process(stub, max_batch=8, max_delay_s=1.0) as client:
+        assert client.post("/v2/models/stub/infer", content=infer_body([png()] * 4)).status_code == 200
+        metrics = client.get("/metrics").text
+    assert stub.seen == [2, 2]
+    assert "edgecap_batch_images_count 2.0" in metrics and "edgecap_batch_images_sum 4.0" in metrics
+
+
+def test_a_body_that_does_not_arrive_is_a_408_and_frees_its_connection():
+    with server("--read-timeout-s", "0.5") as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + bytes(10))
+            reply = b""
+            while b"did not arrive" not in reply and (chunk := slow.recv(4096)):  # answered while 990 bytes are owed
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in reply
+        assert call(f"{url}/v2/health/ready")[0] == 200
+
+
+def test_listening_beyond_loopback_needs_a_key_or_a_word():
+    r = subprocess.run([sys.executable, "-m", "runtime.serve", "--host", "0.0.0.0"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "EDGECAP_API_KEY": ""})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--allow-unauthenticated" in r.stderr
+
+
+def passes_started(url: str) -> float:
+    metrics = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("edgecap_batch_images_count")))
 
 
 def test_sigterm_lets_the_request_in_flight_finish(images):
@@ -174,7 +277,9 @@ def test_sigterm_lets_the_request_in_flight_finish(images):
         worker = threading.Thread(target=lambda: result.append(
             call(f"{url}/v2/models/{MODEL}/infer", json.dumps(body).encode())))
         worker.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 60
+        while passes_started(url) < 1 and time.monotonic() < deadline:  # the request is in its first pass
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         worker.join(timeout=60)
         assert result[0][0] == 200 and len(result[0][1]["outputs"][0]["data"]) == 16

@@ -14,7 +14,6 @@ is all ones and the vision graph takes whole tiles."""
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..check import ExportError
