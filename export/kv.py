@@ -18,10 +18,15 @@ several tokens over a non-empty cache; TensorScatter is standard ONNX, on the CP
 providers alike (README "The two graphs").
 """
 
+from typing import NamedTuple
+
 import torch
 from onnxscript.values import Op, Opset
 
-TENSOR_SCATTER = Op(Opset("", 24), "TensorScatter")  # onnxscript ships opsets up to 23; onnx knows 24
+# onnxscript ships opsets up to 23 and onnx knows 24; the decoder step is converted to 24 afterwards
+# (export.package.to_decoder_opset).
+TENSOR_SCATTER, RMS_NORMALIZATION, ROTARY_EMBEDDING = (Op(Opset("", 24), name) for name in
+                                                      ("TensorScatter", "RMSNormalization", "RotaryEmbedding"))
 
 
 @torch.library.custom_op("edgecap::cache_write", mutates_args=())
@@ -56,7 +61,44 @@ def cache_write_onnx(cache, new, lengths):
     return TENSOR_SCATTER(cache, new, lengths, axis=-2)  # TensorRT's parser takes 4-D caches at axis -2
 
 
-TRANSLATIONS = {torch.ops.edgecap.cache_write.default: cache_write_onnx}
+@torch.library.custom_op("edgecap::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: x / sqrt(mean(x^2) + eps) in FP32, times the weight; exported as
+    ONNX's RMSNormalization (opset 23), one node where the decomposition took seven."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+def rms_norm_onnx(x, weight, eps: float):
+    return RMS_NORMALIZATION(x, weight, axis=-1, epsilon=eps)
+
+
+@torch.library.custom_op("edgecap::rotary", mutates_args=())
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (N, H, T, Dh) rotated by its positions' angles, cos and sin (N, T, Dh / 2) (the first half of
+    transformers' duplicated ones), as apply_rotary_pos_emb rotates halves; exported as ONNX's
+    RotaryEmbedding (opset 23), one node where rotate_half took seven."""
+    half = x.shape[-1] // 2
+    cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@rotary.register_fake
+def _(x, cos, sin):
+    return torch.empty_like(x)
+
+
+def rotary_onnx(x, cos, sin):
+    return ROTARY_EMBEDDING(x, cos, sin)
+
+
+TRANSLATIONS = {torch.ops.edgecap.cache_write.default: cache_write_onnx,
+                torch.ops.edgecap.rms_norm.default: rms_norm_onnx, torch.ops.edgecap.rotary.default: rotary_onnx}
 
 
 def slots(lengths: torch.Tensor, t: int) -> torch.Tensor:
@@ -64,10 +106,20 @@ def slots(lengths: torch.Tensor, t: int) -> torch.Tensor:
     return lengths[:, None] + torch.arange(t, device=lengths.device)
 
 
-def visible(cache_lengths: torch.Tensor, t: int, total) -> torch.Tensor:
-    """(N, 1, T, total) mask: query i of row n, at slot cache_lengths[n] + i, sees slots up to its own."""
+class Window(NamedTuple):
+    """What every layer's attention over the cache shares in one step, computed once per step:
+    where the new tokens go, how many slots are read (`total`, the longest row's), and the mask."""
+
+    lengths: torch.Tensor  # (N,) slots written before this step
+    total: torch.Tensor
+    mask: torch.Tensor  # (N, 1, T, total): query i of row n, at slot lengths[n] + i, sees slots up to its own
+
+
+def window(cache_lengths: torch.Tensor, t: int) -> Window:
+    total = cache_lengths.max() + t
     limit = slots(cache_lengths, t) + 1
-    return (torch.arange(total, device=cache_lengths.device)[None, None, :] < limit[:, :, None])[:, None]
+    return Window(cache_lengths, total,
+                  (torch.arange(total, device=cache_lengths.device)[None, None, :] < limit[:, :, None])[:, None])
 
 
 def attend(q, k, v, scale: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,12 +139,11 @@ def attend(q, k, v, scale: float | None = None, mask: torch.Tensor | None = None
     return torch.matmul(scores.softmax(-1), v).reshape(n, heads, t, dh)
 
 
-def cached_attention(q, k, v, past_key, past_value, cache_lengths, scale: float | None = None):
+def cached_attention(q, k, v, past_key, past_value, w: Window, scale: float | None = None):
     """Attention of the new tokens' q (N, H, T, Dh) over the cache with their k, v (N, Hkv, T, Dh)
     written in: (output (N, H, T, Dh), present key, present value)."""
-    present_key, present_value = cache_write(past_key, k, cache_lengths), cache_write(past_value, v, cache_lengths)
-    total = cache_lengths.max() + q.shape[2]
-    out = attend(q, present_key[:, :, :total], present_value[:, :, :total], scale, visible(cache_lengths, q.shape[2], total))
+    present_key, present_value = cache_write(past_key, k, w.lengths), cache_write(past_value, v, w.lengths)
+    out = attend(q, present_key[:, :, : w.total], present_value[:, :, : w.total], scale, w.mask)
     return out, present_key, present_value
 
 

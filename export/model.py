@@ -17,7 +17,7 @@ from torch import nn
 
 from . import DEFAULT_CHECKPOINT
 from .encoder import NUM_CLASSES, EfficientNetLite0
-from .kv import attend, cached_attention, pick
+from .kv import attend, cached_attention, pick, window
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ class Block(nn.Module):
         self.cross_proj = nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
 
-    def forward(self, x, past_k, past_v, cache_lengths, cross_k, cross_v):
+    def forward(self, x, past_k, past_v, w, cross_k, cross_v):
         q, k, v = (split_heads(t, self.n_head) for t in self.self_qkv(self.ln_1(x)).chunk(3, dim=-1))
-        a, k, v = cached_attention(q, k, v, past_k, past_v, cache_lengths)
+        a, k, v = cached_attention(q, k, v, past_k, past_v, w)
         x = x + self.self_proj(merge_heads(a))
         q = split_heads(self.cross_q(self.ln_2(x)), self.n_head)
         x = x + self.cross_proj(merge_heads(attend(q, cross_k, cross_v)))
@@ -113,10 +113,10 @@ class ConceptDecoder(nn.Module):
 
     def step(self, input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values, cross_keys, cross_values):
         """input_ids (B, T) + caches -> logits (B, K, V) at logit_index, present keys/values per layer."""
-        x = self.wte(input_ids) + self.wpe(position_ids)
+        x, w = self.wte(input_ids) + self.wpe(position_ids), window(cache_lengths, input_ids.shape[1])
         keys, values = [], []
         for i, block in enumerate(self.blocks):
-            x, k, v = block(x, past_keys[i], past_values[i], cache_lengths, cross_keys[i], cross_values[i])
+            x, k, v = block(x, past_keys[i], past_values[i], w, cross_keys[i], cross_values[i])
             keys.append(k)
             values.append(v)
         logits = self.ln_f(pick(x, logit_index)) @ self.wte.weight.T  # tied LM head

@@ -116,7 +116,7 @@ def export_graph(module, args, names, dynamic_shapes, path: Path) -> None:
                       external_data=True, verbose=False, custom_translation_table=TRANSLATIONS)
     model = onnx.load(str(path))
     rewritten = gelu_in_fusable_order(model)
-    if any(n.op_type == "TensorScatter" for n in model.graph.node):
+    if any(n.op_type in NEWER_OPS for n in model.graph.node):
         model, rewritten = to_decoder_opset(model), True
     if rewritten:
         (path.parent / f"{path.name}.data").unlink()  # onnx appends to an existing data file
@@ -124,12 +124,15 @@ def export_graph(module, args, names, dynamic_shapes, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
+NEWER_OPS = ("TensorScatter", "RMSNormalization", "RotaryEmbedding")  # export.kv's, beyond opset 18
+
+
 def to_decoder_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The exported step (opset 18, where TensorScatter is not yet defined) converted to opset 24
-    by onnx's version converter, TensorScatter held aside under a placeholder domain meanwhile."""
-    scatters = [n for n in model.graph.node if n.op_type == "TensorScatter"]
-    for node in scatters:
-        node.domain = "edgecap.placeholder"
+    """The exported step (opset 18, where export.kv's ops are not yet defined) converted to opset 24
+    by onnx's version converter, those ops held aside under a placeholder domain meanwhile."""
+    for node in model.graph.node:
+        if node.op_type in NEWER_OPS:
+            node.domain = "edgecap.placeholder"
     model.opset_import.append(onnx.helper.make_opsetid("edgecap.placeholder", 1))
     model = onnx.version_converter.convert_version(model, DECODER_OPSET)
     for node in model.graph.node:

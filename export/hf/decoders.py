@@ -7,7 +7,7 @@ logit_index, present keys, present values). Shared by the families whose text de
 import torch
 from torch import nn
 
-from ..kv import attend, cached_attention, pick
+from ..kv import attend, cached_attention, pick, window
 from ..model import merge_heads, split_heads
 
 
@@ -26,11 +26,11 @@ class GPT2Decoder(nn.Module):
                 cross_values):
         t = self.lm.transformer
         x = t.wte(input_ids) + t.wpe(position_ids)
-        keys, values = [], []
+        keys, values, w = [], [], window(cache_lengths, input_ids.shape[1])
         for i, block in enumerate(t.h):
             attn, cross = block.attn, block.crossattention
             q, k, v = (split_heads(z, self.n_head) for z in attn.c_attn(block.ln_1(x)).split(self.width, dim=2))
-            a, k, v = cached_attention(q, k, v, past_keys[i], past_values[i], cache_lengths, attn.scaling)
+            a, k, v = cached_attention(q, k, v, past_keys[i], past_values[i], w, attn.scaling)
             x = x + attn.c_proj(merge_heads(a))
             q = split_heads(cross.q_attn(block.ln_cross_attn(x)), self.n_head)
             x = x + cross.c_proj(merge_heads(attend(q, cross_keys[i], cross_values[i], cross.scaling)))
@@ -60,11 +60,11 @@ class BertDecoder(nn.Module):
         if hasattr(emb, "token_type_embeddings"):  # BERT's segment 0; BLIP has none
             x = x + emb.token_type_embeddings(torch.zeros_like(input_ids))
         x = emb.LayerNorm(x + emb.position_embeddings(position_ids))
-        keys, values = [], []
+        keys, values, w = [], [], window(cache_lengths, input_ids.shape[1])
         for i, layer in enumerate(self.lm.bert.encoder.layer):
             sa, ca = layer.attention.self, layer.crossattention.self
             q, k, v = (split_heads(f(x), self.n_head) for f in (sa.query, sa.key, sa.value))
-            a, k, v = cached_attention(q, k, v, past_keys[i], past_values[i], cache_lengths)
+            a, k, v = cached_attention(q, k, v, past_keys[i], past_values[i], w)
             a = layer.attention.output(merge_heads(a), x)
             q = split_heads(ca.query(a), self.n_head)
             c = layer.crossattention.output(merge_heads(attend(q, cross_keys[i], cross_values[i])), a)
@@ -98,11 +98,11 @@ class GitDecoder(nn.Module):
     def forward(self, input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values):
         emb = self.git.git.embeddings
         x = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(position_ids))
-        keys, values = [], []
+        keys, values, w = [], [], window(cache_lengths, input_ids.shape[1])
         for i, layer in enumerate(self.git.git.encoder.layer):
             sa = layer.attention.self
             q, k, v = (split_heads(f(x), self.n_head) for f in (sa.query, sa.key, sa.value))
-            a, k, v = cached_attention(q, k, v, past_keys[i], past_values[i], cache_lengths)
+            a, k, v = cached_attention(q, k, v, past_keys[i], past_values[i], w)
             a = layer.attention.output(merge_heads(a), x)
             x = layer.output(layer.intermediate(a), a)
             keys.append(k)
@@ -128,11 +128,11 @@ class BartDecoder(nn.Module):
                 cross_values):
         d = self.decoder
         x = d.layernorm_embedding(d.embed_tokens(input_ids) + d.embed_positions.weight[position_ids + d.embed_positions.offset])
-        keys, values = [], []
+        keys, values, w = [], [], window(cache_lengths, input_ids.shape[1])
         for i, layer in enumerate(d.layers):
             sa, ca = layer.self_attn, layer.encoder_attn
             q, k, v = (split_heads(f(x), self.n_head) for f in (sa.q_proj, sa.k_proj, sa.v_proj))
-            a, k, v = cached_attention(q, k, v, past_keys[i], past_values[i], cache_lengths, sa.scaling)
+            a, k, v = cached_attention(q, k, v, past_keys[i], past_values[i], w, sa.scaling)
             x = layer.self_attn_layer_norm(x + sa.out_proj(merge_heads(a)))
             q = split_heads(ca.q_proj(x), self.n_head)
             x = layer.encoder_attn_layer_norm(x + ca.out_proj(merge_heads(
