@@ -448,10 +448,10 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     cfg = cap.generation_config(max_new_tokens=tokens)
     first = replace(cfg, max_new_tokens=1)
 
-    def hf_vision(batch):
-        from export.hf.smolvlm import reference_inputs
+    def hf_vision(batch):  # the processor and the vision tower, as generate runs them before its first step
+        from runtime.preprocess import upright
 
-        inputs = reference_inputs(args.chat, [i for i in batch], cap.manifest.chat["question"])
+        inputs = ref.family.reference_inputs(args.chat, [upright(i) for i in batch], cap.manifest.chat["question"])
         return ref.model.model.get_image_features(pixel_values=inputs.pixel_values)
 
     variants = {"transformers generate": Variant(in_torch(lambda b: ref.generate(b, cfg), threads), in_torch(hf_vision, threads),

@@ -70,8 +70,9 @@ class GraphShape:
         text = {"text": {"min": 1, "opt": prompt, "max": self.text_positions},
                 "memory": {"min": 1, "opt": self.memory_tokens + prompt,
                            "max": self.memory_tokens + self.text_positions}} if self.text_positions else {}
-        tiles = {"tiles": {"min": 1, "opt": self.tiles, "max": self.tiles},
-                 "features": {"min": 1, "opt": self.tiles * self.memory_tokens, "max": positions}} if self.tiles else {}
+        tiles = {"tiles": {"min": 1, "opt": self.tiles, "max": self.tiles}} if self.tiles else {}
+        if self.decoder.memory == "embeddings":  # one image's features per row of the step
+            tiles["features"] = {"min": 1, "opt": max(self.tiles, 1) * self.memory_tokens, "max": positions}
         return {"batch": {"min": 1, "opt": 1, "max": None}, "seq": {"min": 1, "opt": 1, "max": positions},
                 "picked": {"min": 1, "opt": 1, "max": positions},
                 "capacity": {"min": 1, "opt": min(default_capacity, slots), "max": slots}, **text, **tiles}

@@ -329,10 +329,11 @@ class Captioner:
         return results
 
     def _chat_input(self, image, question: str | None, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
-        """A chat model's (prompt ids, image features (K, D)) for one image: cut into tiles and
-        encoded in one vision pass, the prompt laid out for its tiles. ImageError for an image
+        """A chat model's (prompt ids, image features (K, D)) for one image: cut into tiles (or
+        resized, for a fixed-size tower) and encoded in one vision pass, the prompt laid out for it. ImageError for an image
         that does not decode or whose prompt and answer would not fit the model's positions."""
-        tiles, rows, cols = to_tiles(open_image(image, self.max_pixels), self.manifest.preprocess)
+        rgb, spec = open_image(image, self.max_pixels), self.manifest.preprocess
+        tiles, rows, cols = to_tiles(rgb, spec) if spec.get("kind") == "tiles" else (to_pixels(rgb, spec)[None], 0, 0)
         prompt = self.chat_prompt(question, [(rows, cols)])
         if len(prompt) + cfg.max_new_tokens - 1 > self.manifest.max_positions:
             raise ImageError(f"{name_of(image)}: its {rows}x{cols} tiles make a {len(prompt)}-token prompt; with "

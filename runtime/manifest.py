@@ -161,11 +161,13 @@ PREPROCESS_TILES = {"longest_edge": int, "tile": int, "split": bool, "resample":
 # A chat model's prompt (runtime.prompting): its chat template, the question asked when none is
 # given, and how one image is laid out ("tiles": SmolVLM's).
 CHAT = {"template": str, "question": str, "image": dict}
-CHAT_IMAGE = {"layout": str, "tokens": int, "image": str, "around": str, "global": str}
+# "tiles": SmolVLM's (runtime.prompting.tile_layout); "repeat": the LLaVA layout, `tokens` image tokens.
+CHAT_IMAGE = {"tiles": {"layout": str, "tokens": int, "image": str, "around": str, "global": str},
+              "repeat": {"layout": str, "tokens": int, "image": str}}
 GRAPHS = ("vision", "decoder")
 QUESTION_INPUTS, MEMORY_KINDS = (None, "prompt", "encoder"), ("cross", "prefix", "embeddings")
 CHOICES = {("preprocess", "resample"): ("bilinear", "bicubic", "lanczos"), ("preprocess", "crop_offset"): ("round", "floor"),
-           ("generation", "early_stopping"): (True, False, "never"), ("chat.image", "layout"): ("tiles",)}
+           ("generation", "early_stopping"): (True, False, "never"), ("chat.image", "layout"): tuple(CHAT_IMAGE)}
 
 
 def has_type(value, kind) -> bool:
@@ -190,7 +192,7 @@ def check_question(root: Path, data: dict) -> None:
                 not all(isinstance(p["prompt"], str) and isinstance(p["parse"], str) for p in prompts.values()):
             raise PackageError(f"{root}: manifest field tasks is malformed")
     if (data.get("chat") is not None) != (data["decoder"]["memory"] == "embeddings") or \
-            (data.get("chat") is not None) != (data["preprocess"].get("kind") == "tiles"):
+            (data["preprocess"].get("kind") == "tiles" and data.get("chat") is None):
         raise PackageError(f"{root}: manifest fields chat, preprocess.kind and decoder.memory do not fit together")
     decoder = data["decoder"]
     required = {f.name for f in fields(Decoder) if f.default is MISSING}
@@ -229,7 +231,8 @@ def check_schema(root: Path, data: dict) -> None:
         check_fields(root, section, data[section], schema, ("prompt_ids",) if chat is not None else ())
     if chat is not None:
         check_fields(root, "chat", chat, CHAT)
-        check_fields(root, "chat.image", chat["image"], CHAT_IMAGE)
+        check_fields(root, "chat.image", chat["image"], {"layout": str})
+        check_fields(root, "chat.image", chat["image"], CHAT_IMAGE[chat["image"]["layout"]])
     if not all(has_type(i, int) for i in data["generation"]["prompt_ids"]):
         raise PackageError(f"{root}: manifest field generation.prompt_ids must list token ids")
     if not all(has_type(i, int) for i in data["tokenizer"].get("eos_ids", [0])):

@@ -57,10 +57,16 @@ def tile_layout(layout: dict, rows: int, cols: int) -> str:
     return f"{grid}\n{whole}"
 
 
+def image_layout(layout: dict, rows: int, cols: int) -> str:
+    """One image's tokens in the prompt: tiled (SmolVLM), or its features' count of image tokens (LLaVA's)."""
+    return tile_layout(layout, rows, cols) if layout["layout"] == "tiles" else layout["image"] * layout["tokens"]
+
+
 def chat_text(chat: dict, question: str, grids: list[tuple[int, int]]) -> str:
-    """The prompt text for a question about images tiled as `grids` ((rows, cols) each)."""
+    """The prompt text for a question about images tiled as `grids` ((rows, cols) each; (0, 0) for an
+    image that is not tiled)."""
     placeholder = chat["image"]["image"]
     parts = render(chat["template"], user_turn(question, len(grids))).split(placeholder)
     if len(parts) != len(grids) + 1:
         raise PromptError(f"the chat template wrote {len(parts) - 1} image placeholders for {len(grids)} images")
-    return parts[0] + "".join(tile_layout(chat["image"], *grid) + part for grid, part in zip(grids, parts[1:]))
+    return parts[0] + "".join(image_layout(chat["image"], *grid) + part for grid, part in zip(grids, parts[1:]))

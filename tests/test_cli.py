@@ -59,12 +59,6 @@ def test_errors_in_text_mode_are_one_line_on_stderr(photo_paths, tmp_path):
     assert errors == [f"error: {tmp_path / 'missing.jpg'}: no such file"]
 
 
-def test_beams_and_max_tokens(photo_paths):
-    r = caption(photo_paths["chelsea"], "--beams", "4", "--max-tokens", "4", "--threads", "1", "--json")
-    assert r.returncode == 0, r.stderr
-    assert 1 <= len(json.loads(r.stdout)["tokens"]) <= 4
-
-
 @pytest.mark.parametrize("args, message", [
     (["--max-tokens", "0"], "max tokens must be between 1 and"),
     (["--beams", "0"], "beams must be between 1 and the max batch (8)"),

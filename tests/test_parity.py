@@ -54,10 +54,26 @@ def test_default_model_says_true_things(captioner, photo_paths):
     assert "missile" in rocket or "projectile" in rocket or "space shuttle" in rocket, rocket
 
 
-def test_beam_search_respects_max_tokens(captioner, photo_paths):
+def test_beams_and_max_tokens_reach_the_search(captioner, reference, photo_paths, monkeypatch):
+    """`num_beams` and `max_new_tokens` arrive in the search as asked (this confident model's beams
+    pick its greedy words, so the tokens alone could not tell), and the tokens are the eager
+    reference's at that setting."""
+    import runtime.graphs
+    import runtime.search
+
+    searched = []
+    generate = runtime.search.generate
+
+    def spy(step, state, prompt, eos, cfg):
+        searched.append((cfg.num_beams, cfg.max_new_tokens))
+        return generate(step, state, prompt, eos, cfg)
+
+    monkeypatch.setattr(runtime.graphs, "generate", spy)
     for beams in (1, 4):
         c = captioner.caption(photo_paths["chelsea"], max_new_tokens=3, num_beams=beams)
+        assert c.tokens == reference.generate([photo_paths["chelsea"]], captioner.generation_config(3, beams))[0]
         assert 1 <= len(c.tokens) <= 3
+    assert searched == [(1, 3), (4, 3)]
 
 
 def test_rates_come_with_what_their_image_count_can_tell():

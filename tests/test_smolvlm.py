@@ -118,13 +118,18 @@ def test_the_realistic_model_is_exact_and_its_logits_agree_relative_to_their_sca
 
 
 def test_the_cli_answers_without_torch(smolvlm, images):
+    """--question, --beams and --max-tokens reach the search: beam 3 answers here differ from greedy ones."""
     _, pkg = smolvlm["tiny"]
-    r = caption_without_torch("--model", pkg, *images[:2], "--question", "What is in the image?", "--json")
+    r = caption_without_torch("--model", pkg, *images, "--question", "What is in the image?", "--json", "--beams", "3",
+                              "--max-tokens", "6")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [line["question"] for line in lines] == ["What is in the image?"] * 2
+    assert [line["question"] for line in lines] == ["What is in the image?"] * 3
     captioner = Captioner(pkg, provider="cpu")
-    assert [line["answer"] for line in lines] == [c.text for c in captioner.caption(images[:2], question="What is in the image?")]
+    asked = {"question": "What is in the image?", "max_new_tokens": 6}
+    assert [line["tokens"] for line in lines] == [c.tokens for c in captioner.caption(images, num_beams=3, **asked)]
+    assert [line["tokens"] for line in lines] != [c.tokens for c in captioner.caption(images, **asked)]
+    assert all(len(line["tokens"]) <= 6 for line in lines) and lines[0]["answer"] == captioner.decode(lines[0]["tokens"])
 
 
 def test_refusals_are_one_line_and_lose_no_other_image(smolvlm, images, tmp_path):

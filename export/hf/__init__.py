@@ -38,11 +38,11 @@ from ..package import OPSET, GraphShape, eager_outputs, report, trace, versions,
 from ..reference import torch_graph_step
 from ..progress import Progress
 from ..quantize import check_vision_compute, quantize_package
-from . import blip, blip_vqa, decoders, florence2, git, smolvlm, vision_encoder_decoder
+from . import blip, blip_vqa, decoders, fastvlm, florence2, git, smolvlm, vision_encoder_decoder
 from .common import (HFCaptioner, eos_ids, generation_settings, image_processor, load_tokenizer, preprocess_spec,
                      read_config)
 
-FAMILIES = {architecture: family for family in (vision_encoder_decoder, blip, blip_vqa, git, florence2, smolvlm)
+FAMILIES = {architecture: family for family in (vision_encoder_decoder, blip, blip_vqa, git, florence2, smolvlm, fastvlm)
             for architecture in getattr(family, "ARCHITECTURES", (family.ARCHITECTURE,))}
 SUPPORTED = " and ".join(dict.fromkeys(family.SUPPORTS for family in FAMILIES.values()))
 
@@ -129,7 +129,7 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
     tasks = {"tasks": family.tasks(src)} if family.QUESTION == "task" else {}
     chat = {"chat": family.chat(src)} if family.QUESTION == "chat" else {}
     tokenizer = load_tokenizer(src)
-    spec = family.preprocess_spec(src) if chat else preprocess_spec(src)
+    spec = family.preprocess_spec(src) if hasattr(family, "preprocess_spec") else preprocess_spec(src)
     family, model = load_model(src, attention="eager")
     prompt_ids, eos = family.prompt_and_eos(src, model, tokenizer, prompt)
     eos = eos_ids(src, prompt_ids, eos, chat)

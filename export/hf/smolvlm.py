@@ -138,6 +138,3 @@ def reference_logits(model, inputs, ids):
     return model(input_ids=ids, pixel_values=pixels[:, None]).logits
 
 
-def generate(model, inputs, prompt, eos_id, **kwargs):
-    return model.generate(**inputs, **kwargs)
-

@@ -1,0 +1,121 @@
+"""Family: `FastVlmForConditionalGeneration` (Apple's FastVLM 0.5B, 1.5B, 7B in transformers' native
+form): FastViTHD, a convolutional vision tower (timm's fastvit_mci3 through transformers' timm
+wrapper) that makes one 1024-pixel image into 256 features, a two-layer projector to the language
+model's width, and a Qwen2 language model whose prompt holds the features in place of the
+processor's <image> placeholders ("embeddings" memory, export.hf.llm; the LLaVA layout).
+
+The image is one fixed-size picture (the CLIP image processor: shortest edge, then a centre crop),
+so preprocessing is the manifest's "fixed" kind; the chat section lays the image out as its
+features' count of <image> tokens (layout "repeat"), as LlavaProcessor expands the placeholder."""
+
+from pathlib import Path
+
+from torch import nn
+
+from ..check import ExportError
+from .llm import CausalLM
+
+ARCHITECTURE, MODEL_TYPE = "FastVlmForConditionalGeneration", "fast_vlm"
+SUPPORTS = "FastVlmForConditionalGeneration"
+MEMORY, QUESTION = "embeddings", "chat"
+DEFAULT_QUESTION = "Describe the image."
+
+
+def unsupported(config: dict) -> str | None:
+    vision, text = config.get("vision_config", {}), config.get("text_config", {})
+    if not str(vision.get("architecture", "")).startswith("fastvit"):
+        return f"a FastVLM whose vision tower is {vision.get('architecture')!r} (timm's fastvit expected)"
+    if text.get("model_type", "qwen2") != "qwen2":
+        return f"a FastVLM whose language model is {text.get('model_type')!r} (Qwen2 expected)"
+    return None
+
+
+def model_class():
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
+class ImageFeatures(nn.Module):
+    """Images (N, 3, S, S) -> their features in the language model's width (N, tokens, D), as
+    get_image_features computes them: the tower's last feature map, flattened, projected."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.tower, self.projector = model.model.vision_tower, model.model.multi_modal_projector
+
+    def forward(self, pixels):
+        return self.projector(self.tower(pixels).last_hidden_state.flatten(2).permute(0, 2, 1))
+
+
+class Captioner(nn.Module):
+    """vision(images) -> ([features],); step(...) as export.hf.llm.CausalLM."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.features, self.lm = ImageFeatures(model), CausalLM(model.model.language_model, model.lm_head)
+
+    def memory(self, pixels):
+        return self.features(pixels)
+
+    def vision(self, pixels):
+        return ([self.features(pixels)],)
+
+    def step(self, *feeds):
+        return self.lm(*feeds)
+
+
+def captioner(model) -> Captioner:
+    return Captioner(model).eval()
+
+
+def text_config(model):
+    return model.config.text_config
+
+
+def describe(model) -> str:
+    return f"{type(model).__name__} ({model.config.vision_config.architecture} + {model.config.text_config.model_type})"
+
+
+def processor(src: Path):
+    """transformers' LlavaProcessor with its PIL-backend image processor."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(src, local_files_only=True)
+        proc.image_processor = AutoImageProcessor.from_pretrained(src, local_files_only=True, backend="pil")
+    except (OSError, ValueError, ImportError) as e:
+        raise ExportError(f"{src}: no usable FastVLM processor ({str(e).splitlines()[0]})") from None
+    return proc
+
+
+def chat(src: Path) -> dict:
+    """The manifest's `chat`: the chat template, and the image as its features' count of <image>
+    tokens (counted in what the processor makes of a picture)."""
+    from PIL import Image
+
+    proc = processor(src)
+    if not proc.chat_template:
+        raise ExportError(f"{src}: the processor has no chat template")
+    ids = proc(text=proc.image_token, images=[Image.new("RGB", (64, 48))], return_tensors="np").input_ids[0]
+    return {"template": proc.chat_template, "question": DEFAULT_QUESTION,
+            "image": {"layout": "repeat", "tokens": int((ids == proc.image_token_id).sum()), "image": proc.image_token}}
+
+
+def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
+    if prompt:
+        raise ExportError(f"{src}: a FastVLM takes its question at run time (--question), not a prompt at export")
+    return [], model.generation_config.eos_token_id
+
+
+def reference_inputs(src: Path, images, question: str):
+    """transformers' processor on these images (one per row) and question."""
+    proc = processor(src)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    return proc(text=[text] * len(images), images=list(images), return_tensors="pt")
+
+
+def reference_logits(model, inputs, ids):
+    """transformers' own forward over prompt ids that hold one image's placeholders per row."""
+    return model(input_ids=ids, pixel_values=inputs[0]).logits
