@@ -52,19 +52,21 @@ def run(args) -> str:
 
         return export_hf(args.src, args.out, args.prompt, args.precision, Tolerance(args.rtol, args.atol),
                          args.vision_compute)
-    from .hf_random import build_blip, build_florence2, build_git, build_smolvlm, build_vision_encoder_decoder
+    from .hf_random import (build_blip, build_fastvlm, build_florence2, build_git, build_smolvlm,
+                            build_vision_encoder_decoder)
 
     # Tiny models are conditioned for parity tests; base ones keep transformers' own init
     # (tied embeddings, std 0.02): captions run to the length limit, a fixed workload to time.
     conditioned = args.size == "tiny"
-    if (args.size in ("256m", "500m")) != (args.encoder == "smolvlm") and args.size != "tiny":
-        raise UsageError(f"--size {args.size} is not a size of {args.encoder}: smolvlm has tiny, 256m and 500m; "
-                         "the others tiny and base")
-    if args.encoder == "smolvlm":
-        return str(build_smolvlm(args.out, args.size, conditioned, realistic=args.realistic))
+    sizes = {"smolvlm": ("tiny", "256m", "500m"), "fastvlm": ("tiny", "0.5b")}.get(args.encoder, ("tiny", "base"))
+    if args.size not in sizes:
+        raise UsageError(f"--size {args.size} is not a size of {args.encoder}: it has {', '.join(sizes)}")
+    if args.encoder in ("smolvlm", "fastvlm"):
+        build = build_smolvlm if args.encoder == "smolvlm" else build_fastvlm
+        return str(build(args.out, args.size, conditioned, realistic=args.realistic))
     if args.encoder in ("git", "florence2"):
         if args.realistic:
-            raise ExportError("--realistic is for the vit, deit, swin, blip, blip-vqa and smolvlm families")
+            raise ExportError("--realistic is for the vit, deit, swin, blip, blip-vqa, smolvlm and fastvlm families")
         return str((build_git if args.encoder == "git" else build_florence2)(args.out, args.size, conditioned))
     if args.encoder in ("blip", "blip-vqa"):
         return str(build_blip(args.out, args.size, conditioned, realistic=args.realistic, vqa=args.encoder == "blip-vqa"))
@@ -103,12 +105,14 @@ def main(argv=None) -> int:
     add_tolerance(hf)
     rh = sub.add_parser("random-hf", help="build a random-weight Hugging Face captioner folder offline (tests, benchmarks)")
     rh.add_argument("out", type=Path)
-    rh.add_argument("--encoder", choices=["vit", "deit", "swin", "blip", "blip-vqa", "git", "florence2", "smolvlm"],
+    rh.add_argument("--encoder", choices=["vit", "deit", "swin", "blip", "blip-vqa", "git", "florence2", "smolvlm",
+                                          "fastvlm"],
                     default="vit", help="the vision encoder of a VisionEncoderDecoderModel, or a whole family "
-                                        "(blip, blip-vqa, git, florence2, smolvlm)")
+                                        "(blip, blip-vqa, git, florence2, smolvlm, fastvlm)")
     rh.add_argument("--decoder", choices=["gpt2", "bert"], default="gpt2")
-    rh.add_argument("--size", choices=["tiny", "base", "256m", "500m"], default="tiny",
-                    help="base: the family's base checkpoint's architecture; 256m, 500m: SmolVLM-256M / -500M's")
+    rh.add_argument("--size", choices=["tiny", "base", "256m", "500m", "0.5b"], default="tiny",
+                    help="base: the family's base checkpoint's architecture; 256m, 500m: SmolVLM-256M / -500M's; "
+                         "0.5b: FastVLM-0.5B's")
     rh.add_argument("--realistic", action="store_true",
                     help="a trained checkpoint's magnitudes: logits in the tens to hundreds, two residual "
                                          "dimensions at +-400")
