@@ -1,4 +1,4 @@
-"""python -m benchmarks.latency [--model PKG] [--hf DIR [--peer-python PY]] [--florence2 DIR] [--quick] [--json OUT]
+"""python -m benchmarks.latency [--model PKG] [--hf DIR [--peer-python PY]] [--florence2 DIR] [--chat DIR [--llama-mtmd BIN --gguf MMPROJ MODEL...]] [--quick] [--json OUT]
 
 Engines side by side in one process: each scenario's rounds interleave the variants
 (A B C A B C ...) after a warm-up, and the report gives medians and p90 over rounds.
@@ -10,6 +10,10 @@ Engines side by side in one process: each scenario's rounds interleave the varia
   processor + `generate`, the runtime on `python -m export hf DIR`, and optimum-onnx's
   ORTModelForVision2Seq run by --peer-python (a venv holding optimum-onnx, which pins
   transformers < 4.58) as a worker process that times its own calls the same way.
+- With --chat DIR (alone; an LLM-based model's folder): transformers' processor + `generate` vs the
+  runtime FP32, INT8 and INT4, one photo and its default question, every answer --max-tokens long
+  (EOS off), and whole processes; with --llama-mtmd BIN --gguf MMPROJ MODEL..., llama.cpp's
+  llama-mtmd-cli on the same folder converted to GGUF, as a peer. Into latency-chat-cpu.*.
 - With --florence2 DIR (alone): transformers' Florence-2 processor + `generate` vs the runtime FP32
   and INT8 (`--vision-compute int8`), <CAPTION> and <OD>, greedy and beam 3, and whole processes'
   cold start and peak RSS, into latency-florence2-cpu.*.
@@ -438,6 +442,11 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
               for name, folder in variants_dirs.items()}
     cap = caps["FP32"]
     ref = HFReference(args.chat, cap.manifest.data)
+    # A random model's answers end wherever its EOS happens to fall; a step's cost wants every answer
+    # `tokens` long, so every engine here runs with the EOS off (the processes below too).
+    for c in caps.values():
+        c.eos = NO_EOS
+    ref.eos_id, ref.model.generation_config.eos_token_id = NO_EOS.tolist(), None
     image = SAMPLES / "chelsea.jpg"
     tiles, rows, cols = to_tiles_of(cap, image)
     prompt = cap.chat_prompt(None, [(rows, cols)])
@@ -460,14 +469,53 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
                 **{f"runtime {name}": chat_variant(c, tokens) for name, c in caps.items()}}
     scenarios = {f"{args.chat.name}, one photo ({rows}x{cols} tiles + 1, {len(prompt)}-token prompt), {tokens} tokens, "
                  f"greedy, {threads} threads": (variants, [[image]])}
-    answer = ["--max-tokens", tokens, "--threads", threads, image]
     runs = {"transformers generate": lambda: process_run(HF_CHAT_PROCESS, args.chat, package, image, tokens),
-            **{f"runtime {name}": (lambda folder=folder: process_run(RUNTIME_PROCESS, "--model", folder, *answer))
+            **{f"runtime {name}": (lambda folder=folder: process_run(CHAT_PROCESS, folder, image, tokens, threads))
                for name, folder in variants_dirs.items()}}
     measured = {name: [run() for _ in range(2)] for name, run in runs.items()}
     notes["processes"] = {name: {"cold_start_s": round(statistics.median(t for t, _ in m), 2),
                                  "peak_rss_mib": round(max(r for _, r in m), 1)} for name, m in measured.items()}
+    if args.llama_mtmd:
+        notes["llama_cpp"] = llama_cpp_runs(args.llama_mtmd, args.gguf, image, cap.manifest.chat["question"], tokens,
+                                            threads, args.rounds)
     return scenarios, notes
+
+
+NO_EOS = np.array([-1])  # an id no model emits
+
+
+def llama_cpp_runs(cli: Path, ggufs: list[Path], image: Path, question: str, tokens: int, threads: int,
+                   rounds: int) -> dict:
+    """llama.cpp's `llama-mtmd-cli` as its users run it, one fresh process per answer (greedy, EOS
+    ignored, `tokens` new tokens), `ggufs` = [mmproj, language model, ...] converted from the same
+    folder: per language model, medians over `rounds` interleaved runs of the timings its own log
+    gives (vision: the mtmd encodings; prefill: prompt eval less those; decode ms per token: eval
+    time per run), the wall time and the peak RSS (GNU time's)."""
+    import re
+
+    version = subprocess.run([str(cli), "--version"], capture_output=True, text=True).stderr.strip().splitlines()[0]
+    mmproj, *models = ggufs
+    samples = {m.name: [] for m in models}
+    for _ in range(rounds):
+        for m in models:
+            start = time.perf_counter()
+            r = subprocess.run(["/usr/bin/time", "-f", "PEAK_KIB %M", str(cli), "-m", str(m), "--mmproj", str(mmproj),
+                                "--image", str(image), "-p", question, "-n", str(tokens), "--temp", "0", "--ignore-eos",
+                                "-t", str(threads), "-lv", "4"], capture_output=True, text=True, timeout=600)
+            wall = time.perf_counter() - start
+            if r.returncode != 0:
+                raise SystemExit(f"error: llama-mtmd-cli failed: {r.stderr.strip().splitlines()[-1:]}")
+            log = r.stderr
+            vision = sum(float(ms) for ms in re.findall(r"mtmd batch encoding done in (\d+) ms", log))
+            prompt_ms, prompt_tokens = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", log).groups()
+            eval_ms, runs = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", log).groups()
+            samples[m.name].append({"wall_s": wall, "vision_ms": vision, "prompt_tokens": int(prompt_tokens),
+                                    "prefill_ms": float(prompt_ms) - vision, "decode_ms_per_token": float(eval_ms) / int(runs),
+                                    "peak_rss_mib": int(log.split("PEAK_KIB")[-1].split()[0]) / 1024})
+    return {"version": version, "threads": threads, "rounds": rounds,
+            "gguf_mib": {p.name: round(p.stat().st_size / 2**20, 1) for p in ggufs},
+            "results": {name: {k: round(statistics.median(s[k] for s in runs), 2) for k in runs[0]}
+                        for name, runs in samples.items()}}
 
 
 def to_tiles_of(cap, image: Path):
@@ -503,14 +551,24 @@ from runtime.search import GenerationConfig
 ref = HFReference(sys.argv[1], load_manifest(sys.argv[2]).data)
 print(ref.generate([sys.argv[3]], GenerationConfig(**json.loads(sys.argv[5])), task=sys.argv[4]))
 """
-# transformers on a chat model's folder: folder, package, image and new tokens.
+# A chat model's one answer, its EOS off (see chat_scenarios): transformers on its folder (folder,
+# package, image, new tokens), and the runtime on a package (package, image, new tokens, threads).
 HF_CHAT_PROCESS = """
 import sys
 from export.hf import HFReference
 from runtime.manifest import load_manifest
 from runtime.search import GenerationConfig
 ref = HFReference(sys.argv[1], load_manifest(sys.argv[2]).data)
+ref.eos_id, ref.model.generation_config.eos_token_id = [-1], None
 print(ref.generate([sys.argv[3]], GenerationConfig(int(sys.argv[4]))))
+"""
+CHAT_PROCESS = """
+import sys
+import numpy as np
+from runtime import Captioner
+cap = Captioner(sys.argv[1], provider="cpu", threads=int(sys.argv[4]))
+cap.eos = np.array([-1])
+print(cap.caption([sys.argv[2]], max_new_tokens=int(sys.argv[3]))[0].text)
 """
 # The child's own peak: VmHWM belongs to the exec'd address space. (ru_maxrss from wait4
 # would count the benchmark's own pages, torch included, from before the child's exec.)
@@ -587,6 +645,17 @@ def report(scenarios: dict, meta: dict) -> str:
                   "vision column): " + "; ".join(f"{name} {rate:.0f} tokens/s" for name, rate in rates.items())
                   + f". The floor counts the decoder's weights only; a step mid-answer also reads "
                   f"{meta['cache_mib_mid_answer']:.0f} MiB of FP32 cache."]
+    if "llama_cpp" in meta:
+        peer = meta["llama_cpp"]
+        lines += ["", f"Peer: llama.cpp's llama-mtmd-cli ({peer['version']}) on the same folder converted to GGUF, its "
+                  f"image encoder F32 ({next(iter(peer['gguf_mib'].values())):.0f} MiB); one fresh process per answer, "
+                  f"{peer['threads']} threads, medians of {peer['rounds']} interleaved runs, phases from its own log:", "",
+                  "| language model | GGUF MiB | whole process s | vision ms | prefill tokens/s | decode ms / token "
+                  "| peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+        for name, r in peer["results"].items():
+            lines.append(f"| {name} | {peer['gguf_mib'][name]:.0f} | {r['wall_s']:.1f} | {r['vision_ms']:.0f} "
+                         f"| {r['prompt_tokens'] / r['prefill_ms'] * 1000:.0f} | {r['decode_ms_per_token']:.2f} "
+                         f"| {r['peak_rss_mib']:.0f} |")
     if "capacity_sweep" in meta:
         sweep = meta["capacity_sweep"]
         rows = {key.split(",")[0]: {} for key in sweep}
@@ -640,6 +709,10 @@ def main(argv=None) -> int:
     parser.add_argument("--chat", type=Path, default=None,
                         help="an LLM-based model's folder (e.g. `python -m export random-hf DIR --encoder smolvlm --size "
                              "256m`): transformers vs the runtime FP32, INT8 and INT4 alone, into latency-chat-cpu.*")
+    parser.add_argument("--llama-mtmd", type=Path, default=None,
+                        help="with --chat: llama.cpp's llama-mtmd-cli binary, run on --gguf as a peer")
+    parser.add_argument("--gguf", type=Path, nargs="+", default=[],
+                        help="with --llama-mtmd: the mmproj GGUF, then one or more language-model GGUFs of the --chat folder")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="tokens per answer at most (default: Florence-2's checkpoint's own max_length 1025; 32 "
                              "for --chat)")
@@ -648,6 +721,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one scenario, 2 rounds, no files written: a smoke run")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.llama_mtmd and (not args.chat or len(args.gguf) < 2):
+        parser.error("--llama-mtmd goes with --chat and --gguf MMPROJ MODEL [MODEL ...]")
     try:
         import torch
     except ModuleNotFoundError as e:

@@ -470,11 +470,14 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
             bits = 4 if precision == "int4" else 8
             model = onnx.load(str(src / decoder))
             untie_lm_head(model)
-            save_graph(to_matmul_nbits(model, bits, embeddings=True), package / decoder)
+            # GatherBlockQuantized takes 4 bits only: an int8 table is stored int8 and folded at load
+            if bits == 8:
+                store_int8(model, embedding_tables(model))
+            save_graph(to_matmul_nbits(model, bits, embeddings=bits == 4), package / decoder)
             progress.update(2, f"{decoder}: MatMul and embedding weights {bits}-bit")
+            table = "GatherBlockQuantized (bits 4)" if bits == 4 else "int8 + DequantizeLinear folded at load"
             method = {"method": f"weights only, blocks of {BLOCK}: the language model's MatMuls (output head included) "
-                                f"-> MatMulNBits (bits {bits}, accuracy_level 4), its embedding table -> "
-                                f"GatherBlockQuantized (bits {bits}); vision "
+                                f"-> MatMulNBits (bits {bits}, accuracy_level 4), its embedding table -> {table}; vision "
                                 + ("MatMuls -> per-token dynamic int8 MatMulInteger" if computing else "FP32"),
                       "vision": {"compute": vision_compute, "int8_compute_matmuls": computing}}
         else:

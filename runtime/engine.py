@@ -328,22 +328,35 @@ class Captioner:
             results += batch(images[start : start + batch_size], cfg, asked, cache)
         return results
 
-    def _chat_input(self, image, question: str | None, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
-        """A chat model's (prompt ids, image features (K, D)) for one image: cut into tiles (or
-        resized, for a fixed-size tower) and encoded in one vision pass, the prompt laid out for it. ImageError for an image
-        that does not decode or whose prompt and answer would not fit the model's positions."""
+    def chat_tiles(self, image) -> tuple[np.ndarray, tuple[int, int]]:
+        """A chat model's vision input for one image and its tile grid: the tiles and the global
+        image (rows, cols), or the one resized image of a fixed-size tower (0, 0). ImageError for
+        an image that does not decode."""
         rgb, spec = open_image(image, self.max_pixels), self.manifest.preprocess
-        tiles, rows, cols = to_tiles(rgb, spec) if spec.get("kind") == "tiles" else (to_pixels(rgb, spec)[None], 0, 0)
+        if spec.get("kind") == "tiles":
+            tiles, rows, cols = to_tiles(rgb, spec)
+            return tiles, (rows, cols)
+        return to_pixels(rgb, spec)[None], (0, 0)
+
+    def chat_features(self, tiles: np.ndarray) -> np.ndarray:
+        """One image's tiles through the vision graph in one pass: its features (K, D) in prompt order."""
+        (features,), = self.graphs.encode(tiles)
+        features = host(features)
+        return features.reshape(-1, features.shape[-1])
+
+    def chat_input(self, image, question: str | None, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
+        """A chat model's (prompt ids, image features (K, D)) for one image, the prompt laid out for
+        its tiles. ImageError for an image that does not decode or whose prompt and answer would not
+        fit the model's positions (checked before the vision pass)."""
+        tiles, (rows, cols) = self.chat_tiles(image)
         prompt = self.chat_prompt(question, [(rows, cols)])
         if len(prompt) + cfg.max_new_tokens - 1 > self.manifest.max_positions:
             raise ImageError(f"{name_of(image)}: its {rows}x{cols} tiles make a {len(prompt)}-token prompt; with "
                              f"{cfg.max_new_tokens} new tokens that is beyond the model's {self.manifest.max_positions}")
-        (features,), = self.graphs.encode(tiles)
-        features = host(features)
-        return prompt, features.reshape(-1, features.shape[-1])
+        return prompt, self.chat_features(tiles)
 
     def _answer_batch(self, images, cfg: GenerationConfig, asked: dict, cache: bool) -> list[Caption]:
-        """A chat model: each image's prompt laid out for its tiles (`_chat_input`); images whose
+        """A chat model: each image's prompt laid out for its tiles (`chat_input`); images whose
         prompts are the same (same tiling) are decoded together, `images_per_pass` at a time. An
         image that fails gets its error; the others are answered."""
         start, question = time.perf_counter(), asked["question"]
@@ -351,7 +364,7 @@ class Captioner:
         for image in images:
             results.append(Caption(image=name_of(image), question=question))
             try:
-                prompt, features = self._chat_input(image, question, cfg)
+                prompt, features = self.chat_input(image, question, cfg)
             except ImageError as e:
                 results[-1].error = str(e)
                 continue
@@ -381,7 +394,7 @@ class Captioner:
             yield self.caption(image, max_new_tokens, **asked).text
             return
         if self.manifest.chat is not None:
-            prompt, features = self._chat_input(image, question, cfg)
+            prompt, features = self.chat_input(image, question, cfg)
             state = self.graphs.start(([features[None]],), capacity(len(prompt), cfg.max_new_tokens))
         else:
             prompt, inputs = self.ask(**asked)
