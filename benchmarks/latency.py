@@ -403,19 +403,17 @@ def florence2_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
 
 
 def chat_variant(cap, max_new_tokens: int) -> Variant:
-    """A chat model's answers to its default question; `vision` is one photo's tiles through the
+    """A chat model's answers to its default question; `vision` is one photo (its tiles) through the
     vision graph, `first_token` adds the prompt's prefill (tiles, layout, chat template and all)."""
-    from runtime.preprocess import open_image, to_tiles
     from runtime.search import cached, capacity, prefill
 
     def encode(batch):
-        return [cap.graphs.encode(to_tiles(open_image(i), cap.manifest.preprocess)[0]) for i in batch]
+        return [cap.chat_features(cap.chat_tiles(i)[0]) for i in batch]
 
     def first_token(batch):
-        tiles, rows, cols = to_tiles(open_image(batch[0]), cap.manifest.preprocess)
-        (features,), = cap.graphs.encode(tiles)
-        prompt = cap.chat_prompt(None, [(rows, cols)])
-        state = cap.graphs.start(([features.reshape(1, -1, features.shape[-1])],), capacity(len(prompt), max_new_tokens))
+        cfg = cap.generation_config(max_new_tokens)
+        prompt, features, grid = cap.chat_input(batch[0], None, cfg)
+        state = cap.graphs.start(cap.chat_memory(features[None], prompt, grid), capacity(len(prompt), max_new_tokens))
         return prefill(cached(cap.graphs.step), state, prompt[None])
 
     return Variant(lambda b: [c.tokens for c in cap.caption(b, max_new_tokens=max_new_tokens)], encode, first_token,
@@ -448,7 +446,7 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
         c.eos = NO_EOS
     ref.eos_id, ref.model.generation_config.eos_token_id = NO_EOS.tolist(), None
     image = SAMPLES / "chelsea.jpg"
-    tiles, rows, cols = to_tiles_of(cap, image)
+    _, (rows, cols) = cap.chat_tiles(image)
     prompt = cap.chat_prompt(None, [(rows, cols)])
     d = cap.manifest.decoder
     # The cache a mid-answer step reads, FP32: what the floor adds to the weights.
@@ -516,12 +514,6 @@ def llama_cpp_runs(cli: Path, ggufs: list[Path], image: Path, question: str, tok
             "gguf_mib": {p.name: round(p.stat().st_size / 2**20, 1) for p in ggufs},
             "results": {name: {k: round(statistics.median(s[k] for s in runs), 2) for k in runs[0]}
                         for name, runs in samples.items()}}
-
-
-def to_tiles_of(cap, image: Path):
-    from runtime.preprocess import open_image, to_tiles
-
-    return to_tiles(open_image(image), cap.manifest.preprocess)
 
 
 RUNTIME_PROCESS = """

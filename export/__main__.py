@@ -52,21 +52,24 @@ def run(args) -> str:
 
         return export_hf(args.src, args.out, args.prompt, args.precision, Tolerance(args.rtol, args.atol),
                          args.vision_compute)
-    from .hf_random import (build_blip, build_fastvlm, build_florence2, build_git, build_smolvlm,
+    from .hf_random import (build_blip, build_fastvlm, build_florence2, build_git, build_qwen2_5_vl, build_smolvlm,
                             build_vision_encoder_decoder)
 
     # Tiny models are conditioned for parity tests; base ones keep transformers' own init
     # (tied embeddings, std 0.02): captions run to the length limit, a fixed workload to time.
     conditioned = args.size == "tiny"
-    sizes = {"smolvlm": ("tiny", "256m", "500m"), "fastvlm": ("tiny", "0.5b")}.get(args.encoder, ("tiny", "base"))
+    sizes = {"smolvlm": ("tiny", "256m", "500m"), "fastvlm": ("tiny", "0.5b"),
+             "qwen2_5_vl": ("tiny", "3b")}.get(args.encoder, ("tiny", "base"))
     if args.size not in sizes:
         raise UsageError(f"--size {args.size} is not a size of {args.encoder}: it has {', '.join(sizes)}")
-    if args.encoder in ("smolvlm", "fastvlm"):
-        build = build_smolvlm if args.encoder == "smolvlm" else build_fastvlm
+    chat = {"smolvlm": build_smolvlm, "fastvlm": build_fastvlm, "qwen2_5_vl": build_qwen2_5_vl}
+    if args.encoder in chat:
+        build = chat[args.encoder]
         return str(build(args.out, args.size, conditioned, realistic=args.realistic))
     if args.encoder in ("git", "florence2"):
         if args.realistic:
-            raise ExportError("--realistic is for the vit, deit, swin, blip, blip-vqa, smolvlm and fastvlm families")
+            raise ExportError("--realistic is for the vit, deit, swin, blip, blip-vqa, smolvlm, fastvlm and qwen2_5_vl "
+                              "families")
         return str((build_git if args.encoder == "git" else build_florence2)(args.out, args.size, conditioned))
     if args.encoder in ("blip", "blip-vqa"):
         return str(build_blip(args.out, args.size, conditioned, realistic=args.realistic, vqa=args.encoder == "blip-vqa"))
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
                          "(default: export.quantize.FP32_BUDGET; more is larger on disk and closer to FP32)")
     add_vision_compute(qz)
     hf = sub.add_parser("hf", help="export a local Hugging Face captioner folder (VisionEncoderDecoder, BLIP, "
-                                   "BLIP VQA, GIT, Florence-2)")
+                                   "BLIP VQA, GIT, Florence-2, SmolVLM, FastVLM, Qwen2.5-VL)")
     hf.add_argument("src", type=Path, help="folder with config.json, weights, tokenizer, preprocessor_config.json")
     hf.add_argument("--out", type=Path, required=True)
     hf.add_argument("--prompt", default=None, help='BLIP text prefix, e.g. "a picture of" (as the pipeline takes it)')
@@ -106,13 +109,14 @@ def main(argv=None) -> int:
     rh = sub.add_parser("random-hf", help="build a random-weight Hugging Face captioner folder offline (tests, benchmarks)")
     rh.add_argument("out", type=Path)
     rh.add_argument("--encoder", choices=["vit", "deit", "swin", "blip", "blip-vqa", "git", "florence2", "smolvlm",
-                                          "fastvlm"],
+                                          "fastvlm", "qwen2_5_vl"],
                     default="vit", help="the vision encoder of a VisionEncoderDecoderModel, or a whole family "
-                                        "(blip, blip-vqa, git, florence2, smolvlm, fastvlm)")
+                                        "(blip, blip-vqa, git, florence2, smolvlm, fastvlm, qwen2_5_vl)")
     rh.add_argument("--decoder", choices=["gpt2", "bert"], default="gpt2")
-    rh.add_argument("--size", choices=["tiny", "base", "256m", "500m", "0.5b"], default="tiny",
+    rh.add_argument("--size", choices=["tiny", "base", "256m", "500m", "0.5b", "3b"], default="tiny",
                     help="base: the family's base checkpoint's architecture; 256m, 500m: SmolVLM-256M / -500M's; "
-                         "0.5b: FastVLM-0.5B's")
+                         "0.5b: FastVLM-0.5B's; 3b: Qwen2.5-VL-3B's widths, heads and vocabulary with 8 vision "
+                         "blocks and 6 language-model layers")
     rh.add_argument("--realistic", action="store_true",
                     help="a trained checkpoint's magnitudes: logits in the tens to hundreds, two residual "
                                          "dimensions at +-400")

@@ -31,7 +31,7 @@ from torch.export import Dim
 
 from runtime.graphs import Graphs
 from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, Decoder, roles, sha256
-from runtime.search import Cache, GenerationConfig, cached, capacity, greedy, prefix_logits, start
+from runtime.search import Cache, GenerationConfig, cached, capacity, chat_memory, greedy, prefix_logits, start
 
 from .check import Agreement, ExportError, Tolerance, compare, compare_argmax
 from .destination import install
@@ -59,6 +59,22 @@ class GraphShape:
     # memory_tokens image features of the language model's `width`.
     tiles: int = 0
     width: int = 0
+    # > 0: the vision graph takes photos at their own size, sides multiples of this, one feature per
+    # grid_factor x grid_factor pixels (Qwen2-VL); image_size is then an example size.
+    grid_factor: int = 0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The features' grid (rows, cols) of an image_size photo, for a grid_factor tower; else (0, 0)."""
+        f = self.grid_factor
+        return (self.image_size[0] // f, self.image_size[1] // f) if f else (0, 0)
+
+    def memory(self, outputs: tuple, ids: np.ndarray) -> tuple:
+        """The decoder's memory from the vision graph's outputs for rows of ids: with the image grid
+        an M-RoPE decoder reads (runtime.search.chat_memory)."""
+        if self.decoder.rope != "mrope":
+            return outputs
+        return chat_memory(self.decoder, outputs[0][0], ids, self.grid)
 
     def dims(self, default_capacity: int) -> dict:
         """Ranges of the graphs' symbolic dims, each with the size TensorRT optimises for (`opt`:
@@ -71,6 +87,10 @@ class GraphShape:
                 "memory": {"min": 1, "opt": self.memory_tokens + prompt,
                            "max": self.memory_tokens + self.text_positions}} if self.text_positions else {}
         tiles = {"tiles": {"min": 1, "opt": self.tiles, "max": self.tiles}} if self.tiles else {}
+        if self.grid_factor:  # a photo's sides: multiples of the factor, its area up to `positions` features
+            f = self.grid_factor
+            tiles |= {f"{f}*rows": {"min": f, "opt": self.image_size[0], "max": f * positions},
+                      f"{f}*cols": {"min": f, "opt": self.image_size[1], "max": f * positions}}
         if self.decoder.memory == "embeddings":  # one image's features per row of the step
             tiles["features"] = {"min": 1, "opt": max(self.tiles, 1) * self.memory_tokens, "max": positions}
         return {"batch": {"min": 1, "opt": 1, "max": None}, "seq": {"min": 1, "opt": 1, "max": positions},
@@ -211,8 +231,11 @@ def check_greedy(model: nn.Module, graphs: Graphs, shape: GraphShape, prompt: li
     ids = np.array(prompt, np.int64)
     cfg = GenerationConfig(max_new_tokens=min(GREEDY_TOKENS, shape.decoder.max_positions - len(prompt) + 1))
     eager_step, no_eos, slots = torch_graph_step(model, shape.decoder), -1, capacity(len(prompt), cfg.max_new_tokens)
-    ours = graphs.generate(inputs[0].numpy(), ids, no_eos, cfg, inputs=[t.numpy() for t in inputs[1:]])
-    theirs = greedy(cached(eager_step), start(shape.decoder, outputs, slots), np.tile(ids, (GREEDY_SAMPLES, 1)), no_eos, cfg)
+    prompts = np.tile(ids, (GREEDY_SAMPLES, 1))
+    ours = greedy(cached(graphs.step), graphs.start(shape.memory(graphs.encode(*(t.numpy() for t in inputs)), prompts), slots),
+                  prompts, no_eos, cfg)
+    outputs = shape.memory(outputs, prompts)
+    theirs = greedy(cached(eager_step), start(shape.decoder, outputs, slots), prompts, no_eos, cfg)
     for row, (got, want) in enumerate(zip(ours, theirs, strict=True)):
         if got == want:
             continue
@@ -241,7 +264,6 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
         got = graphs.encode(*(t.numpy() for t in inputs))
         compare(f"vision graph at batch {batch}", roles_["vision"][1], [x for layers in got for x in layers],
                 [x for layers in outputs for x in layers], tol, seen)
-        memory = () if d.memory == "prefix" else outputs
         # Rows of different lengths (the batch's last row one slot behind), capacities beyond what is
         # written: slots not yet written hold noise, which must stay masked.
         for past, seq, slots in ((0, 1, 1), (0, 7, 9), (5, 1, 6), (11, 3, 17)):
@@ -250,6 +272,7 @@ def validate(model: nn.Module, shape: GraphShape, folder: Path, progress: Progre
             if d.memory == "embeddings":  # placeholders that take image features, where a prompt starts
                 ids[:, 1 : min(seq - 1, 1 + shape.memory_tokens)] = d.image_token
             positions = lengths[:, None] + np.arange(seq)
+            memory = () if d.memory == "prefix" else shape.memory(outputs, ids)
             index = np.tile(np.arange(seq), (batch, 1))
             noise = [rng.standard_normal((batch, d.kv_heads, slots, d.head_dim)).astype(np.float32) for _ in range(2 * d.layers)]
             eager, ours = (Cache([x.copy() for x in noise[: d.layers]], [x.copy() for x in noise[d.layers :]], lengths,
@@ -274,7 +297,11 @@ def trace(model: nn.Module, shape: GraphShape, folder: Path, progress: Progress,
     batch = Dim("batch", min=1, max=1024)
     text = Dim("text", min=1, max=shape.text_positions) if shape.text_positions else None
     images = Dim("tiles", min=1, max=shape.tiles) if shape.tiles else batch
-    vision_dims = {"pixel_values": {0: images}, **({"text_ids": {0: batch, 1: text}} if text else {})}
+    sides = {}
+    if shape.grid_factor:  # a photo at its own size: sides multiples of the factor
+        sides = {2: shape.grid_factor * Dim("rows", min=1, max=d.max_positions),
+                 3: shape.grid_factor * Dim("cols", min=1, max=d.max_positions)}
+    vision_dims = {"pixel_values": {0: images, **sides}, **({"text_ids": {0: batch, 1: text}} if text else {})}
     export_graph(VisionGraph(model).eval(), tuple(shape.vision_inputs(2, torch.Generator())), io["vision"], vision_dims,
                  folder / "vision.onnx")
     progress.update(1, "vision graph traced and checked")
@@ -290,6 +317,8 @@ def trace(model: nn.Module, shape: GraphShape, folder: Path, progress: Progress,
     elif d.memory == "embeddings":
         memory = [torch.randn(2, 4, shape.width), torch.tensor([[-1, 0, 1], [0, 1, -1]])]
         memory_dims = [{0: batch, 1: Dim("features", min=1, max=positions)}, {0: batch, 1: seq}]
+        if d.rope == "mrope":  # (first image token, rows, cols)
+            memory, memory_dims = [*memory, torch.tensor([[1, 2, 2], [0, 2, 3]])], [*memory_dims, {0: batch}]
     else:
         memory, memory_dims = [], []
     example = (torch.zeros(2, 3, dtype=torch.int64), torch.tensor([[2, 3, 4], [2, 3, 4]]), torch.tensor([2, 2]),

@@ -26,9 +26,9 @@ from .graphs import Graphs, host, session_options
 from .providers import ProviderError
 from .manifest import GRAPHS, PackageError, load_manifest
 from .florence import parse
-from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels, open_image, to_pixels, to_tiles
+from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels, open_image, to_grid, to_pixels, to_tiles
 from .prompting import chat_text
-from .search import GenerationConfig, cached, capacity, generate, greedy_steps, take_rows, uncached
+from .search import GenerationConfig, cached, capacity, chat_memory, generate, greedy_steps, take_rows, uncached
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
 # The bundled model's variants. INT8 passes the fidelity gate (README "Quantization"), so it
@@ -329,13 +329,14 @@ class Captioner:
         return results
 
     def chat_tiles(self, image) -> tuple[np.ndarray, tuple[int, int]]:
-        """A chat model's vision input for one image and its tile grid: the tiles and the global
-        image (rows, cols), or the one resized image of a fixed-size tower (0, 0). ImageError for
-        an image that does not decode."""
+        """A chat model's vision input for one image and its grid: the tiles and the global image
+        (rows, cols of tiles), the photo at its own aspect ratio (rows, cols of features: Qwen2-VL's
+        grid), or the one resized image of a fixed-size tower (0, 0). ImageError for an image that
+        does not decode."""
         rgb, spec = open_image(image, self.max_pixels), self.manifest.preprocess
-        if spec.get("kind") == "tiles":
-            tiles, rows, cols = to_tiles(rgb, spec)
-            return tiles, (rows, cols)
+        if spec.get("kind") in ("tiles", "grid"):
+            tiles, rows, cols = (to_tiles if spec["kind"] == "tiles" else to_grid)(rgb, spec)
+            return tiles.reshape(-1, *tiles.shape[-3:]), (rows, cols)
         return to_pixels(rgb, spec)[None], (0, 0)
 
     def chat_features(self, tiles: np.ndarray) -> np.ndarray:
@@ -344,36 +345,42 @@ class Captioner:
         features = host(features)
         return features.reshape(-1, features.shape[-1])
 
-    def chat_input(self, image, question: str | None, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
-        """A chat model's (prompt ids, image features (K, D)) for one image, the prompt laid out for
-        its tiles. ImageError for an image that does not decode or whose prompt and answer would not
-        fit the model's positions (checked before the vision pass)."""
+    def chat_input(self, image, question: str | None, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """A chat model's (prompt ids, image features (K, D), grid) for one image, the prompt laid out
+        for its grid (chat_tiles). ImageError for an image that does not decode or whose prompt and
+        answer would not fit the model's positions (checked before the vision pass)."""
         tiles, (rows, cols) = self.chat_tiles(image)
         prompt = self.chat_prompt(question, [(rows, cols)])
         if len(prompt) + cfg.max_new_tokens - 1 > self.manifest.max_positions:
-            raise ImageError(f"{name_of(image)}: its {rows}x{cols} tiles make a {len(prompt)}-token prompt; with "
+            raise ImageError(f"{name_of(image)}: its {rows}x{cols} grid makes a {len(prompt)}-token prompt; with "
                              f"{cfg.max_new_tokens} new tokens that is beyond the model's {self.manifest.max_positions}")
-        return prompt, self.chat_features(tiles)
+        return prompt, self.chat_features(tiles), (rows, cols)
+
+    def chat_memory(self, features: np.ndarray, prompt: np.ndarray, grid: tuple[int, int]) -> tuple:
+        """The decoder's memory for rows of image features (N, K, D) asked the same prompt about
+        images of the same grid (runtime.search.chat_memory)."""
+        return chat_memory(self.graphs.spec, features, np.tile(prompt, (len(features), 1)), grid)
 
     def _answer_batch(self, images, cfg: GenerationConfig, asked: dict, cache: bool) -> list[Caption]:
-        """A chat model: each image's prompt laid out for its tiles (`chat_input`); images whose
-        prompts are the same (same tiling) are decoded together, `images_per_pass` at a time. An
+        """A chat model: each image's prompt laid out for its grid (`chat_input`); images whose
+        prompts and grids are the same are decoded together, `images_per_pass` at a time. An
         image that fails gets its error; the others are answered."""
         start, question = time.perf_counter(), asked["question"]
         results, groups = [], {}
         for image in images:
             results.append(Caption(image=name_of(image), question=question))
             try:
-                prompt, features = self.chat_input(image, question, cfg)
+                prompt, features, grid = self.chat_input(image, question, cfg)
             except ImageError as e:
                 results[-1].error = str(e)
                 continue
-            groups.setdefault(prompt.tobytes(), (prompt, []))[1].append((results[-1], features))
+            groups.setdefault((prompt.tobytes(), grid), (prompt, grid, []))[2].append((results[-1], features))
         step, n = (cached if cache else uncached)(self.graphs.step), self.images_per_pass(cfg.num_beams)
-        for prompt, members in groups.values():
+        for prompt, grid, members in groups.values():
             for i in range(0, len(members), n):
                 chunk = members[i : i + n]
-                state = self.graphs.start(([np.stack([f for _, f in chunk])],), capacity(len(prompt), cfg.max_new_tokens))
+                memory = self.chat_memory(np.stack([f for _, f in chunk]), prompt, grid)
+                state = self.graphs.start(memory, capacity(len(prompt), cfg.max_new_tokens))
                 for (r, _), t in zip(chunk, generate(step, state, np.tile(prompt, (len(chunk), 1)), self.eos, cfg)):
                     r.tokens, r.text = t, self.decode(t)
         ok = [r for r in results if r.error is None]
@@ -394,8 +401,8 @@ class Captioner:
             yield self.caption(image, max_new_tokens, **asked).text
             return
         if self.manifest.chat is not None:
-            prompt, features = self.chat_input(image, question, cfg)
-            state = self.graphs.start(([features[None]],), capacity(len(prompt), cfg.max_new_tokens))
+            prompt, features, grid = self.chat_input(image, question, cfg)
+            state = self.graphs.start(self.chat_memory(features[None], prompt, grid), capacity(len(prompt), cfg.max_new_tokens))
         else:
             prompt, inputs = self.ask(**asked)
             pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]

@@ -42,6 +42,9 @@ class Decoder:
     max_positions: int
     memory: str
     image_token: int | None = None
+    # "1d": one position per token; "mrope": Qwen2-VL's 3-D rotary positions, which the step
+    # computes from the 1-D ones and an `image_grid` input (runtime.search.image_grid)
+    rope: str = "1d"
 
 
 def memory_roles(decoder: Decoder) -> list[str]:
@@ -55,7 +58,8 @@ def memory_roles(decoder: Decoder) -> list[str]:
 def roles(decoder: Decoder, text_input: bool) -> dict[str, tuple[list[str], list[str]]]:
     """(inputs, outputs) of each graph by role name: the runtime binds them by these names."""
     cache = [f"past_{kv}.{i}" for kv in ("key", "value") for i in range(decoder.layers)]
-    memory = {"cross": memory_roles(decoder), "prefix": [], "embeddings": ["image_features", "feature_index"]}
+    memory = {"cross": memory_roles(decoder), "prefix": [],
+              "embeddings": ["image_features", "feature_index", *(["image_grid"] if decoder.rope == "mrope" else [])]}
     return {"vision": (["pixel_values", *(["text_ids"] if text_input else [])], memory_roles(decoder)),
             "decoder": (["input_ids", "position_ids", "cache_lengths", "logit_index", *cache, *memory[decoder.memory]],
                         ["logits", *(name.replace("past_", "present_") for name in cache)])}
@@ -158,16 +162,23 @@ SCHEMA = {
 # (`split`) cut into tiles of `tile` pixels plus the whole image as one more tile.
 PREPROCESS_TILES = {"longest_edge": int, "tile": int, "split": bool, "resample": str, "rescale": float, "mean": list,
                     "std": list}
+# Qwen2-VL's smart_resize (runtime.preprocess.to_grid): sides multiples of `factor`, the area between
+# min_pixels and max_pixels; one feature per factor x factor pixels.
+PREPROCESS_GRID = {"factor": int, "min_pixels": int, "max_pixels": int, "resample": str, "rescale": float, "mean": list,
+                   "std": list}
+PREPROCESS = {"fixed": SCHEMA["preprocess"], "tiles": PREPROCESS_TILES, "grid": PREPROCESS_GRID}
 # A chat model's prompt (runtime.prompting): its chat template, the question asked when none is
 # given, and how one image is laid out ("tiles": SmolVLM's).
 CHAT = {"template": str, "question": str, "image": dict}
-# "tiles": SmolVLM's (runtime.prompting.tile_layout); "repeat": the LLaVA layout, `tokens` image tokens.
+# "tiles": SmolVLM's (runtime.prompting.tile_layout); "repeat": the LLaVA layout, `tokens` image tokens;
+# "grid": one image token per feature of the image's grid (Qwen2-VL's).
 CHAT_IMAGE = {"tiles": {"layout": str, "tokens": int, "image": str, "around": str, "global": str},
-              "repeat": {"layout": str, "tokens": int, "image": str}}
+              "repeat": {"layout": str, "tokens": int, "image": str}, "grid": {"layout": str, "image": str}}
 GRAPHS = ("vision", "decoder")
 QUESTION_INPUTS, MEMORY_KINDS = (None, "prompt", "encoder"), ("cross", "prefix", "embeddings")
 CHOICES = {("preprocess", "resample"): ("bilinear", "bicubic", "lanczos"), ("preprocess", "crop_offset"): ("round", "floor"),
            ("generation", "early_stopping"): (True, False, "never"), ("chat.image", "layout"): tuple(CHAT_IMAGE)}
+ROPES = ("1d", "mrope")
 
 
 def has_type(value, kind) -> bool:
@@ -192,12 +203,13 @@ def check_question(root: Path, data: dict) -> None:
                 not all(isinstance(p["prompt"], str) and isinstance(p["parse"], str) for p in prompts.values()):
             raise PackageError(f"{root}: manifest field tasks is malformed")
     if (data.get("chat") is not None) != (data["decoder"]["memory"] == "embeddings") or \
-            (data["preprocess"].get("kind") == "tiles" and data.get("chat") is None):
+            (data["preprocess"].get("kind") in ("tiles", "grid") and data.get("chat") is None):
         raise PackageError(f"{root}: manifest fields chat, preprocess.kind and decoder.memory do not fit together")
     decoder = data["decoder"]
     required = {f.name for f in fields(Decoder) if f.default is MISSING}
     if not required <= set(decoder) <= {f.name for f in fields(Decoder)} or decoder["heads"] % decoder["kv_heads"] \
-            or (decoder["memory"] == "embeddings") != has_type(decoder.get("image_token"), int):
+            or (decoder["memory"] == "embeddings") != has_type(decoder.get("image_token"), int) \
+            or decoder.get("rope", "1d") not in ROPES or (decoder.get("rope") == "mrope" and decoder["memory"] != "embeddings"):
         raise PackageError(f"{root}: manifest field decoder is malformed")
     expected = roles(Decoder(**decoder), question["input"] == "encoder" or tasks is not None)
     for role, (inputs, outputs) in expected.items():
@@ -222,11 +234,11 @@ def check_fields(root: Path, section: str, values: dict, schema: dict, empty: tu
 
 def check_schema(root: Path, data: dict) -> None:
     chat = data.get("chat")
-    tiled = data["preprocess"].get("kind", "fixed")
-    if tiled not in ("fixed", "tiles"):
-        raise PackageError(f"{root}: manifest field preprocess.kind has an unknown value {tiled!r}")
+    kind = data["preprocess"].get("kind", "fixed")
+    if kind not in PREPROCESS:
+        raise PackageError(f"{root}: manifest field preprocess.kind has an unknown value {kind!r}")
     for section, schema in SCHEMA.items():
-        schema = PREPROCESS_TILES if section == "preprocess" and tiled == "tiles" else schema
+        schema = PREPROCESS[kind] if section == "preprocess" else schema
         # A chat model's prompt is built per request (runtime.prompting): it has no fixed prompt ids.
         check_fields(root, section, data[section], schema, ("prompt_ids",) if chat is not None else ())
     if chat is not None:

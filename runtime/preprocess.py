@@ -183,5 +183,28 @@ def to_tiles(image: Image.Image, spec: dict) -> tuple[np.ndarray, int, int]:
     return np.stack([normalized(t, spec) for t in (*crops, image.resize((tile, tile), resample))]), rows, cols
 
 
+def smart_size(width: int, height: int, spec: dict) -> tuple[int, int]:
+    """(width, height) by Qwen2-VL's smart_resize: both sides multiples of `factor`, as near the
+    image's as can be, the area between min_pixels and max_pixels."""
+    factor, low, high = spec["factor"], spec["min_pixels"], spec["max_pixels"]
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > high:
+        beta = math.sqrt(height * width / high)
+        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < low:
+        beta = math.sqrt(low / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return w, h
+
+
+def to_grid(image: Image.Image, spec: dict) -> tuple[np.ndarray, int, int]:
+    """RGB PIL image -> (pixels (3, H, W) float32, rows, cols) as Qwen2-VL's image processor (PIL
+    backend) makes them before cutting patches: smart_resize, then normalized; the image gives
+    rows x cols features (H and W over `factor`)."""
+    width, height = smart_size(*image.size, spec)
+    pixels = normalized(image.resize((width, height), RESAMPLE[spec["resample"]]), spec)
+    return pixels, height // spec["factor"], width // spec["factor"]
+
+
 def load_pixels(source, spec: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return to_pixels(open_image(source, max_pixels), spec)

@@ -58,13 +58,16 @@ def tile_layout(layout: dict, rows: int, cols: int) -> str:
 
 
 def image_layout(layout: dict, rows: int, cols: int) -> str:
-    """One image's tokens in the prompt: tiled (SmolVLM), or its features' count of image tokens (LLaVA's)."""
-    return tile_layout(layout, rows, cols) if layout["layout"] == "tiles" else layout["image"] * layout["tokens"]
+    """One image's tokens in the prompt: tiled (SmolVLM), one image token per feature of a rows x cols
+    grid (Qwen2-VL's), or a fixed count of image tokens (LLaVA's)."""
+    if layout["layout"] == "tiles":
+        return tile_layout(layout, rows, cols)
+    return layout["image"] * (rows * cols if layout["layout"] == "grid" else layout["tokens"])
 
 
 def chat_text(chat: dict, question: str, grids: list[tuple[int, int]]) -> str:
     """The prompt text for a question about images tiled as `grids` ((rows, cols) each; (0, 0) for an
-    image that is not tiled)."""
+    image that is not tiled; the grid of features for layout "grid")."""
     placeholder = chat["image"]["image"]
     parts = render(chat["template"], user_turn(question, len(grids))).split(placeholder)
     if len(parts) != len(grids) + 1:

@@ -179,15 +179,32 @@ def feature_index(ids: np.ndarray, cache: Cache, image_token: int, features: int
     return np.where(placeholder & (k < features), k, -1)
 
 
+def image_grid(prompt: np.ndarray, image_token: int, grid: tuple[int, int]) -> np.ndarray:
+    """(N, 3) for M-RoPE (a decoder whose `rope` is "mrope"): per row of prompts (N, T), the
+    position of its first image token and the image's grid of features (rows, cols)."""
+    first = np.argmax(prompt == image_token, axis=1)
+    return np.stack([first, np.full_like(first, grid[0]), np.full_like(first, grid[1])], axis=1).astype(np.int64)
+
+
+def chat_memory(decoder, features, prompt: np.ndarray, grid: tuple[int, int]) -> tuple:
+    """A chat model's memory for rows of prompts (N, T) about images whose features (N, K, D) lie
+    in a grid of rows x cols: ([features],), with the image grid for an M-RoPE decoder."""
+    if decoder.rope == "mrope":
+        return [features], [image_grid(prompt, decoder.image_token, grid)]
+    return ([features],)
+
+
 def memory_feeds(decoder, memory: tuple, ids: np.ndarray, cache: Cache) -> dict:
     """The decoder step's memory inputs by role name (runtime.manifest.roles) for these ids:
-    cross-attention keys and values, or image features and which token takes which."""
+    cross-attention keys and values, or image features, which token takes which (and the image
+    grid, for M-RoPE: chat_memory)."""
     if decoder.memory == "cross":
         return dict(zip(memory_roles(decoder), (*memory[0], *memory[1])))
     if decoder.memory == "embeddings":
         features = memory[0][0]
         return {"image_features": features,
-                "feature_index": feature_index(ids, cache, decoder.image_token, features.shape[1])}
+                "feature_index": feature_index(ids, cache, decoder.image_token, features.shape[1]),
+                **({"image_grid": memory[1][0]} if decoder.rope == "mrope" else {})}
     return {}
 
 

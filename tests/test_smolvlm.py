@@ -145,7 +145,7 @@ def test_refusals_are_one_line_and_lose_no_other_image(smolvlm, images, tmp_path
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a photo")
     results = captioner.caption([*images, broken], max_new_tokens=fits_3x4)
-    assert "4x4 tiles make a" in results[0].error and "beyond the model's" in results[0].error
+    assert "4x4 grid makes a" in results[0].error and "beyond the model's" in results[0].error
     assert results[1].error is None and results[2].error is None and "not an image" in results[3].error
 
 

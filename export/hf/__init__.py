@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from runtime.manifest import Decoder
-from runtime.preprocess import upright
+from runtime.preprocess import smart_size, upright
 from runtime.prompting import chat_text
 from runtime.search import GenerationConfig, State, cached, capacity, prefix_logits, start, until_eos
 
@@ -38,11 +38,12 @@ from ..package import OPSET, GraphShape, eager_outputs, report, trace, versions,
 from ..reference import torch_graph_step
 from ..progress import Progress
 from ..quantize import check_vision_compute, quantize_package
-from . import blip, blip_vqa, decoders, fastvlm, florence2, git, smolvlm, vision_encoder_decoder
+from . import blip, blip_vqa, decoders, fastvlm, florence2, git, qwen2_5_vl, smolvlm, vision_encoder_decoder
 from .common import (HFCaptioner, eos_ids, generation_settings, image_processor, load_tokenizer, preprocess_spec,
                      read_config)
 
-FAMILIES = {architecture: family for family in (vision_encoder_decoder, blip, blip_vqa, git, florence2, smolvlm, fastvlm)
+FAMILIES = {architecture: family for family in (vision_encoder_decoder, blip, blip_vqa, git, florence2, smolvlm, fastvlm,
+                                                 qwen2_5_vl)
             for architecture in getattr(family, "ARCHITECTURES", (family.ARCHITECTURE,))}
 SUPPORTED = " and ".join(dict.fromkeys(family.SUPPORTS for family in FAMILIES.values()))
 
@@ -73,12 +74,15 @@ def load_model(src: Path, attention: str | None = None):
     return family, family.model_class().from_pretrained(src, local_files_only=True, attn_implementation=attention).eval()
 
 
-def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, int], tiles: int) -> GraphShape:
+def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, int], tiles: int,
+                grid_factor: int = 0) -> GraphShape:
     text = family.text_config(model)
     layers, heads, kv_heads, head_dim, width, positions = decoders.dims(text)
     image_token = model.config.image_token_id if family.MEMORY == "embeddings" else None
-    decoder = Decoder(layers, heads, kv_heads, head_dim, text.vocab_size, positions, family.MEMORY, image_token)
-    shape = GraphShape(decoder, 0, image_size, positions if family.QUESTION in ("encoder", "task") else 0, tiles, width)
+    decoder = Decoder(layers, heads, kv_heads, head_dim, text.vocab_size, positions, family.MEMORY, image_token,
+                      getattr(family, "ROPE", "1d"))
+    shape = GraphShape(decoder, 0, image_size, positions if family.QUESTION in ("encoder", "task") else 0, tiles, width,
+                       grid_factor)
     inputs = shape.vision_inputs(1, torch.Generator())
     with torch.inference_mode():
         memory_tokens = captioner.memory(*inputs).shape[1] - sum(t.shape[1] for t in inputs[1:])
@@ -98,7 +102,7 @@ def check_wrappers(family, model, captioner: HFCaptioner, shape: GraphShape, tol
     with torch.inference_mode():
         want = family.reference_logits(model, inputs, ids)
     step, ids, t = torch_graph_step(captioner, d), ids.numpy(), ids.shape[1] - 1
-    state = start(d, eager_outputs(captioner, inputs), t + 1)
+    state = start(d, shape.memory(eager_outputs(captioner, inputs), ids), t + 1)
     first = prefix_logits(step, state, ids[:, :t])
     fed = State(ids[:, :t], np.tile(np.arange(t), (2, 1)), state.cache.advanced(t), state.memory)
     last, _ = cached(step)(fed, ids[:, t:])
@@ -135,17 +139,20 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
     eos = eos_ids(src, prompt_ids, eos, chat)
     generation, ignored = generation_settings(model, prompt_ids, eos[0])
     captioner = family.captioner(model)
+    grid_factor = spec["factor"] if spec.get("kind") == "grid" else 0
     if spec.get("kind") == "tiles":
         image_size, tiles = (spec["tile"], spec["tile"]), (spec["longest_edge"] // spec["tile"]) ** 2 + 1
+    elif grid_factor:  # an example size: a 640x480 photo's
+        image_size, tiles = smart_size(640, 480, spec)[::-1], 0
     elif not isinstance(spec["resize"], list) and spec["crop"] is None:
         raise ExportError(f"{src}: the image processor keeps the aspect ratio without a crop; "
                          "the vision graph needs a fixed size")
     else:
         image_size, tiles = tuple(spec["crop"] or spec["resize"]), 0
-    shape = graph_shape(family, model, captioner, image_size, tiles)
+    shape = graph_shape(family, model, captioner, image_size, tiles, grid_factor)
     wrapper = check_wrappers(family, model, captioner, shape, tol)
     # A chat model's check prompt: its default question about one untiled image, as the runtime builds it.
-    checked = tokenizer(chat_text(chat["chat"], chat["chat"]["question"], [(0, 0)])).input_ids if chat else prompt_ids
+    checked = tokenizer(chat_text(chat["chat"], chat["chat"]["question"], [shape.grid])).input_ids if chat else prompt_ids
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         seen = trace(captioner, shape, folder, progress, tol, checked)

@@ -6,7 +6,10 @@ Image features enter the prompt as the processor lays it out: the k-th image pla
 sequence fed from its start takes row k of `image_features` (`feature_index` says which token takes
 which, -1 for none; runtime.search.feature_index), the way transformers' masked_scatter puts them in
 place of the placeholders' embeddings. The features stay bound every step; only a prompt's
-placeholders ever read them. Shared by the families whose language model this is."""
+placeholders ever read them. Shared by the families whose language model this is.
+
+Qwen2-VL's 3-D rotary positions (M-RoPE) are computed in the step from the 1-D positions and the
+image's place in the prompt (`image_grid`, mrope_positions): the runtime keeps 1-D positions."""
 
 import torch
 from torch import nn
@@ -39,6 +42,21 @@ def with_features(embeds: torch.Tensor, image_features: torch.Tensor, feature_in
     return torch.where(feature_index[..., None] >= 0, rows.to(embeds.dtype), embeds)
 
 
+def mrope_positions(position_ids: torch.Tensor, image_grid: torch.Tensor) -> torch.Tensor:
+    """(3, N, T) temporal, row and column positions, as Qwen2-VL's get_rope_index assigns them, of
+    tokens at 1-D positions (N, T) of rows whose image grid (N, 3) is (s, rows, cols): its first
+    image token at s and rows x cols image tokens. Before the image all three are the 1-D position;
+    image token k is at (s, s + k // cols, s + k % cols); text after it goes on from
+    s + max(rows, cols), one per token."""
+    s, rows, cols = (x[:, None] for x in image_grid.unbind(-1))
+    k, tokens = position_ids - s, rows * cols
+    inside = (k >= 0) & (k < tokens)
+    text = torch.where(k >= tokens, position_ids - tokens + torch.maximum(rows, cols), position_ids)
+    cols = cols.clamp(min=1)
+    return torch.stack([torch.where(inside, s, text), torch.where(inside, s + k // cols, text),
+                        torch.where(inside, s + k % cols, text)])
+
+
 class CausalLM(nn.Module):
     """`model` is the language model (embed_tokens, layers, norm, rotary_emb), `lm_head` its output head."""
 
@@ -56,10 +74,11 @@ class CausalLM(nn.Module):
         return x.view(n, t, heads, self.head_dim).transpose(1, 2)
 
     def forward(self, input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values, image_features,
-                feature_index):
+                feature_index, image_grid=None):
         m, sizes = self.model, [self.heads * self.head_dim, *[self.kv_heads * self.head_dim] * 2]
         x = with_features(m.embed_tokens(input_ids), image_features, feature_index)
-        (cos, sin), w = m.rotary_emb(x, position_ids), window(cache_lengths, input_ids.shape[1])
+        positions = position_ids if image_grid is None else mrope_positions(position_ids, image_grid)
+        (cos, sin), w = m.rotary_emb(x, positions), window(cache_lengths, input_ids.shape[1])
         cos, sin = cos[..., : self.head_dim // 2], sin[..., : self.head_dim // 2]  # the halves are the same
         keys, values = [], []
         for i, layer in enumerate(m.layers):

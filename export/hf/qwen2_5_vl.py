@@ -1,0 +1,186 @@
+"""Family: `Qwen2_5_VLForConditionalGeneration` (Qwen2.5-VL 3B, 7B, 32B, 72B): a ViT over 14-pixel
+patches of the photo at its own aspect ratio, windowed attention (full attention in a few blocks),
+2x2 patches merged into one feature in the language model's width, and a Qwen2 language model
+whose prompt holds the features in place of the processor's <|image_pad|> tokens ("embeddings"
+memory, export.hf.llm) at 3-D rotary positions (M-RoPE: an image token at (t, row, col)).
+
+The graphs take what the runtime can compute from the manifest, so that nothing but pixels and
+a grid crosses the contract:
+- vision: one photo resized by smart_resize (sides multiples of 28 between min and max pixels) as
+  pixels (N, 3, H, W). The processor's two identical temporal frames through the Conv3d are one
+  Conv2d with the kernel's temporal halves summed; its patch order (2x2 merge blocks) is a reshape
+  in the graph; its window attention is a mask of window ids (attention within a window is the
+  same whatever the order of its tokens, so the processor's reordering of patches into windows
+  and back is left out). Features come out in the prompt's order, row by row of merged patches.
+- decoder: the shared LLM step; its rotary positions are M-RoPE's, computed in the step from the
+  1-D positions and `image_grid` (N, 3): the row's first image token's position and the merged
+  grid's rows and columns (export.hf.llm.mrope_positions), which the runtime builds from the
+  prompt (runtime.search.image_grid)."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..check import ExportError
+from ..kv import attend, rotary
+from .common import RESAMPLE
+from .llm import CausalLM, norm
+
+ARCHITECTURE, MODEL_TYPE = "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"
+SUPPORTS = "Qwen2_5_VLForConditionalGeneration"
+MEMORY, QUESTION, ROPE = "embeddings", "chat", "mrope"
+DEFAULT_QUESTION = "Describe this image."
+
+
+def unsupported(config: dict) -> str | None:
+    vision = config.get("vision_config", {})
+    if vision.get("temporal_patch_size", 2) != 2 or vision.get("spatial_merge_size", 2) != 2:
+        return "a Qwen2.5-VL whose patches are not 2 frames deep or merged 2x2"
+    return None
+
+
+def model_class():
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
+class ImageFeatures(nn.Module):
+    """Photos (N, 3, H, W) of one size, H and W multiples of 28 -> features (N, H/28 * W/28, D) in
+    the language model's width, row by row of merged patches, as get_image_features computes them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.visual = v = model.model.visual
+        c = v.config
+        self.patch, self.merge, self.heads = c.patch_size, c.spatial_merge_size, c.num_heads
+        self.window = c.window_size // c.spatial_merge_size // c.patch_size  # merged patches per window side
+        self.full = set(c.fullatt_block_indexes)
+        weight = v.patch_embed.proj.weight  # (D, 3, frames, p, p): both frames are the same picture
+        self.embed = nn.Conv2d(3, weight.shape[0], self.patch, stride=self.patch, bias=False, dtype=weight.dtype)
+        with torch.no_grad():
+            self.embed.weight.copy_(weight.sum(2))
+
+    def blocks(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per patch in merge-block order: (its row, its column, its window's id)."""
+        m, w = self.merge, self.window
+        r = (torch.arange(rows)[:, None, None, None] * m + torch.arange(m)[None, None, :, None]).expand(rows, cols, m, m)
+        c = (torch.arange(cols)[None, :, None, None] * m + torch.arange(m)[None, None, None, :]).expand(rows, cols, m, m)
+        window = (r // (m * w)) * (cols // w + 1) + c // (m * w)
+        return r.reshape(-1), c.reshape(-1), window.reshape(-1)
+
+    def forward(self, pixels):
+        n, v, m = pixels.shape[0], self.visual, self.merge
+        x = self.embed(pixels)  # (N, D, gh, gw)
+        width, rows, cols = x.shape[1], x.shape[2] // m, x.shape[3] // m
+        x = x.reshape(n, width, rows, m, cols, m).permute(0, 2, 4, 3, 5, 1).reshape(n, -1, width)
+        r, c, window = self.blocks(rows, cols)
+        inv_freq = v.rotary_pos_emb.inv_freq
+        angles = torch.cat([r[:, None].float() * inv_freq, c[:, None].float() * inv_freq], dim=-1)
+        cos, sin = angles.cos()[None].expand(n, -1, -1), angles.sin()[None].expand(n, -1, -1)
+        same_window = (window[:, None] == window[None, :])[None, None]
+        head_dim = width // self.heads
+        for i, block in enumerate(v.blocks):
+            qkv = block.attn.qkv(norm(block.norm1, x)).reshape(n, -1, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+            q, k = rotary(qkv[0], cos, sin), rotary(qkv[1], cos, sin)
+            a = attend(q, k, qkv[2], block.attn.scaling, None if i in self.full else same_window)
+            x = x + block.attn.proj(a.transpose(1, 2).reshape(n, -1, width))
+            x = x + block.mlp(norm(block.norm2, x))
+        merger = v.merger
+        return merger.mlp(norm(merger.ln_q, x).reshape(n, rows * cols, -1))
+
+
+class Captioner(nn.Module):
+    """vision(pixels) -> ([features],); step(...) as export.hf.llm.CausalLM, with M-RoPE positions."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.features, self.lm = ImageFeatures(model), CausalLM(model.model.language_model, model.lm_head)
+
+    def memory(self, pixels):
+        return self.features(pixels)
+
+    def vision(self, pixels):
+        return ([self.features(pixels)],)
+
+    def step(self, *feeds):
+        return self.lm(*feeds)
+
+
+def captioner(model) -> Captioner:
+    return Captioner(model).eval()
+
+
+def text_config(model):
+    return model.config.text_config
+
+
+def describe(model) -> str:
+    return type(model).__name__
+
+
+def processor(src: Path):
+    """transformers' Qwen2.5-VL processor with its PIL-backend image processor."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(src, local_files_only=True)
+        proc.image_processor = AutoImageProcessor.from_pretrained(src, local_files_only=True, backend="pil")
+    except (OSError, ValueError, ImportError) as e:
+        raise ExportError(f"{src}: no usable Qwen2.5-VL processor ({str(e).splitlines()[0]})") from None
+    return proc
+
+
+def preprocess_spec(src: Path) -> dict:
+    """The image processor's smart_resize in the manifest's terms (preprocess kind "grid")."""
+    ip = processor(src).image_processor
+    resample = int(ip.resample)
+    if resample not in RESAMPLE or not (ip.do_resize and ip.do_rescale and ip.do_normalize):
+        raise ExportError(f"{src}: image processor settings the runtime does not implement (resample {resample}, "
+                          f"resize {ip.do_resize}, rescale {ip.do_rescale}, normalize {ip.do_normalize})")
+    return {"kind": "grid", "factor": int(ip.patch_size * ip.merge_size), "min_pixels": int(ip.size["shortest_edge"]),
+            "max_pixels": int(ip.size["longest_edge"]), "resample": RESAMPLE[resample],
+            "rescale": float(ip.rescale_factor), "mean": [float(m) for m in ip.image_mean],
+            "std": [float(s) for s in ip.image_std]}
+
+
+def chat(src: Path) -> dict:
+    """The manifest's `chat`: the chat template, and the image as one <|image_pad|> per feature
+    (layout "grid": merged rows x cols of this photo)."""
+    proc = processor(src)
+    if not proc.chat_template:
+        raise ExportError(f"{src}: the processor has no chat template")
+    return {"template": proc.chat_template, "question": DEFAULT_QUESTION,
+            "image": {"layout": "grid", "image": proc.image_token}}
+
+
+def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
+    if prompt:
+        raise ExportError(f"{src}: a Qwen2.5-VL takes its question at run time (--question), not a prompt at export")
+    return [], model.generation_config.eos_token_id
+
+
+def reference_inputs(src: Path, images, question: str):
+    """transformers' processor on these images (one per row) and question."""
+    proc = processor(src)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    return proc(text=[text] * len(images), images=list(images), return_tensors="pt")
+
+
+def patches(pixels: torch.Tensor, patch: int = 14, merge: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels (N, 3, H, W) as the processor gives them to the model: every image's patches in
+    merge-block order, each as two identical frames, and the images' (1, H/14, W/14) grids."""
+    n, c, h, w = pixels.shape
+    gh, gw = h // patch, w // patch
+    x = pixels.reshape(n, c, gh // merge, merge, patch, gw // merge, merge, patch).permute(0, 2, 5, 3, 6, 1, 4, 7)
+    x = x[:, :, :, :, :, :, None].expand(*x.shape[:6], 2, patch, patch)
+    return x.reshape(n * gh * gw, -1), torch.tensor([[1, gh, gw]] * n)
+
+
+def reference_logits(model, inputs, ids):
+    """transformers' own forward over prompt ids that hold one image's placeholders per row."""
+    flat, grid = patches(inputs[0])
+    types = (ids == model.config.image_token_id).int()
+    return model(input_ids=ids, pixel_values=flat, image_grid_thw=grid, mm_token_type_ids=types).logits
