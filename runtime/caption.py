@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beams", type=int, default=None, help="beam width (default: the model's, greedy)")
     parser.add_argument("--length-penalty", type=float, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sample with this temperature (0: greedy, the default; above 0 takes one beam)")
+    parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of this probability")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=None, help="the same seed gives the same sampled text")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse larger images before decoding them (default {DEFAULT_MAX_PIXELS})")
@@ -93,7 +98,7 @@ def report(c: Caption, as_json: bool, time: float | None = None) -> None:
 def stream_text(captioner: Captioner, image: str, cfg: dict) -> bool:
     """`image: ` and its text piece by piece as it is generated; False (after one error line) if it failed."""
     try:
-        pieces = captioner.stream(image, cfg["max_new_tokens"], cfg["question"], cfg["task"], cfg["text"])
+        pieces = captioner.stream(image, **{k: v for k, v in cfg.items() if k not in ("num_beams", "length_penalty")})
         first = next(pieces, "")  # the image is read and encoded here: its error comes before any output
         print(f"{image}: {first}", end="", flush=True)
         for piece in pieces:
@@ -151,7 +156,8 @@ def main(argv=None) -> int:
         captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels,
                               max_batch=args.max_batch, precision=args.precision)
         cfg = dict(max_new_tokens=args.max_tokens, num_beams=args.beams, length_penalty=args.length_penalty,
-                   question=args.question, task=args.task, text=args.text)
+                   question=args.question, task=args.task, text=args.text, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         captioner.generation_config(**cfg)  # reject bad options before any image is read
         if args.draw:
             if captioner.manifest.tasks is None:

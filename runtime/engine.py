@@ -12,7 +12,7 @@ several threads at once, so one instance can serve many threads.
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -53,6 +53,7 @@ class Caption:
     task: str | None = None
     result: dict | str | None = None  # the task's parsed answer (runtime.florence), sizes in original pixels
     tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0  # the decoder's prompt, image tokens included (a chat model's)
     ms: float = 0.0
     error: str | None = None
 
@@ -143,15 +144,21 @@ class Captioner:
             raise _LoadError(path, re.sub(r"^\S+\.cc:\d+ [^)]*\)\s*", "", reason)) from None
 
     def generation_config(self, max_new_tokens=None, num_beams=None, length_penalty=None, question: str | None = None,
-                          task: str | None = None, text: str | None = None) -> GenerationConfig:
+                          task: str | None = None, text: str | None = None, temperature: float | None = None,
+                          top_p: float | None = None, top_k: int | None = None,
+                          seed: int | None = None) -> GenerationConfig:
         """The package's settings with these overrides; the default length is cut to what fits
-        after a question's tokens."""
+        after a question's tokens. A temperature above 0 samples (runtime.search.sample_next_token)
+        with one beam, whatever beams the package defaults to."""
         prompt = self.ask(question, task, text)[0]
         # The prompt takes positions too; the last generated token is never fed back.
         limit = self.manifest.max_positions - len(prompt) + 1
         default = min(self.defaults.max_new_tokens, limit)
+        if temperature and num_beams is None:
+            num_beams = 1
         given = {"max_new_tokens": default if max_new_tokens is None else max_new_tokens, "num_beams": num_beams,
-                 "length_penalty": length_penalty}
+                 "length_penalty": length_penalty, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                 "seed": seed}
         cfg = replace(self.defaults, **{k: v for k, v in given.items() if v is not None})
         if not 1 <= cfg.max_new_tokens <= limit:
             raise ValueError(f"max tokens must be between 1 and {limit} for this model")
@@ -309,14 +316,18 @@ class Captioner:
         return np.array([*prompt, *ids, self.manifest.tokenizer["eos_id"]], dtype=np.int64)
 
     def caption(self, images, max_new_tokens=None, num_beams=None, length_penalty=None, batch_size: int = 8,
-                question: str | None = None, task: str | None = None, text: str | None = None, cache: bool = True):
+                question: str | None = None, task: str | None = None, text: str | None = None, cache: bool = True,
+                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                seed: int | None = None):
         """One image -> Caption (raises ImageError); a list -> list of Caption, where a
         bad image gets `error` set and the others are still captioned. With `question`, each
         Caption's text answers it; with `task` (and its `text`), it is the task's output
-        (ValueError on a model that takes neither). `cache=False` recomputes the whole prefix at
+        (ValueError on a model that takes neither). A temperature above 0 samples (top_p, top_k;
+        a seed gives the same text on every run). `cache=False` recomputes the whole prefix at
         every step: the reference the KV cache must equal."""
         asked = {"question": question, "task": task, "text": text}
-        cfg = self.generation_config(max_new_tokens, num_beams, length_penalty, **asked)
+        cfg = self.generation_config(max_new_tokens, num_beams, length_penalty, **asked, temperature=temperature,
+                                     top_p=top_p, top_k=top_k, seed=seed)
         batch = self._answer_batch if self.manifest.chat is not None else self._caption_batch
         if not isinstance(images, (list, tuple)):
             result = batch([images], cfg, asked, cache)[0]
@@ -382,30 +393,36 @@ class Captioner:
                 memory = self.chat_memory(np.stack([f for _, f in chunk]), prompt, grid)
                 state = self.graphs.start(memory, capacity(len(prompt), cfg.max_new_tokens))
                 for (r, _), t in zip(chunk, generate(step, state, np.tile(prompt, (len(chunk), 1)), self.eos, cfg)):
-                    r.tokens, r.text = t, self.decode(t)
+                    r.tokens, r.text, r.prompt_tokens = t, self.decode(t), len(prompt)
         ok = [r for r in results if r.error is None]
         for r in ok:
             r.ms = (time.perf_counter() - start) * 1000 / len(ok)
         return results
 
     def stream(self, image, max_new_tokens=None, question: str | None = None, task: str | None = None,
-               text: str | None = None) -> Iterator[str]:
+               text: str | None = None, temperature: float | None = None, top_p: float | None = None,
+               top_k: int | None = None, seed: int | None = None) -> Generator[str, None, Caption]:
         """The caption (or answer) of one image as pieces of text while it is generated: joined,
-        they are `caption(image, ...).text`. A piece is what the tokens so far add to the text
-        (trailing spaces held back until a word follows, a character split across tokens until it
-        is whole). With the package's default of beam search the whole text comes as one piece,
-        once the search ends. Raises ImageError, ValueError as `caption` does."""
+        they are `caption(image, ...).text`; the generator's return value is that Caption. A piece
+        is what the tokens so far add to the text (trailing spaces held back until a word follows,
+        a character split across tokens until it is whole). With the package's default of beam
+        search the whole text comes as one piece, once the search ends. Raises ImageError,
+        ValueError as `caption` does."""
         asked = {"question": question, "task": task, "text": text}
-        cfg = self.generation_config(max_new_tokens, **asked)
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+        cfg = self.generation_config(max_new_tokens, **asked, **sampling)
         if cfg.num_beams > 1:
-            yield self.caption(image, max_new_tokens, **asked).text
-            return
+            result = self.caption(image, max_new_tokens, **asked)
+            yield result.text
+            return result
+        start = time.perf_counter()
         if self.manifest.chat is not None:
             prompt, features, grid = self.chat_input(image, question, cfg)
             state = self.graphs.start(self.chat_memory(features[None], prompt, grid), capacity(len(prompt), cfg.max_new_tokens))
         else:
             prompt, inputs = self.ask(**asked)
-            pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
+            rgb = open_image(image, self.max_pixels)
+            pixels = to_pixels(rgb, self.manifest.preprocess)[None]
             state = self.graphs.start(self.graphs.encode(pixels, *(x[None] for x in inputs)),
                                       capacity(len(prompt), cfg.max_new_tokens))
         tokens, shown = [], ""
@@ -419,6 +436,12 @@ class Captioner:
                 shown = so_far
         if rest := self.decode(tokens)[len(shown):]:
             yield rest
+        result = Caption(image=name_of(image), text=self.decode(tokens), question=question, tokens=tokens,
+                         prompt_tokens=len(prompt), ms=(time.perf_counter() - start) * 1000)
+        if self.manifest.tasks is not None:
+            result.task = task or self.manifest.tasks["default"]
+            result.result = parse(result.text, result.task, rgb.size, self.manifest.tasks)
+        return result
 
     def _caption_batch(self, images, cfg: GenerationConfig, asked: dict, cache: bool) -> list[Caption]:
         start = time.perf_counter()
@@ -435,9 +458,9 @@ class Captioner:
         ok = [r for r in results if r.error is None]
         if ok:
             tokens = self.generate(np.stack(pixels), cfg, cache, **asked)
-            ms = (time.perf_counter() - start) * 1000 / len(ok)
+            ms, prompt_tokens = (time.perf_counter() - start) * 1000 / len(ok), len(self.ask(**asked)[0])
             for r, t, size in zip(ok, tokens, sizes, strict=True):
-                r.tokens, r.text, r.ms = t, self.decode(t), ms
+                r.tokens, r.text, r.ms, r.prompt_tokens = t, self.decode(t), ms, prompt_tokens
                 if self.manifest.tasks is not None:
                     r.result = parse(r.text, task, size, self.manifest.tasks)
         return results

@@ -122,6 +122,18 @@ class Manifest:
         as BLIP VQA reads one: the model then needs a question), or None (a captioner)."""
         return self.data.get("question", {}).get("input")
 
+    @property
+    def text_inputs(self) -> dict[str, bool]:
+        """The text a request may send beside its image, each with whether it is required: a chat
+        model's question, Florence-2's task and its text, a VQA model's question (required where it
+        feeds the vision graph, as BLIP VQA's does), none for a captioner. The service and the
+        batch job take these."""
+        if self.chat is not None:
+            return {"question": False}
+        if self.tasks is not None:
+            return {"task": False, "text": False}
+        return {} if self.question is None else {"question": self.question == "encoder"}
+
     def graph(self, role: str) -> dict:
         return self.data["graphs"][role]
 

@@ -30,6 +30,18 @@ class GenerationConfig:
     no_repeat_ngram_size: int = 0
     forced_bos_token_id: int | None = None  # the first token of a sequence (BART's <s> after </s>)
     forced_eos_token_id: int | None = None  # the token at the length limit
+    # Sampling (one beam): temperature 0 is greedy, as in the peers' servers; top_k 0 and top_p 1
+    # filter nothing; a seed makes each row's draws the same on every run and in any batch.
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0")
+        if self.temperature > 0 and self.num_beams > 1:
+            raise ValueError("sampling (temperature > 0) takes one beam")
 
 
 @dataclass(frozen=True)
@@ -267,6 +279,33 @@ def pick_next_token(logits: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=-1)
 
 
+def sampling_scores(logits: np.ndarray, cfg: GenerationConfig) -> np.ndarray:
+    """transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper, in generate's
+    order: logits / temperature; below the k-th largest -inf; then, in ascending order, the tokens
+    whose cumulative probability stays within 1 - top_p -inf (the most likely one always kept)."""
+    scores = logits / np.float32(cfg.temperature)
+    if 0 < cfg.top_k < scores.shape[-1]:
+        kth = -np.partition(-scores, cfg.top_k - 1, axis=-1)[:, cfg.top_k - 1 : cfg.top_k]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if cfg.top_p < 1:
+        order = np.argsort(scores, axis=-1, kind="stable")
+        ascending = np.take_along_axis(scores, order, -1)
+        cumulative = np.cumsum(np.exp(log_softmax(ascending)), axis=-1)
+        drop = cumulative <= 1 - cfg.top_p
+        drop[:, -1] = False
+        np.put_along_axis(scores, order, np.where(drop, -np.inf, ascending), -1)
+    return scores
+
+
+def sample_next_token(logits: np.ndarray, cfg: GenerationConfig, rngs: list[np.random.Generator]) -> np.ndarray:
+    """One token per row drawn from softmax(sampling_scores), each row with its own generator (so
+    that a row's tokens do not depend on the rows beside it)."""
+    probs = np.exp(log_softmax(sampling_scores(logits, cfg).astype(np.float64)))
+    cumulative = np.cumsum(probs, axis=-1)
+    draws = np.array([rng.random() for rng in rngs]) * cumulative[:, -1]
+    return np.array([min(int(np.searchsorted(c, d, side="right")), len(c) - 1) for c, d in zip(cumulative, draws)])
+
+
 def decode_one_token(step: Step, state: State, tokens: np.ndarray) -> tuple[np.ndarray, State]:
     return step(state, tokens[:, None])
 
@@ -278,16 +317,18 @@ def until_eos(row, eos) -> list[int]:
 
 
 def greedy_steps(step: Step, state: State, prompt: np.ndarray, eos, cfg: GenerationConfig) -> Iterator[np.ndarray]:
-    """Batched greedy decoding, yielding each step's new token per row as it is picked (what a
+    """Batched greedy decoding (or sampling, with a temperature), yielding each step's new token per row as it is picked (what a
     stream prints); rows that reach an EOS (`eos`: one id or several, as transformers'
     eos_token_id) keep feeding the first one until all are done."""
     ends = np.atleast_1d(eos)
+    rngs = [np.random.default_rng(cfg.seed) for _ in range(prompt.shape[0])]
     logits, state = prefill(step, state, prompt)
     done = np.zeros(prompt.shape[0], dtype=bool)
     for t in range(cfg.max_new_tokens):
         logits = ban_repeated_ngrams(logits, state.tokens, cfg.no_repeat_ngram_size)
         logits = force_tokens(logits, prompt.shape[1] + t, prompt.shape[1] + cfg.max_new_tokens, cfg)
-        token = np.where(done, ends[0], pick_next_token(logits))
+        picked = pick_next_token(logits) if cfg.temperature == 0 else sample_next_token(logits, cfg, rngs)
+        token = np.where(done, ends[0], picked)
         yield token
         done |= np.isin(token, ends)
         if done.all() or t == cfg.max_new_tokens - 1:

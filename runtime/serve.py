@@ -1,8 +1,9 @@
 """python -m runtime.serve [--model PKG] [--host 127.0.0.1] [--port 8000] [--max-batch N]
 [--max-delay-ms T] [--max-queue Q] [--threads N] [--api-key KEY] [--allow-unauthenticated]
 
-A local caption service: Open Inference Protocol v2 (`tritonclient.http`, KServe) and
-`POST /caption` for curl, with dynamic batching and Prometheus metrics (runtime/service.py).
+A local caption service: Open Inference Protocol v2 (`tritonclient.http`, KServe), OpenAI's chat
+completions (`/v1/chat/completions`, streaming) and `POST /caption` for curl, with dynamic batching
+and Prometheus metrics (runtime/service.py).
 Needs the serve extra: pip install "edgecap[serve]". Listens on loopback unless told otherwise;
 beyond it, an API key (--api-key or EDGECAP_API_KEY) is required unless --allow-unauthenticated.
 """

@@ -5,9 +5,17 @@ prometheus_client).
   `POST /v2/models/{name}/infer` with input `image` (BYTES, one encoded image file per element;
   in JSON, base64 strings) and output `caption` (BYTES), in the JSON encoding or with the
   binary-data extension that `tritonclient.http` uses by default.
-- `POST /caption`: one image as the raw body or a multipart upload -> the CLI's JSON record.
-- Dynamic batching: concurrent requests share forward passes of up to `max_batch` images,
-  gathered for at most `max_delay_s` after the first (`Batcher`).
+  Optional BYTES inputs `question`, `task` and `text` (one element for the request or one per
+  image), as the package takes them (Manifest.text_inputs); output `result` (each image's structured
+  answer as JSON: Florence-2's boxes and polygons in the original image's pixels) for a package
+  with tasks.
+- OpenAI's chat completions (`POST /v1/chat/completions`, `GET /v1/models`; runtime/openai.py):
+  one user message with text and one image as a data URL, `stream` as server-sent events.
+- `POST /caption`: one image as the raw body or a multipart upload -> the CLI's JSON record;
+  `?question=`, `?task=`, `?text=` as the CLI's options.
+- Dynamic batching: concurrent requests asking the same thing (`Ask`) share forward passes of up
+  to `max_batch` images, gathered for at most `max_delay_s` after the first (`Batcher`). A streamed
+  answer runs alone on the same worker, token by token.
 - Images arrive only as bytes in requests: nothing a client names is opened. They are decoded on
   a pool of threads of their own, so that the thread running the graphs only runs graphs.
 - Limits: every body (raw or multipart) capped at `max_body_bytes` while it is read, nothing
@@ -23,10 +31,12 @@ import hmac
 import json
 import logging
 import struct
+import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -34,9 +44,11 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .chat_api import (ChatRequestError, chunk, completion, completion_id, extras, finish_reason, parse_chat, usage,
+                       what_is_asked)
 from .engine import Caption, Captioner
 from .preprocess import ImageError, open_image
 
@@ -114,23 +126,62 @@ def parse_infer(body: bytes, header_length: int | None) -> tuple[dict, dict[str,
     return request, tensors
 
 
-def infer_response(request: dict, model: str, captions: list[str]) -> Response:
-    """Output `caption` (BYTES, shape [n]) as JSON, or as binary data where the request asks."""
+def infer_response(request: dict, model: str, outputs: dict[str, list[str]]) -> Response:
+    """The outputs the request names (all by default), each BYTES of shape [n], as JSON or as
+    binary data where the request asks (per output, or `binary_data_output` for all)."""
     params = request.get("parameters") or {}
     wanted = {o.get("name"): (o.get("parameters") or {}) for o in request.get("outputs") or [] if isinstance(o, dict)}
-    if wanted and "caption" not in wanted:
-        raise HTTPError(400, f"unknown outputs {sorted(wanted)}; this model has: caption")
-    binary = wanted.get("caption", {}).get("binary_data", params.get("binary_data_output", False))
-    output = {"name": "caption", "datatype": "BYTES", "shape": [len(captions)]}
-    head = {"model_name": model, **({"id": request["id"]} if "id" in request else {}), "outputs": [output]}
-    if not binary:
-        output["data"] = captions
+    if unknown := sorted(set(wanted) - set(outputs)):
+        raise HTTPError(400, f"unknown outputs {unknown}; this model has: {', '.join(outputs)}")
+    head = {"model_name": model, **({"id": request["id"]} if "id" in request else {}), "outputs": []}
+    binary_data = b""
+    for name in wanted or outputs:
+        output = {"name": name, "datatype": "BYTES", "shape": [len(outputs[name])]}
+        if wanted.get(name, {}).get("binary_data", params.get("binary_data_output", False)):
+            data = serialize_bytes([v.encode() for v in outputs[name]])
+            output["parameters"] = {"binary_data_size": len(data)}
+            binary_data += data
+        else:
+            output["data"] = outputs[name]
+        head["outputs"].append(output)
+    if not binary_data:
         return JSONResponse(head)
-    data = serialize_bytes([c.encode() for c in captions])
-    output["parameters"] = {"binary_data_size": len(data)}
     text = json.dumps(head).encode()
-    return Response(text + data, media_type="application/octet-stream",
+    return Response(text + binary_data, media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(text))})
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What an image is asked and how its answer is generated (Captioner.caption's settings):
+    images with equal Asks share forward passes."""
+
+    question: str | None = None
+    task: str | None = None
+    text: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+
+def infer_asks(tensors: dict[str, list[bytes]], takes: dict[str, bool], n: int) -> list[Ask]:
+    """Each image's Ask from an infer request's text inputs: one element for the request or one per
+    image; a missing required input, or one the package does not take, is a 400."""
+    if unknown := sorted(set(tensors) - {"image", *takes}):
+        raise HTTPError(400, f"unknown inputs {unknown}; this model takes: {', '.join(['image', *takes])}")
+    if missing := [name for name, required in takes.items() if required and name not in tensors]:
+        raise HTTPError(400, f"input {missing[0]} is required by this model")
+    columns = {}
+    for name in set(tensors) - {"image"}:
+        if len(tensors[name]) not in (1, n):
+            raise HTTPError(400, f"input {name} has {len(tensors[name])} elements; send 1 or one per image ({n})")
+        try:
+            columns[name] = [v.decode() for v in tensors[name]] * (n // len(tensors[name]))
+        except UnicodeDecodeError:
+            raise HTTPError(400, f"input {name} is not UTF-8 text") from None
+    return [Ask(**{name: values[i] for name, values in columns.items()}) for i in range(n)]
 
 
 class Metrics:
@@ -157,27 +208,56 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue(cfg.max_queue)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="caption")
 
-    def caption(self, images: list) -> list[Caption]:
-        """One batch, in forward passes as the graphs see them (beams take rows: fewer images per
-        pass), each counted in edgecap_batch_images."""
-        per_pass = self.captioner.images_per_pass(self.captioner.generation_config().num_beams)
+    def caption(self, images: list, ask: Ask) -> list[Caption]:
+        """Images asked the same, in forward passes as the graphs see them (beams take rows: fewer
+        images per pass), each counted in edgecap_batch_images."""
+        settings = asdict(ask)
+        per_pass = self.captioner.images_per_pass(self.captioner.generation_config(**settings).num_beams)
         results = []
         for start in range(0, len(images), per_pass):
             chunk = images[start : start + per_pass]
             self.metrics.batch.observe(len(chunk))
-            results += self.captioner.caption(chunk, batch_size=len(chunk))
+            results += self.captioner.caption(chunk, batch_size=len(chunk), **settings)
         return results
 
-    def submit(self, images: list) -> list[asyncio.Future]:
+    def submit(self, images: list, asks: list[Ask]) -> list[asyncio.Future]:
         """Futures of the images' Captions, all queued or none (QueueFull)."""
         if self.queue.maxsize - self.queue.qsize() < len(images):
             raise QueueFull
         futures = []
-        for image in images:
+        for image, ask in zip(images, asks, strict=True):
             futures.append(asyncio.get_running_loop().create_future())
-            self.queue.put_nowait((image, futures[-1]))
+            self.queue.put_nowait((image, ask, futures[-1]))
         self.metrics.queue.set(self.queue.qsize())
         return futures
+
+    async def stream(self, image, ask: Ask) -> AsyncIterator[str | Caption]:
+        """One image's answer as text pieces (Captioner.stream) generated on the worker, between
+        batches; its Caption last. An error before the first piece (a prompt too long) is raised
+        from the first step. If the consumer stops early, generation stops at the next piece."""
+        loop, pieces, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+        def work():
+            generator = self.captioner.stream(image, **asdict(ask))
+            try:
+                while not stop.is_set():
+                    loop.call_soon_threadsafe(pieces.put_nowait, next(generator))
+            except StopIteration as end:
+                loop.call_soon_threadsafe(pieces.put_nowait, end.value)
+            except Exception as e:  # noqa: BLE001 - handed to the request, which reports it
+                loop.call_soon_threadsafe(pieces.put_nowait, e)
+
+        loop.run_in_executor(self.worker, work)
+        try:
+            while True:
+                item = await pieces.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if isinstance(item, Caption):
+                    return
+        finally:
+            stop.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -190,17 +270,19 @@ class Batcher:
                 except TimeoutError:
                     break
             self.metrics.queue.set(self.queue.qsize())
-            batch = [(image, future) for image, future in batch if not future.done()]  # skip timed-out requests
-            if not batch:
-                continue
-            caption = partial(self.caption, [image for image, _ in batch])
-            try:
-                results = await loop.run_in_executor(self.worker, caption)
-            except Exception as e:  # the model failed, not the request: every waiter gets it
-                results = [e] * len(batch)
-            for (_, future), result in zip(batch, results):
+            groups = {}  # images asked the same, in arrival order; timed-out requests skipped
+            for image, ask, future in batch:
                 if not future.done():
-                    (future.set_exception if isinstance(result, Exception) else future.set_result)(result)
+                    groups.setdefault(ask, []).append((image, future))
+            for ask, members in groups.items():
+                caption = partial(self.caption, [image for image, _ in members], ask)
+                try:
+                    results = await loop.run_in_executor(self.worker, caption)
+                except Exception as e:  # the model failed, not the request: every waiter gets it
+                    results = [e] * len(members)
+                for (_, future), result in zip(members, results):
+                    if not future.done():
+                        (future.set_exception if isinstance(result, Exception) else future.set_result)(result)
 
 
 def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
@@ -220,15 +302,25 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
             raise HTTPError(400, str(bad[0][1]) if len(images) == 1 else f"element {bad[0][0]}: {bad[0][1]}")
         return decoded
 
-    async def caption_images(images: list[bytes]) -> list[Caption]:
+    def check_ask(ask: Ask):
+        """The Ask's generation settings, or a 400 with the reason (a question this model does not
+        take, a task without its text, max tokens beyond the model's positions)."""
+        try:
+            return captioner.generation_config(**asdict(ask))
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+
+    async def caption_images(images: list[bytes], asks: list[Ask]) -> list[Caption]:
         if not images:
             raise HTTPError(400, "no images in the request")
         if len(images) > cfg.max_queue:  # would never fit: no use retrying
             raise HTTPError(413, f"{len(images)} images in one request; the queue holds {cfg.max_queue}")
+        for ask in set(asks):
+            check_ask(ask)
         # decode_threads 0 decodes on the graphs' thread, as the service did before (benchmarks.serve --camera)
         decoded = await decode(images) if cfg.decode_threads else images
         try:
-            futures = batcher.submit(decoded)
+            futures = batcher.submit(decoded, asks)
         except QueueFull:
             raise HTTPError(503, f"queue full ({cfg.max_queue} images waiting)", {"Retry-After": "1"}) from None
         try:
@@ -248,8 +340,8 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
         body = bytearray()
 
         async def receive():
-            async for chunk in request.stream():
-                body.extend(chunk)
+            async for part in request.stream():
+                body.extend(part)
                 if len(body) > cfg.max_body_bytes:
                     raise HTTPError(413, f"request body over {cfg.max_body_bytes} bytes")
 
@@ -287,11 +379,16 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
         check_model(request.path_params["model"])
         return JSONResponse({"name": model, "ready": True})
 
+    takes = captioner.manifest.text_inputs
+    outputs = ["caption", *(["result"] if captioner.manifest.tasks is not None else [])]
+
     async def metadata(request):
         check_model(request.path_params["model"])
-        return JSONResponse({"name": model, "versions": ["1"], "platform": "onnxruntime",
-                             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
-                             "outputs": [{"name": "caption", "datatype": "BYTES", "shape": [-1]}]})
+        tensor = {"datatype": "BYTES", "shape": [-1]}
+        inputs = [{"name": "image", **tensor, "parameters": {"required": True}}] + [
+            {"name": name, **tensor, "parameters": {"required": required}} for name, required in takes.items()]
+        return JSONResponse({"name": model, "versions": ["1"], "platform": "onnxruntime", "inputs": inputs,
+                             "outputs": [{"name": name, **tensor} for name in outputs]})
 
     async def infer(request):
         check_model(request.path_params["model"])
@@ -300,17 +397,73 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
             raise HTTPError(400, "Inference-Header-Content-Length is not a number")
         body = await read_body(request)
         parsed, tensors = parse_infer(body, int(header) if header is not None else None)
-        unknown = sorted(set(tensors) - {"image"})
-        if unknown or "image" not in tensors:
-            raise HTTPError(400, f"inputs {sorted(tensors)}: this model takes exactly one input, image")
-        results = await caption_images(tensors["image"])
-        return infer_response(parsed, model, [r.text for r in results])
+        if "image" not in tensors:
+            raise HTTPError(400, f"inputs {sorted(tensors)}: input image is required")
+        results = await caption_images(tensors["image"], infer_asks(tensors, takes, len(tensors["image"])))
+        answers = {"caption": [r.text for r in results], "result": [json.dumps(r.result) for r in results]}
+        return infer_response(parsed, model, {name: answers[name] for name in outputs})
 
     async def caption(request):
+        ask = Ask(**{k: v for k, v in request.query_params.items() if k in ("question", "task", "text")})
+        if unknown := sorted(set(request.query_params) - set(takes)):
+            raise HTTPError(400, f"unknown parameters {unknown}; this model takes: {', '.join(takes) or 'none'}")
         multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
         body = await (uploaded_file(request) if multipart else read_body(request))
-        result = (await caption_images([body]))[0]
-        return JSONResponse({"caption": result.text, "tokens": result.tokens, "ms": round(result.ms, 1)})
+        r = (await caption_images([body], [ask]))[0]
+        asked = {k: v for k, v in (("question", r.question), ("task", r.task)) if v is not None}
+        return JSONResponse({**asked, "caption": r.text, **({} if r.result is None else {"result": r.result}),
+                             "tokens": r.tokens, "ms": round(r.ms, 1)})
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": model, "object": "model", "created": 0,
+                                                         "owned_by": "edgecap"}]})
+
+    async def chat_completions(request):
+        body = await read_body(request)
+        try:
+            given = json.loads(body)
+            chat = parse_chat(given)
+            asked, note = what_is_asked(chat.text, takes, list((captioner.manifest.tasks or {}).get("prompts", {})))
+        except (ValueError, ChatRequestError) as e:  # json's errors are ValueErrors too
+            raise HTTPError(400, str(e).splitlines()[0]) from None
+        if given.get("model", model) != model:
+            raise HTTPError(404, f"unknown model {str(given['model'])[:80]!r}; this server has {model!r}")
+        ask = Ask(**asked, max_new_tokens=chat.max_tokens, temperature=chat.temperature, top_p=chat.top_p,
+                  top_k=chat.top_k, seed=chat.seed)
+        limit, ident = check_ask(ask).max_new_tokens, completion_id()
+        if not chat.stream:
+            result = (await caption_images([chat.image], [ask]))[0]
+            return JSONResponse(completion(ident, model, result, limit, note))
+        image = (await decode([chat.image]))[0]
+        metrics.batch.observe(1)
+        pieces = batcher.stream(image, ask)
+        try:  # before the first piece, errors are still statuses
+            first = await asyncio.wait_for(anext(pieces), cfg.timeout_s)
+        except TimeoutError:
+            await pieces.aclose()
+            raise HTTPError(504, f"no answer began within {cfg.timeout_s:g} s") from None
+        except ImageError as e:
+            raise HTTPError(400, str(e)) from None
+
+        async def events():
+            item = first
+            try:
+                yield server_event(chunk(ident, model, {"role": "assistant", "content": ""}))
+                while not isinstance(item, Caption):
+                    yield server_event(chunk(ident, model, {"content": item}))
+                    item = await anext(pieces)
+                yield server_event(chunk(ident, model, {}, finish_reason(item, limit), **extras(item, note)))
+                if chat.include_usage:
+                    yield server_event(chunk(ident, model, None, usage=usage(item)))
+            except Exception as e:  # the status is sent: the stream ends with OpenAI's error event
+                log.error("streamed answer failed", exc_info=e)
+                yield server_event({"error": {"message": "internal error; the service log has the details",
+                                              "type": "server_error"}})
+            finally:
+                await pieces.aclose()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def prometheus(request):
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -318,7 +471,8 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
     routes = [Route("/v2/health/live", live), Route("/v2/health/ready", ready),
               Route("/v2/models/{model}", metadata), Route("/v2/models/{model}/ready", model_ready),
               Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-              Route("/caption", caption, methods=["POST"]), Route("/metrics", prometheus)]
+              Route("/caption", caption, methods=["POST"]), Route("/metrics", prometheus),
+              Route("/v1/models", models), Route("/v1/chat/completions", chat_completions, methods=["POST"])]
 
     @asynccontextmanager
     async def lifespan(app):
@@ -329,11 +483,11 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
         decoders.shutdown(wait=True)
 
     async def refused(request, e: HTTPError):
-        return JSONResponse({"error": str(e)}, e.status, headers=e.headers)
+        return JSONResponse(error_body(request.url.path, str(e), e.status), e.status, headers=e.headers)
 
     async def failed(request, e: Exception):  # a bug or a model failure: logged whole, one line out naming nothing
         log.error("%s %s failed", request.method, request.url.path, exc_info=e)
-        return JSONResponse({"error": "internal error; the service log has the details"}, 500)
+        return JSONResponse(error_body(request.url.path, "internal error; the service log has the details", 500), 500)
 
     async def guard(request: Request, call_next):
         """The API key before any handler; requests counted by endpoint and status."""
@@ -361,10 +515,23 @@ def safe_open(image: bytes, max_pixels: int):
         return e
 
 
+def error_body(path: str, message: str, status: int) -> dict:
+    """The one-line reason, in OpenAI's error object on its routes (what its clients read)."""
+    if path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return {"error": {"message": message, "type": kind, "code": status}}
+    return {"error": message}
+
+
+def server_event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
 def endpoint_label(path: str) -> str:
     """A bounded label set: whatever path a client sends, metrics name one of these."""
     if path.startswith("/v2/health/"):
         return "health"
     if path.startswith("/v2/models/"):
         return {"infer": "infer", "ready": "model_ready"}.get(path.rsplit("/", 1)[-1], "model_metadata")
-    return {"/caption": "caption", "/metrics": "metrics"}.get(path, "other")
+    return {"/caption": "caption", "/metrics": "metrics", "/v1/chat/completions": "chat_completions",
+            "/v1/models": "models"}.get(path, "other")

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from helpers import ROOT, caption_without_torch
-from runtime.batch import PART, BatchError, actor_resources, list_inputs, written
+from runtime.batch import PART, BatchError, actor_resources, apply_options, list_inputs, written
 
 BAD = {"junk.jpg": b"not an image", "empty.png": b"", "page.gif": b"<html><body>moved</body></html>",
        "strip.png": None, "cut.jpg": None}
@@ -124,7 +124,7 @@ def test_parts_of_ours_cut_short_by_a_kill_are_dropped_and_redone(tmp_path):
     pq.write_table(pa.table({"path": ["c.jpg"], "caption": ["z"]}), tmp_path / OURS)
     data = (tmp_path / OURS).read_bytes()
     (tmp_path / OURS).write_bytes(data[: len(data) - 20])  # no footer: the writer was killed
-    assert written(tmp_path) == {"a.jpg", "b.jpg"}
+    assert written(tmp_path) == {("a.jpg", None, None, None), ("b.jpg", None, None, None)}  # asking nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["whole.parquet"]
 
 
@@ -151,14 +151,24 @@ def test_an_unreadable_file_stops_the_run_and_nothing_is_deleted(tmp_path, name,
     assert len(r.stderr.splitlines()) == 1 and {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def paths(rows: list[dict]) -> list[str]:
+    return [r["path"] for r in rows]
+
+
 def test_inputs_from_a_folder_a_glob_a_csv_or_parquet(library, tmp_path):
-    in_folder = list_inputs(str(library))
+    in_folder = paths(list_inputs(str(library)))
     assert len(in_folder) == 305 and str(library / "sub" / "g000.png") in in_folder
-    assert list_inputs(str(library / "sub" / "*.png")) == sorted(str(p) for p in (library / "sub").glob("*.png"))
+    assert paths(list_inputs(str(library / "sub" / "*.png"))) == sorted(str(p) for p in (library / "sub").glob("*.png"))
     (tmp_path / "list.csv").write_text("path,label\nb.jpg,1\na.jpg,2\nb.jpg,3\n")
-    assert list_inputs(str(tmp_path / "list.csv")) == ["b.jpg", "a.jpg"]  # each once, in order
-    pq.write_table(pa.table({"path": ["x.png", "y.png"]}), tmp_path / "list.parquet")
-    assert list_inputs(str(tmp_path / "list.parquet")) == ["x.png", "y.png"]
+    assert list_inputs(str(tmp_path / "list.csv")) == [{"path": "b.jpg"}, {"path": "a.jpg"}]  # each once, in order
+    pq.write_table(pa.table({"path": ["x.png", "y.png", "x.png"], "question": ["What?", None, "Who?"]}),
+                   tmp_path / "list.parquet")
+    assert list_inputs(str(tmp_path / "list.parquet")) == [  # a row is its path and what it asks
+        {"path": "x.png", "question": "What?"}, {"path": "y.png", "question": None}, {"path": "x.png", "question": "Who?"}]
+    (tmp_path / "asks.csv").write_text("path,task,text\na.jpg,<OD>,\na.jpg,<CAPTION_TO_PHRASE_GROUNDING>,a cat\n")
+    assert list_inputs(str(tmp_path / "asks.csv")) == [
+        {"path": "a.jpg", "task": "<OD>", "text": None},
+        {"path": "a.jpg", "task": "<CAPTION_TO_PHRASE_GROUNDING>", "text": "a cat"}]
     (tmp_path / "nopath.csv").write_text("file\na.jpg\n")
     with pytest.raises(BatchError, match=r"nopath.csv: no 'path' column \(columns: file\)"):
         list_inputs(str(tmp_path / "nopath.csv"))
@@ -166,6 +176,21 @@ def test_inputs_from_a_folder_a_glob_a_csv_or_parquet(library, tmp_path):
         list_inputs(str(tmp_path / "missing"))
     with pytest.raises(BatchError, match="no images found"):
         list_inputs(str(tmp_path / "*.webp"))
+
+
+def test_what_rows_ask_must_be_what_the_package_takes():
+    rows, none = [{"path": "a.jpg"}, {"path": "b.jpg", "question": "Who?"}], {"question": None, "task": None, "text": None}
+    vqa = {"question": True}
+    assert apply_options([{"path": "a.jpg"}], {**none, "question": "What?"}, vqa) == [{"path": "a.jpg", "question": "What?"}]
+    with pytest.raises(BatchError, match="--question and the input's question column both say what to ask"):
+        apply_options(rows, {**none, "question": "What?"}, vqa)
+    with pytest.raises(BatchError, match="this model needs a question for every image"):
+        apply_options(rows, none, vqa)
+    with pytest.raises(BatchError, match=r"this model takes no question \(it takes: only images\)"):
+        apply_options(rows, none, {})
+    with pytest.raises(BatchError, match=r"this model takes no task \(it takes: question\)"):
+        apply_options([{"path": "a.jpg"}], {**none, "task": "<OD>"}, {"question": False})
+    assert apply_options(rows, none, {"question": False}) == rows  # a chat model's question is optional
 
 
 def test_resources_that_could_never_be_scheduled_are_refused():
@@ -180,9 +205,12 @@ def test_resources_that_could_never_be_scheduled_are_refused():
 
 
 def test_usage_errors_exit_2_before_starting_ray(tmp_path):
+    (tmp_path / "one.csv").write_text("path\na.jpg\n")
     for args, message in [([str(tmp_path / "none"), "--out", str(tmp_path / "o")], "no such folder, file or glob"),
                           ([str(tmp_path), "--out", str(tmp_path / "o"), "--model", str(tmp_path)], "manifest"),
-                          ([str(tmp_path), "--out", str(tmp_path / "o"), "--batch-size", "0"], "--batch-size")]:
+                          ([str(tmp_path), "--out", str(tmp_path / "o"), "--batch-size", "0"], "--batch-size"),
+                          ([str(tmp_path / "one.csv"), "--out", str(tmp_path / "o"), "--question", "Who?"],
+                           "this model takes no question")]:
         r = subprocess.run([sys.executable, "-m", "runtime.batch", *args], cwd=ROOT, capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr

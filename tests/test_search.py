@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from runtime.search import (GenerationConfig, beam_search, cached, empty_cache, generate, greedy, initial_state,
-                            log_softmax, prefix_logits, uncached)
+                            log_softmax, prefix_logits, sample_next_token, sampling_scores, uncached)
 
 VOCAB, EOS, BOS = 4, 0, 3
 
@@ -86,6 +86,59 @@ def test_batched_search_equals_one_image_at_a_time(beams):
     single = [search(toy_state([i]), prompt[:1])[0] for i in images]
     assert batched == single
     assert len({len(t) for t in single}) > 1, "the toy should finish at different lengths"
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 50, 1.0), (1.3, 0, 0.9), (0.5, 20, 0.8),
+                                                       (2.0, 1, 0.5), (1.0, 0, 1e-6)])
+def test_sampling_filters_equal_transformers_warpers(temperature, top_k, top_p):
+    """Temperature, top-k and top-p as transformers' generate applies them, in its order."""
+    import torch
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    logits = np.random.default_rng(0).normal(scale=6.0, size=(5, 1000)).astype(np.float32)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    want = warpers(None, torch.from_numpy(logits)).numpy()
+    got = sampling_scores(logits, GenerationConfig(8, temperature=temperature, top_k=top_k, top_p=top_p))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+    assert np.isfinite(got).sum(-1).min() >= 1  # the most likely token is always kept
+
+
+def test_samples_follow_the_filtered_distribution():
+    """10,000 draws from five tokens: each token's frequency within 4.5 binomial standard errors of
+    its probability; top_k 3 never draws the other two."""
+    logits = np.array([[2.0, 1.0, 0.5, 0.0, -1.0]], dtype=np.float32)
+    for cfg in (GenerationConfig(8, temperature=1.0), GenerationConfig(8, temperature=0.5, top_k=3)):
+        rng = [np.random.default_rng(7)]
+        draws = np.array([sample_next_token(logits, cfg, rng)[0] for _ in range(10_000)])
+        probs = np.exp(log_softmax(sampling_scores(logits, cfg).astype(np.float64)))[0]
+        freq = np.bincount(draws, minlength=5) / len(draws)
+        assert np.all(np.abs(freq - probs) <= 4.5 * np.sqrt(probs * (1 - probs) / len(draws)) + 1e-12), (freq, probs)
+
+
+def test_sampling_is_seeded_per_row_and_temperature_zero_is_greedy():
+    step, images = uncached(toy_graph_step(4)), list(range(6))
+    prompt = np.full((len(images), 1), BOS)
+
+    def sample(state, p, **kw):
+        return generate(step, state, p, EOS, GenerationConfig(max_new_tokens=8, **kw))
+
+    hot = {"temperature": 3.0, "seed": 11}
+    batched = sample(toy_state(images), prompt, **hot)
+    assert batched == sample(toy_state(images), prompt, **hot)  # the same seed, the same tokens
+    assert batched == [sample(toy_state([i]), prompt[:1], **hot)[0] for i in images]  # whatever the batch
+    others = [sample(toy_state(images), prompt, temperature=3.0, seed=s) for s in range(12, 16)]
+    assert any(o != batched for o in others), "other seeds should draw other tokens"
+    greedy_tokens = sample(toy_state(images), prompt)
+    assert sample(toy_state(images), prompt, temperature=0.0, seed=3) == greedy_tokens
+    assert sample(toy_state(images), prompt, temperature=1.0, top_k=1, seed=3) == greedy_tokens
+    with pytest.raises(ValueError, match="one beam"):
+        GenerationConfig(8, num_beams=2, temperature=1.0)
+    for bad in ({"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}):
+        with pytest.raises(ValueError, match="temperature must be"):
+            GenerationConfig(8, **bad)
 
 
 def test_cached_and_uncached_feed_the_graph_differently():

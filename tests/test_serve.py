@@ -142,7 +142,7 @@ class Stub:
     """A captioner whose forward passes wait until the test lets them go (`release`): what is
     queued, timed out or refused is then decided by events, never by how fast this machine is."""
 
-    manifest = SimpleNamespace(data={"name": "stub"})
+    manifest = SimpleNamespace(data={"name": "stub"}, text_inputs={}, tasks=None)
     max_pixels = 10_000_000
 
     def __init__(self, per_pass: int = 8, fail: Exception | None = None):
@@ -151,10 +151,10 @@ class Stub:
     def images_per_pass(self, beams: int) -> int:
         return self.per_pass
 
-    def generation_config(self):
-        return SimpleNamespace(num_beams=1)
+    def generation_config(self, **settings):
+        return SimpleNamespace(num_beams=1, max_new_tokens=8)
 
-    def caption(self, images, batch_size):
+    def caption(self, images, batch_size, **settings):
         self.seen.append(len(images))
         self.entered.set()
         if not self.release.wait(60):
