@@ -13,7 +13,7 @@ int8|int4`): the package against the FP32 package it was made from, on the held-
   relative to the same scale (small: a near tie the package broke the other way);
 - cache_agreement and batch_agreement: the package's answers with and without its KV cache, and
   three photos answered together against one by one.
-Writes benchmarks/results/weight-only-<precision>.{md,json}.
+Writes benchmarks/results/weight-only-<precision>[-vision-int8].{md,json}.
 """
 
 import argparse
@@ -35,13 +35,13 @@ RESULTS = Path(__file__).parent / "results"
 QUESTIONS = (None, "How many objects are in this image?", "What colours do you see?")
 
 
-def answer_and_logits(cap: Captioner, tiles: np.ndarray, grid: tuple[int, int], question: str | None,
+def answer_and_logits(cap: Captioner, features: np.ndarray, grid: tuple[int, int], question: str | None,
                       forced: list[int] | None, max_new_tokens: int) -> tuple[list[int], np.ndarray | None]:
     """The package's greedy answer, and its logits along `forced` (an answer's tokens and its
-    end: one row per position that predicts them), from one vision pass."""
+    end: one row per position that predicts them), from the photo's features (its vision pass)."""
     cfg = cap.generation_config(max_new_tokens)
     prompt = cap.chat_prompt(question, [grid])
-    memory = cap.chat_memory(cap.chat_features(tiles)[None], prompt, grid)
+    memory = cap.chat_memory(features[None], prompt, grid)
     answer = generate(cached(cap.graphs.step), cap.graphs.start(memory, capacity(len(prompt), max_new_tokens)),
                       prompt[None], cap.eos, cfg)[0]
     if forced is None:
@@ -55,16 +55,17 @@ def gate(model: Path, reference: Path, photos: list[str], max_new_tokens: int) -
     cap, ref = Captioner(model), Captioner(reference)
     if cap.manifest.chat is None:
         raise PackageError(f"{model} is not a chat model's package (no chat section in its manifest)")
-    if ref.manifest.precision != "fp32":
-        raise PackageError(f"{reference} is a {ref.manifest.precision} package; the reference is the FP32 one")
+    if ref.manifest.data["precision"] != "fp32":
+        raise PackageError(f"{reference} is a {ref.manifest.data['precision']} package; the reference is the FP32 one")
     pairs, agree, positions, worst_rel, margins = [], 0, 0, 0.0, []
     for photo in photos:
         tiles, grid = ref.chat_tiles(photo)
+        theirs, ours = ref.chat_features(tiles), cap.chat_features(tiles)  # one vision pass each per photo
         for question in QUESTIONS:
-            want, _ = answer_and_logits(ref, tiles, grid, question, None, max_new_tokens)
+            want, _ = answer_and_logits(ref, theirs, grid, question, None, max_new_tokens)
             forced = want[:max_new_tokens - 1]  # a capped answer never fed its last token back
-            _, fp32 = answer_and_logits(ref, tiles, grid, question, forced, max_new_tokens)
-            got, logits = answer_and_logits(cap, tiles, grid, question, forced, max_new_tokens)
+            _, fp32 = answer_and_logits(ref, theirs, grid, question, forced, max_new_tokens)
+            got, logits = answer_and_logits(cap, ours, grid, question, forced, max_new_tokens)
             scale = float(np.abs(fp32).max())
             differ = logits.argmax(-1) != fp32.argmax(-1)
             top2 = np.sort(fp32, -1)[:, -2:]
@@ -76,7 +77,9 @@ def gate(model: Path, reference: Path, photos: list[str], max_new_tokens: int) -
     same = sum(p["same"] for p in pairs)
     three = photos[:3]
     batched = [c.tokens for c in cap.caption(three, max_new_tokens)]
-    return {"package": str(model), "precision": cap.manifest.precision, "reference": str(reference),
+    vision = cap.manifest.data["source"].get("quantization", {}).get("vision", {}).get("compute", "fp32")
+    return {"package": str(model), "precision": cap.manifest.data["precision"], "vision_compute": vision,
+            "reference": str(reference),
             "photos": len(photos), "questions": [q or cap.manifest.chat["question"] for q in QUESTIONS],
             "max_new_tokens": max_new_tokens, "same_answer": same / len(pairs), "same_answer_ci95": wilson(same, len(pairs)),
             "teacher_forced_top1": agree / positions, "answer_positions": positions,
@@ -94,7 +97,7 @@ def report(r: dict) -> str:
     size, fp32 = sum(r["size_mib"].values()), sum(r["fp32_size_mib"].values())
     margin = "-" if r["min_fp32_margin_where_differ"] is None else f"{r['min_fp32_margin_where_differ']:.4f}"
     return "\n".join([
-        f"{r['precision'].upper()} package against its FP32 package: {r['photos']} held-out photos x "
+        f"{r['precision'].upper()} package (vision {r['vision_compute']}) against its FP32 package: {r['photos']} held-out photos x "
         f"{len(r['questions'])} questions, greedy, at most {r['max_new_tokens']} tokens.", "",
         "| same answer (95% CI) | teacher-forced top-1 | max relative logit diff | smallest FP32 margin where they differ "
         "| cache = no cache | batch 3 = one by one | size MiB (FP32) |", "|---|---|---|---|---|---|---|",
@@ -121,8 +124,9 @@ def main(argv=None) -> int:
     table, payload = report(result), json.dumps(result, indent=2) + "\n"
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"weight-only-{result['precision']}.md").write_text(table)
-    (RESULTS / f"weight-only-{result['precision']}.json").write_text(payload)
+    name = f"weight-only-{result['precision']}" + ("-vision-int8" if result["vision_compute"] == "int8" else "")
+    (RESULTS / f"{name}.md").write_text(table)
+    (RESULTS / f"{name}.json").write_text(payload)
     if args.json:
         args.json.write_text(payload)
     return 0
