@@ -1,4 +1,4 @@
-"""python -m benchmarks.latency [--model PKG] [--hf DIR [--peer-python PY]] [--florence2 DIR] [--chat DIR [--llama-mtmd BIN --gguf MMPROJ MODEL...]] [--quick] [--json OUT]
+"""python -m benchmarks.latency [--model PKG] [--hf DIR [--peer-python PY]] [--florence2 DIR] [--chat DIR [--packages DIR] [--llama-mtmd BIN --gguf MMPROJ MODEL...]] [--quick] [--json OUT]
 
 Engines side by side in one process: each scenario's rounds interleave the variants
 (A B C A B C ...) after a warm-up, and the report gives medians and p90 over rounds.
@@ -428,13 +428,17 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     from export.quantize import quantize_package
     from runtime import Captioner
 
-    package, tokens, start = work / "fp32", args.max_tokens or 32, time.perf_counter()
-    export_hf(args.chat, package)
-    notes = {"chat_folder": str(args.chat), "export_s": round(time.perf_counter() - start, 1), "new_tokens": tokens}
-    variants_dirs = {"FP32": package}
-    for precision in ("int8", "int4"):
-        quantize_package(package, precision, work / precision)
-        variants_dirs[precision.upper()] = work / precision
+    made, tokens, start = args.packages or work, args.max_tokens or 32, time.perf_counter()
+    package = made / "fp32"
+    if args.packages is None:
+        export_hf(args.chat, package)
+        for precision in ("int8", "int4"):
+            quantize_package(package, precision, work / precision)
+    notes = {"chat_folder": str(args.chat), "new_tokens": tokens,
+             **({} if args.packages else {"export_and_quantize_s": round(time.perf_counter() - start, 1)})}
+    # With --packages, an INT4 package whose vision MatMuls compute in int8 joins where it is there.
+    variants_dirs = {name.upper(): made / name for name in ("fp32", "int8", "int4", "int4-vision-int8")
+                     if name != "int4-vision-int8" or (made / name).is_dir()}
     caps = {name: Captioner(folder, provider="cpu", threads=threads) for name, folder in variants_dirs.items()}
     notes |= {f"{name.lower()}_package_mib": round(sum(f.stat().st_size for f in folder.iterdir()) / 2**20, 1)
               for name, folder in variants_dirs.items()}
@@ -701,6 +705,10 @@ def main(argv=None) -> int:
     parser.add_argument("--chat", type=Path, default=None,
                         help="an LLM-based model's folder (e.g. `python -m export random-hf DIR --encoder smolvlm --size "
                              "256m`): transformers vs the runtime FP32, INT8 and INT4 alone, into latency-chat-cpu.*")
+    parser.add_argument("--packages", type=Path, default=None,
+                        help="with --chat: a folder holding fp32, int8 and int4 packages already exported from it "
+                             "(`python -m export hf` and `quantize`, e.g. at the --rtol its scale needs), and "
+                             "optionally int4-vision-int8 (`quantize --precision int4 --vision-compute int8`)")
     parser.add_argument("--llama-mtmd", type=Path, default=None,
                         help="with --chat: llama.cpp's llama-mtmd-cli binary, run on --gguf as a peer")
     parser.add_argument("--gguf", type=Path, nargs="+", default=[],
@@ -715,6 +723,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.llama_mtmd and (not args.chat or len(args.gguf) < 2):
         parser.error("--llama-mtmd goes with --chat and --gguf MMPROJ MODEL [MODEL ...]")
+    if args.packages and not args.chat:
+        parser.error("--packages goes with --chat")
     try:
         import torch
     except ModuleNotFoundError as e:
