@@ -43,7 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -349,6 +349,8 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
             await asyncio.wait_for(receive(), cfg.read_timeout_s)
         except TimeoutError:
             raise HTTPError(408, f"the request body did not arrive within {cfg.read_timeout_s:g} s") from None
+        except ClientDisconnect:  # gone mid-body: nobody to answer, nothing to log as a failure
+            raise HTTPError(400, "the client disconnected before its body arrived") from None
         return bytes(body)
 
     async def uploaded_file(request: Request) -> bytes:

@@ -293,3 +293,19 @@ def test_without_the_serve_extra_the_entry_point_says_so():
     code = ("import sys; sys.modules['uvicorn'] = None; from runtime.serve import main; sys.exit(main([]))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: python -m runtime.serve needs the serve extra")
+
+
+def test_clients_that_leave_mid_body_leave_the_service_answering():
+    """Clients that hang up while their bodies trickle in (a load balancer's retries, a phone going
+    out of range) are requests without anyone to answer: the service drops them and keeps serving."""
+    with server() as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(50):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as gone:
+                gone.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + bytes(10))
+        status, reply, _ = call(f"{url}/v2/health/ready")
+        assert status == 200
+        request = urllib.request.Request(f"{url}/metrics")
+        with urllib.request.urlopen(request, timeout=30) as r:
+            metrics = r.read().decode()
+        assert 'edgecap_requests_total{endpoint="caption",status="400"}' in metrics
