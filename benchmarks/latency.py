@@ -13,7 +13,7 @@ Engines side by side in one process: each scenario's rounds interleave the varia
 - With --chat DIR (alone; an LLM-based model's folder): transformers' processor + `generate` vs the
   runtime FP32, INT8 and INT4, one photo and its default question, every answer --max-tokens long
   (EOS off), and whole processes; with --llama-mtmd BIN --gguf MMPROJ MODEL..., llama.cpp's
-  llama-mtmd-cli on the same folder converted to GGUF, as a peer. Into latency-chat-cpu.*.
+  llama-mtmd-cli on the same folder converted to GGUF, as a peer. Into latency-chat-<model_type>-cpu.*.
 - With --florence2 DIR (alone): transformers' Florence-2 processor + `generate` vs the runtime FP32
   and INT8 (`--vision-compute int8`), <CAPTION> and <OD>, greedy and beam 3, and whole processes'
   cold start and peak RSS, into latency-florence2-cpu.*.
@@ -704,7 +704,7 @@ def main(argv=None) -> int:
                              "measure it alone, into latency-florence2-cpu.*")
     parser.add_argument("--chat", type=Path, default=None,
                         help="an LLM-based model's folder (e.g. `python -m export random-hf DIR --encoder smolvlm --size "
-                             "256m`): transformers vs the runtime FP32, INT8 and INT4 alone, into latency-chat-cpu.*")
+                             "256m`): transformers vs the runtime FP32, INT8 and INT4 alone, into latency-chat-<model_type>-cpu.*")
     parser.add_argument("--packages", type=Path, default=None,
                         help="with --chat: a folder holding fp32, int8 and int4 packages already exported from it "
                              "(`python -m export hf` and `quantize`, e.g. at the --rtol its scale needs), and "
@@ -765,7 +765,8 @@ def main(argv=None) -> int:
     payload = json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
-        name = "latency-florence2-cpu" if args.florence2 else "latency-chat-cpu" if args.chat else "latency-cpu"
+        chat = args.chat and f"latency-chat-{json.loads((args.chat / 'config.json').read_text())['model_type']}-cpu"
+        name = "latency-florence2-cpu" if args.florence2 else chat or "latency-cpu"
         (RESULTS / f"{name}.md").write_text(table)
         (RESULTS / f"{name}.json").write_text(payload)
         plot(results, RESULTS / f"{name}.png")
