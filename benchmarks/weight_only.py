@@ -13,7 +13,7 @@ int8|int4`): the package against the FP32 package it was made from, on the held-
   relative to the same scale (small: a near tie the package broke the other way);
 - cache_agreement and batch_agreement: the package's answers with and without its KV cache, and
   three photos answered together against one by one.
-Writes benchmarks/results/weight-only-<precision>[-vision-int8].{md,json}.
+Writes benchmarks/results/weight-only-<family>-<precision>[-vision-int8].{md,json}.
 """
 
 import argparse
@@ -78,7 +78,8 @@ def gate(model: Path, reference: Path, photos: list[str], max_new_tokens: int) -
     three = photos[:3]
     batched = [c.tokens for c in cap.caption(three, max_new_tokens)]
     vision = cap.manifest.data["source"].get("quantization", {}).get("vision", {}).get("compute", "fp32")
-    return {"package": str(model), "precision": cap.manifest.data["precision"], "vision_compute": vision,
+    return {"package": str(model), "model": cap.manifest.data["source"]["model"],
+            "precision": cap.manifest.data["precision"], "vision_compute": vision,
             "reference": str(reference),
             "photos": len(photos), "questions": [q or cap.manifest.chat["question"] for q in QUESTIONS],
             "max_new_tokens": max_new_tokens, "same_answer": same / len(pairs), "same_answer_ci95": wilson(same, len(pairs)),
@@ -124,7 +125,8 @@ def main(argv=None) -> int:
     table, payload = report(result), json.dumps(result, indent=2) + "\n"
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    name = f"weight-only-{result['precision']}" + ("-vision-int8" if result["vision_compute"] == "int8" else "")
+    family = result["model"].removesuffix("ForConditionalGeneration").lower()
+    name = f"weight-only-{family}-{result['precision']}" + ("-vision-int8" if result["vision_compute"] == "int8" else "")
     (RESULTS / f"{name}.md").write_text(table)
     (RESULTS / f"{name}.json").write_text(payload)
     if args.json:
