@@ -78,6 +78,20 @@ def transparent() -> dict[str, Image.Image]:
     return {"rgba": rgba, "la": la, "palette": palette}
 
 
+def saved(folder: Path, arrays: dict[str, np.ndarray]) -> list[Path]:
+    """Each array saved as FOLDER/NAME.png, in order: photos as files, as a user passes them."""
+    for name, array in arrays.items():
+        Image.fromarray(array).save(folder / f"{name}.png")
+    return [folder / f"{name}.png" for name in arrays]
+
+
+def same_size_photos(folder: Path) -> list[Path]:
+    """Three photos resized to 300x200: one tiling or grid, so a chat model answers them in one batch."""
+    pictures = photos()
+    return saved(folder, {n: np.asarray(Image.fromarray(pictures[n]).resize((300, 200)))
+                          for n in ("chelsea", "coffee", "motorcycle")})
+
+
 def write_video(path: Path, segments: list[np.ndarray], codec: str, fps: int = 10) -> Path:
     """A video showing each HxWx3 frame for one second. ffv1 in Matroska is lossless (frames
     decode to exactly these pixels); libx264 is what cameras and phones write."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import caption_without_torch, hf_pair, photos, transparent
+from helpers import caption_without_torch, hf_pair, photos, same_size_photos, saved, transparent
 from runtime import Captioner
 from runtime.preprocess import open_image, to_grid
 
@@ -36,28 +36,17 @@ def qwen(tmp_path_factory):
 def images(tmp_path_factory) -> list:
     """Photos whose grids differ: square, 4:3, 2:1 and 1:3 (a grid whose rows outnumber its columns,
     which M-RoPE's text positions after the image depend on), and a tiny one scaled up to min_pixels."""
-    folder = tmp_path_factory.mktemp("qwen-images")
     pictures = photos()
     arrays = [pictures["astronaut"], pictures["chelsea"],
               np.asarray(Image.fromarray(pictures["rocket"]).resize((400, 200))),
               np.asarray(Image.fromarray(pictures["coffee"]).resize((120, 360))),
               np.asarray(Image.fromarray(pictures["motorcycle"]).resize((30, 20)))]
-    paths = []
-    for i, array in enumerate(arrays):
-        Image.fromarray(array).save(folder / f"{i}.png")
-        paths.append(folder / f"{i}.png")
-    return paths
+    return saved(tmp_path_factory.mktemp("qwen-images"), {str(i): a for i, a in enumerate(arrays)})
 
 
 @pytest.fixture(scope="module")
 def same_size(tmp_path_factory) -> list:
-    folder = tmp_path_factory.mktemp("qwen-same")
-    pictures = photos()
-    paths = []
-    for name in ("chelsea", "coffee", "motorcycle"):
-        Image.fromarray(pictures[name]).resize((300, 200)).save(folder / f"{name}.png")
-        paths.append(folder / f"{name}.png")
-    return paths
+    return same_size_photos(tmp_path_factory.mktemp("qwen-same"))
 
 
 def test_pixels_and_prompt_ids_equal_the_processors(qwen, images):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import caption_without_torch, hf_pair, photos, transparent
+from helpers import caption_without_torch, hf_pair, photos, same_size_photos, saved, transparent
 from runtime import Captioner
 from runtime.preprocess import open_image, to_tiles
 
@@ -34,26 +34,14 @@ def smolvlm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list:
     """Three aspect ratios: square (4x4 tiles), 4:3 (3x4), 2:1 (2x4); and three of one size (one batch)."""
-    folder = tmp_path_factory.mktemp("smolvlm-images")
     pictures = photos()
     wide = np.asarray(Image.fromarray(pictures["rocket"]).resize((400, 200)))
-    arrays = [pictures["astronaut"], pictures["chelsea"], wide]
-    paths = []
-    for i, array in enumerate(arrays):
-        Image.fromarray(array).save(folder / f"{i}.png")
-        paths.append(folder / f"{i}.png")
-    return paths
+    return saved(tmp_path_factory.mktemp("smolvlm-images"), {"0": pictures["astronaut"], "1": pictures["chelsea"], "2": wide})
 
 
 @pytest.fixture(scope="module")
 def same_size(tmp_path_factory) -> list:
-    folder = tmp_path_factory.mktemp("smolvlm-same")
-    pictures = photos()
-    paths = []
-    for name in ("chelsea", "coffee", "motorcycle"):
-        Image.fromarray(pictures[name]).resize((300, 200)).save(folder / f"{name}.png")
-        paths.append(folder / f"{name}.png")
-    return paths
+    return same_size_photos(tmp_path_factory.mktemp("smolvlm-same"))
 
 
 def test_tiles_and_prompt_ids_equal_the_processors(smolvlm, images):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..check import ExportError
-from .llm import CausalLM
+from .common import chat_prompt_and_eos, chat_processor, chat_reference_inputs, chat_section
+from .llm import ChatCaptioner
 
 ARCHITECTURE, MODEL_TYPE = "FastVlmForConditionalGeneration", "fast_vlm"
 SUPPORTS = "FastVlmForConditionalGeneration"
@@ -48,25 +48,8 @@ class ImageFeatures(nn.Module):
         return self.projector(self.tower(pixels).last_hidden_state.flatten(2).permute(0, 2, 1))
 
 
-class Captioner(nn.Module):
-    """vision(images) -> ([features],); step(...) as export.hf.llm.CausalLM."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.features, self.lm = ImageFeatures(model), CausalLM(model.model.language_model, model.lm_head)
-
-    def memory(self, pixels):
-        return self.features(pixels)
-
-    def vision(self, pixels):
-        return ([self.features(pixels)],)
-
-    def step(self, *feeds):
-        return self.lm(*feeds)
-
-
-def captioner(model) -> Captioner:
-    return Captioner(model).eval()
+def captioner(model) -> ChatCaptioner:
+    return ChatCaptioner(ImageFeatures(model), model.model.language_model, model.lm_head).eval()
 
 
 def text_config(model):
@@ -78,15 +61,7 @@ def describe(model) -> str:
 
 
 def processor(src: Path):
-    """transformers' LlavaProcessor with its PIL-backend image processor."""
-    from transformers import AutoImageProcessor, AutoProcessor
-
-    try:
-        proc = AutoProcessor.from_pretrained(src, local_files_only=True)
-        proc.image_processor = AutoImageProcessor.from_pretrained(src, local_files_only=True, backend="pil")
-    except (OSError, ValueError, ImportError) as e:
-        raise ExportError(f"{src}: no usable FastVLM processor ({str(e).splitlines()[0]})") from None
-    return proc
+    return chat_processor(src, "FastVLM")
 
 
 def chat(src: Path) -> dict:
@@ -95,25 +70,18 @@ def chat(src: Path) -> dict:
     from PIL import Image
 
     proc = processor(src)
-    if not proc.chat_template:
-        raise ExportError(f"{src}: the processor has no chat template")
     ids = proc(text=proc.image_token, images=[Image.new("RGB", (64, 48))], return_tensors="np").input_ids[0]
-    return {"template": proc.chat_template, "question": DEFAULT_QUESTION,
-            "image": {"layout": "repeat", "tokens": int((ids == proc.image_token_id).sum()), "image": proc.image_token}}
+    return chat_section(src, proc, DEFAULT_QUESTION, {"layout": "repeat", "tokens": int((ids == proc.image_token_id).sum()),
+                                                      "image": proc.image_token})
 
 
 def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
-    if prompt:
-        raise ExportError(f"{src}: a FastVLM takes its question at run time (--question), not a prompt at export")
-    return [], model.generation_config.eos_token_id
+    return chat_prompt_and_eos(src, "FastVLM", model, prompt)
 
 
 def reference_inputs(src: Path, images, question: str):
     """transformers' processor on these images (one per row) and question."""
-    proc = processor(src)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = proc.apply_chat_template(messages, add_generation_prompt=True)
-    return proc(text=[text] * len(images), images=list(images), return_tensors="pt")
+    return chat_reference_inputs(processor(src), list(images), question)
 
 
 def reference_logits(model, inputs, ids):

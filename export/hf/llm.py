@@ -92,3 +92,21 @@ class CausalLM(nn.Module):
             keys.append(k)
             values.append(v)
         return self.lm_head(norm(m.norm, pick(x, logit_index))), keys, values
+
+
+class ChatCaptioner(nn.Module):
+    """A chat family's two graphs: vision(pixels) -> ([features],) through the family's `features`
+    module; step(...) is CausalLM over its language model and output head."""
+
+    def __init__(self, features: nn.Module, language_model: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.features, self.lm = features, CausalLM(language_model, lm_head)
+
+    def memory(self, pixels):
+        return self.features(pixels)
+
+    def vision(self, pixels):
+        return ([self.features(pixels)],)
+
+    def step(self, *feeds):
+        return self.lm(*feeds)

@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..check import ExportError
 from ..kv import attend, rotary
-from .common import RESAMPLE
-from .llm import CausalLM, norm
+from .common import chat_prompt_and_eos, chat_processor, chat_reference_inputs, chat_section, pixel_settings
+from .llm import ChatCaptioner, norm
 
 ARCHITECTURE, MODEL_TYPE = "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"
 SUPPORTS = "Qwen2_5_VLForConditionalGeneration"
@@ -91,25 +90,8 @@ class ImageFeatures(nn.Module):
         return merger.mlp(norm(merger.ln_q, x).reshape(n, rows * cols, -1))
 
 
-class Captioner(nn.Module):
-    """vision(pixels) -> ([features],); step(...) as export.hf.llm.CausalLM, with M-RoPE positions."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.features, self.lm = ImageFeatures(model), CausalLM(model.model.language_model, model.lm_head)
-
-    def memory(self, pixels):
-        return self.features(pixels)
-
-    def vision(self, pixels):
-        return ([self.features(pixels)],)
-
-    def step(self, *feeds):
-        return self.lm(*feeds)
-
-
-def captioner(model) -> Captioner:
-    return Captioner(model).eval()
+def captioner(model) -> ChatCaptioner:
+    return ChatCaptioner(ImageFeatures(model), model.model.language_model, model.lm_head).eval()
 
 
 def text_config(model):
@@ -121,52 +103,30 @@ def describe(model) -> str:
 
 
 def processor(src: Path):
-    """transformers' Qwen2.5-VL processor with its PIL-backend image processor."""
-    from transformers import AutoImageProcessor, AutoProcessor
-
-    try:
-        proc = AutoProcessor.from_pretrained(src, local_files_only=True)
-        proc.image_processor = AutoImageProcessor.from_pretrained(src, local_files_only=True, backend="pil")
-    except (OSError, ValueError, ImportError) as e:
-        raise ExportError(f"{src}: no usable Qwen2.5-VL processor ({str(e).splitlines()[0]})") from None
-    return proc
+    return chat_processor(src, "Qwen2.5-VL")
 
 
 def preprocess_spec(src: Path) -> dict:
     """The image processor's smart_resize in the manifest's terms (preprocess kind "grid")."""
     ip = processor(src).image_processor
-    resample = int(ip.resample)
-    if resample not in RESAMPLE or not (ip.do_resize and ip.do_rescale and ip.do_normalize):
-        raise ExportError(f"{src}: image processor settings the runtime does not implement (resample {resample}, "
-                          f"resize {ip.do_resize}, rescale {ip.do_rescale}, normalize {ip.do_normalize})")
     return {"kind": "grid", "factor": int(ip.patch_size * ip.merge_size), "min_pixels": int(ip.size["shortest_edge"]),
-            "max_pixels": int(ip.size["longest_edge"]), "resample": RESAMPLE[resample],
-            "rescale": float(ip.rescale_factor), "mean": [float(m) for m in ip.image_mean],
-            "std": [float(s) for s in ip.image_std]}
+            "max_pixels": int(ip.size["longest_edge"]), **pixel_settings(src, ip)}
 
 
 def chat(src: Path) -> dict:
     """The manifest's `chat`: the chat template, and the image as one <|image_pad|> per feature
     (layout "grid": merged rows x cols of this photo)."""
     proc = processor(src)
-    if not proc.chat_template:
-        raise ExportError(f"{src}: the processor has no chat template")
-    return {"template": proc.chat_template, "question": DEFAULT_QUESTION,
-            "image": {"layout": "grid", "image": proc.image_token}}
+    return chat_section(src, proc, DEFAULT_QUESTION, {"layout": "grid", "image": proc.image_token})
 
 
 def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
-    if prompt:
-        raise ExportError(f"{src}: a Qwen2.5-VL takes its question at run time (--question), not a prompt at export")
-    return [], model.generation_config.eos_token_id
+    return chat_prompt_and_eos(src, "Qwen2.5-VL", model, prompt)
 
 
 def reference_inputs(src: Path, images, question: str):
     """transformers' processor on these images (one per row) and question."""
-    proc = processor(src)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = proc.apply_chat_template(messages, add_generation_prompt=True)
-    return proc(text=[text] * len(images), images=list(images), return_tensors="pt")
+    return chat_reference_inputs(processor(src), list(images), question)
 
 
 def patches(pixels: torch.Tensor, patch: int = 14, merge: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

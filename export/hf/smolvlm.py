@@ -16,9 +16,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..check import ExportError
-from .common import RESAMPLE
-from .llm import CausalLM
+from .common import chat_prompt_and_eos, chat_processor, chat_reference_inputs, chat_section, pixel_settings
+from .llm import ChatCaptioner
 
 ARCHITECTURE, MODEL_TYPE = "SmolVLMForConditionalGeneration", "smolvlm"
 ARCHITECTURES = (ARCHITECTURE, "Idefics3ForConditionalGeneration")
@@ -55,25 +54,8 @@ class ImageFeatures(nn.Module):
         return self.connector(x)
 
 
-class Captioner(nn.Module):
-    """vision(tiles) -> ([features],); step(...) as export.hf.llm.CausalLM."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.features, self.lm = ImageFeatures(model), CausalLM(model.model.text_model, model.lm_head)
-
-    def memory(self, pixels):
-        return self.features(pixels)
-
-    def vision(self, pixels):
-        return ([self.features(pixels)],)
-
-    def step(self, *feeds):
-        return self.lm(*feeds)
-
-
-def captioner(model) -> Captioner:
-    return Captioner(model).eval()
+def captioner(model) -> ChatCaptioner:
+    return ChatCaptioner(ImageFeatures(model), model.model.text_model, model.lm_head).eval()
 
 
 def text_config(model):
@@ -85,51 +67,31 @@ def describe(model) -> str:
 
 
 def processor(src: Path):
-    """transformers' processor with its PIL-backend image processor (the runtime resizes with Pillow)."""
-    from transformers import AutoImageProcessor, AutoProcessor
-
-    try:
-        proc = AutoProcessor.from_pretrained(src, local_files_only=True)
-        proc.image_processor = AutoImageProcessor.from_pretrained(src, local_files_only=True, backend="pil")
-    except (OSError, ValueError, ImportError) as e:
-        raise ExportError(f"{src}: no usable SmolVLM processor ({str(e).splitlines()[0]})") from None
-    return proc
+    return chat_processor(src, "SmolVLM")
 
 
 def preprocess_spec(src: Path) -> dict:
     """The image processor's tiling in the manifest's terms (preprocess kind "tiles")."""
     ip = processor(src).image_processor
-    resample = int(ip.resample)
-    if resample not in RESAMPLE or not (ip.do_resize and ip.do_rescale and ip.do_normalize):
-        raise ExportError(f"{src}: image processor settings the runtime does not implement (resample {resample}, "
-                          f"resize {ip.do_resize}, rescale {ip.do_rescale}, normalize {ip.do_normalize})")
     return {"kind": "tiles", "longest_edge": int(ip.size["longest_edge"]), "tile": int(ip.max_image_size["longest_edge"]),
-            "split": bool(ip.do_image_splitting), "resample": RESAMPLE[resample], "rescale": float(ip.rescale_factor),
-            "mean": [float(m) for m in ip.image_mean], "std": [float(s) for s in ip.image_std]}
+            "split": bool(ip.do_image_splitting), **pixel_settings(src, ip)}
 
 
 def chat(src: Path) -> dict:
     """The manifest's `chat`: the processor's chat template and how an image is laid out in the prompt."""
     proc = processor(src)
-    if not proc.chat_template:
-        raise ExportError(f"{src}: the processor has no chat template")
-    return {"template": proc.chat_template, "question": DEFAULT_QUESTION,
-            "image": {"layout": "tiles", "tokens": int(proc.image_seq_len), "image": proc.image_token,
-                      "around": proc.fake_image_token, "global": proc.global_image_token}}
+    return chat_section(src, proc, DEFAULT_QUESTION, {"layout": "tiles", "tokens": int(proc.image_seq_len),
+                                                      "image": proc.image_token, "around": proc.fake_image_token,
+                                                      "global": proc.global_image_token})
 
 
 def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
-    if prompt:
-        raise ExportError(f"{src}: a SmolVLM takes its question at run time (--question), not a prompt at export")
-    return [], model.generation_config.eos_token_id
+    return chat_prompt_and_eos(src, "SmolVLM", model, prompt)
 
 
 def reference_inputs(src: Path, images, question: str):
     """transformers' processor on these images (one per row) and question, as the model card calls it."""
-    proc = processor(src)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = proc.apply_chat_template(messages, add_generation_prompt=True)
-    return proc(text=[text] * len(images), images=[[image] for image in images], return_tensors="pt")
+    return chat_reference_inputs(processor(src), [[image] for image in images], question)
 
 
 def reference_logits(model, inputs, ids):
