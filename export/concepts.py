@@ -1,6 +1,8 @@
 """What the bundled captioner is trained to say: ImageNet classes, their coarse
-groups, and the rule turning a classifier's top-k distribution into an English
-sentence (articles, mass nouns and plurals, hedging when the classifier is unsure).
+groups, and the rule turning what the vision graph sees (the classifier's top-k over the whole
+photo and over four regions, and the faces found) into an English sentence: articles, mass
+nouns and plurals, hedging when the classifier is unsure, people and their count, the other
+objects the regions are sure of.
 
 The rule only writes *training targets*. At run time the trained decoder produces
 captions token by token from the encoder's top-k; nothing here ships to the runtime.
@@ -11,7 +13,23 @@ from functools import lru_cache
 
 import numpy as np
 
-TOP_K = 5
+TOP_K = 5  # classes per whole photo
+REGIONS, REGION_TOP_K = 4, 3  # the photo's quadrants (export.encoder.region_logits), classes each
+FACES = 3  # face slots (export.faces)
+PERSON_P = 0.95  # a face slot at this probability or more is a person; below it, a look-alike
+THRESHOLD_FACE = 0.7  # the detector's last stage: weaker faces are zeros (export.faces)
+REGION_SURE = 0.7  # a region's top class at this probability or more is an object in the photo
+EXTRAS = 2  # objects named besides the main one
+# What people wear: with a face in the photo, the classifier's answer is the person's clothes.
+WORN = frozenset({
+    "abaya", "academic gown", "apron", "bow tie", "brassiere", "bulletproof vest", "cardigan", "cowboy hat",
+    "feather boa", "fur coat", "gown", "jean", "jersey", "kimono", "lab coat", "tank suit", "maillot",
+    "miniskirt", "military uniform", "mortarboard", "overskirt", "pajama", "poncho", "sarong", "sombrero",
+    "suit", "sunglasses", "sunglass", "sweatshirt", "swimming trunks", "trench coat", "vestment", "wig",
+    "bikini", "bonnet", "crash helmet", "football helmet", "shower cap", "stole", "cloak", "hoopskirt",
+    "ski mask", "gasmask", "oxygen mask", "necklace", "hair slide", "lipstick", "windsor tie", "bolo tie",
+    "bathing cap", "mask", "neck brace", "chain mail", "breastplate", "cuirass", "pickelhaube",
+})
 
 # Coarse group noun per ImageNet index range (the class list follows WordNet order).
 GROUP_RANGES = [
@@ -72,6 +90,20 @@ def class_groups() -> tuple[str | None, ...]:
 
 
 @lru_cache(maxsize=1)
+def group_members() -> dict[str, tuple[int, ...]]:
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(class_groups()):
+        if g:
+            members.setdefault(g, []).append(i)
+    return {g: tuple(m) for g, m in members.items()}
+
+
+@lru_cache(maxsize=1)
+def worn_ids() -> tuple[int, ...]:
+    return tuple(sorted(class_names().index(n) for n in WORN))
+
+
+@lru_cache(maxsize=1)
 def _class_pattern() -> re.Pattern:
     names = sorted(set(class_names()), key=len, reverse=True)  # longest first: "tiger cat" before "cat"
     return re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
@@ -91,8 +123,16 @@ def with_article(noun: str) -> str:
     return ("an " if vowel else "a ") + noun
 
 
+def listed(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def people(count: int) -> str:
+    return {1: "a person", 2: "two people"}.get(count, "a group of people")
+
+
 def describe(ids, probs) -> str:
-    """Training target for a top-k classifier output, sorted by probability."""
+    """What a top-k classifier output alone says, sorted by probability."""
     names, groups = class_names(), class_groups()
     (c1, c2), (p1, p2) = ids[:2], probs[:2]
     f1, f2, g = names[c1], names[c2], groups[c1]
@@ -111,38 +151,91 @@ def describe(ids, probs) -> str:
     return f"an unclear photo, perhaps {with_article(f1)} or {with_article(f2)}"
 
 
+def sure_of(ids, probs) -> str | None:
+    """The main object when the classifier is sure of it (as `describe` names it without a hedge):
+    the class at p >= 0.5, else its group when the group holds half the mass."""
+    names, groups = class_names(), class_groups()
+    g = groups[ids[0]]
+    if probs[0] >= 0.5:
+        return names[ids[0]]
+    if g and sum(p for c, p in zip(ids, probs) if groups[c] == g) >= 0.5:
+        return g
+    return None
+
+
+def scene_objects(ids, probs, region_ids, region_probs, with_people: bool) -> list[str]:
+    """The objects a caption names, main first: the whole photo's if sure, then (up to 1 + EXTRAS in all)
+    from regions sure of their top class (named by its group, once per group), most sure first.
+    With people, what they wear is no object."""
+    names, groups = class_names(), class_groups()
+    main = sure_of(ids, probs)
+    named = [main] if main and not (with_people and main in WORN) else []
+    nouns = {groups[ids[0]] or names[ids[0]]} if main else set()
+    for r in np.argsort(-region_probs[:, 0], kind="stable"):
+        c, p = region_ids[r, 0], region_probs[r, 0]
+        noun = groups[c] or names[c]
+        if p < REGION_SURE or len(named) == 1 + EXTRAS:
+            break
+        if noun in nouns or (with_people and names[c] in WORN):
+            continue
+        nouns.add(noun)
+        named.append(noun)
+    return named
+
+
+def describe_scene(ids, probs, region_ids, region_probs, faces) -> str:
+    """Training target for what the vision graph sees: people first (with what they hold or wear),
+    then the objects; a photo with one object and no people gets `describe`'s sentence."""
+    count = int((faces[:, 0] >= PERSON_P).sum())
+    objects = scene_objects(ids, probs, region_ids, region_probs, count > 0)
+    things = [with_article(o) for o in objects]
+    if count:
+        worn = class_names()[ids[0]]
+        if things:
+            return f"a photo of {people(count)} with {listed(things)}"
+        if count == 1 and worn in WORN and probs[0] >= 0.3:
+            return f"a photo of a person wearing {with_article(worn)}"
+        return f"a photo of {people(count)}"
+    if len(things) < 2:
+        return describe(ids, probs)
+    return f"a photo of {listed(things)}"
+
+
 # A quarter of the training examples are what the classifier says about images that are no
 # photos (diagrams, charts, icons, noise): without them the decoder looped on such outputs
 # ("a photo of an envelope or an an an ...": a runner-up it had never met in that position).
 ODD_SHARE = 0.25
+# The rest: photos of one object, of several, and of people (with what they wear, hold or stand by).
+SCENES = {"one": 0.25, "several": 0.3, "people": 0.2}
+Signals = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # ids, probs, region ids/probs, faces
 
 
-def odd_distribution(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Five unrelated classes, nearly flat. Shaped on EfficientNet-Lite0's outputs for 520 such
+def odd_distribution(rng: np.random.Generator, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    """k unrelated classes, nearly flat. Shaped on EfficientNet-Lite0's outputs for 520 such
     images (benchmarks/odd_images.py): top-1 median 0.08 (10% below 0.012, 10% above 0.5), top-5
     mass median 0.22."""
-    ids = rng.choice(1000, TOP_K, replace=False)
+    ids = rng.choice(1000, k, replace=False)
     p1 = np.exp(rng.uniform(np.log(0.01), np.log(0.6)))
-    probs = np.concatenate([[p1], p1 * np.sort(rng.uniform(0.05, 1.0, TOP_K - 1))[::-1]])
+    probs = np.concatenate([[p1], p1 * np.sort(rng.uniform(0.05, 1.0, k - 1))[::-1]])
     probs *= min(1.0, 0.98 / probs.sum())
     return ids, probs.astype(np.float32)
 
 
-def sample_distribution(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A top-k output shaped like a real classifier's: one primary class, runners-up
-    mostly from its group or its ImageNet neighbours (similar classes sit together),
-    probabilities from confident to nearly flat; or, ODD_SHARE of the time, a non-photo's."""
-    if rng.random() < ODD_SHARE:
-        return odd_distribution(rng)
-    groups = class_groups()
-    primary = int(rng.integers(1000))
-    same_group = [i for i in range(1000) if groups[i] == groups[primary] and i != primary] if groups[primary] else []
+def class_distribution(rng: np.random.Generator, primary: int, k: int = TOP_K,
+                       others: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """A top-k output shaped like a real classifier's for a photo of `primary`: runners-up mostly
+    from its group or its ImageNet neighbours (similar classes sit together), or the photo's
+    `others`; probabilities from confident to nearly flat."""
+    group = class_groups()[primary]
+    same_group = [i for i in group_members()[group] if i != primary] if group else []
     ids = [primary]
-    while len(ids) < TOP_K:
+    while len(ids) < k:
         r = rng.random()
-        if same_group and r < 0.5:
+        if others and r < 0.3:
+            c = int(rng.choice(others))
+        elif same_group and r < 0.6:
             c = int(rng.choice(same_group))
-        elif r < 0.75:
+        elif r < 0.8:
             c = int(np.clip(primary + rng.integers(-6, 7), 0, 999))
         else:
             c = int(rng.integers(1000))
@@ -151,7 +244,41 @@ def sample_distribution(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     # Probabilities: the primary's mass, then the rest split by a random stick-break.
     p1 = rng.beta(1.0, 1.0) * 0.97 + 0.02
     rest = (1 - p1) * rng.beta(2.0, 1.0)
-    tail = rng.dirichlet(np.full(TOP_K - 1, 0.6)) * rest
+    tail = rng.dirichlet(np.full(k - 1, 0.6)) * rest
     probs = np.concatenate([[p1], np.minimum(np.sort(tail)[::-1], p1)])
     order = np.argsort(-probs, kind="stable")
     return np.asarray(ids)[order], probs[order].astype(np.float32)
+
+
+def sample_scene(rng: np.random.Generator) -> Signals:
+    """What the vision graph could see: a non-photo, one object, several, or people; each region
+    shows one of the photo's objects, or background (any class, mostly unsure); faces below
+    PERSON_P (look-alikes) in a fifth of the photos."""
+    kind = rng.choice(["odd", *SCENES], p=[ODD_SHARE, *SCENES.values()])
+    faces = np.zeros((FACES, 2), np.float32)
+    if kind == "odd":
+        ids, probs = odd_distribution(rng)
+        regions = [odd_distribution(rng, REGION_TOP_K) for _ in range(REGIONS)]
+    else:
+        count = {"one": 1, "several": int(rng.integers(2, 4)), "people": int(rng.integers(0, 3))}[kind]
+        objects = tuple(int(c) for c in rng.choice(1000, count, replace=False))
+        if kind == "people":
+            n = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
+            faces[:n, 0] = rng.uniform(PERSON_P, 1.0, n)
+            faces[:n, 1] = rng.uniform(0.09, 0.6, n)
+            objects = (int(rng.choice(worn_ids())), *objects) if rng.random() < 0.5 or not objects else objects
+        ids, probs = class_distribution(rng, objects[0], TOP_K, objects[1:])
+        regions = []
+        for _ in range(REGIONS):
+            shown = int(rng.integers(len(objects) + 1))
+            if shown < len(objects):
+                regions.append(class_distribution(rng, objects[shown], REGION_TOP_K, objects))
+            else:
+                background = class_distribution(rng, int(rng.integers(1000)), REGION_TOP_K)
+                regions.append((background[0], background[1] * rng.uniform(0.2, 1.0)))
+    looks_alike = int((faces[:, 0] > 0).sum())
+    if looks_alike < FACES and rng.random() < 0.2:
+        faces[looks_alike] = rng.uniform(THRESHOLD_FACE, PERSON_P), rng.uniform(0.09, 0.5)
+    faces = faces[np.argsort(-faces[:, 0], kind="stable")]
+    region_ids, region_probs = (np.stack(x) for x in zip(*regions))
+    return ids, probs, region_ids, region_probs.astype(np.float32), faces

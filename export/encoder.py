@@ -87,12 +87,25 @@ class EfficientNetLite0(nn.Module):
         self._fc = nn.Linear(FEATURES, NUM_CLASSES)
         self.act = nn.ReLU6()
 
-    def forward(self, pixels):
+    def features(self, pixels):
+        """(B, 1280, 7, 7): the map the classifier averages."""
         x = self.act(self._bn0(self._conv_stem(pixels)))
         for block in self._blocks:
             x = block(x)
-        x = self.act(self._bn1(self._conv_head(x)))
-        return self._fc(x.mean(dim=(2, 3)))
+        return self.act(self._bn1(self._conv_head(x)))
+
+    def forward(self, pixels):
+        return self._fc(self.features(pixels).mean(dim=(2, 3)))
+
+    def region_logits(self, features):
+        """(B, 4, 1000): the classifier over each quadrant of the map (4 x 4 cells of 7 x 7, the
+        middle row and column shared), so that an object a whole-photo average drowns gets its own
+        distribution, for the cost of four more (1280 x 1000) products."""
+        n = features.shape[-1]
+        half = (n + 1) // 2
+        quadrants = [features[..., r : r + half, c : c + half].mean(dim=(2, 3))
+                     for r in (0, n - half) for c in (0, n - half)]
+        return self._fc(torch.stack(quadrants, dim=1))
 
 
 def pretrained_weights_path():

@@ -1,5 +1,6 @@
-"""The reference captioner in PyTorch: EfficientNet-Lite0 -> top-k concept tokens ->
-a GPT-2-style decoder with cross-attention and an explicit KV cache.
+"""The reference captioner in PyTorch: EfficientNet-Lite0 -> top-k concept tokens for the whole
+photo and its four quadrants, and MTCNN's faces -> a GPT-2-style decoder with cross-attention
+and an explicit KV cache.
 
 Everything the runtime runs is traced from here, and parity is measured against it.
 Caches are per-layer buffers of fixed capacity (export.kv): a step writes its tokens' K/V at
@@ -16,7 +17,9 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from . import DEFAULT_CHECKPOINT
-from .encoder import NUM_CLASSES, EfficientNetLite0
+from .concepts import FACES, PERSON_P, REGION_TOP_K, REGIONS
+from .encoder import NUM_CLASSES, EfficientNetLite0, load_pretrained
+from .faces import FaceDetector
 from .kv import attend, cached_attention, pick, window
 
 
@@ -28,7 +31,14 @@ class DecoderConfig:
     n_embd: int = 256
     max_positions: int = 40
     top_k: int = 5
+    regions: int = REGIONS
+    region_top_k: int = REGION_TOP_K
+    faces: int = FACES
     num_classes: int = NUM_CLASSES
+
+    @property
+    def memory_tokens(self) -> int:
+        return self.top_k + self.regions * self.region_top_k + self.faces
 
     @property
     def head_dim(self) -> int:
@@ -73,7 +83,8 @@ class Block(nn.Module):
 
 
 class ConceptDecoder(nn.Module):
-    """Concept tokens (class ids + probabilities) -> memory -> text, one step at a time."""
+    """Concept tokens (class ids + probabilities, whole photo and regions) and face tokens
+    (probability, size) -> memory -> text, one step at a time."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -82,6 +93,9 @@ class ConceptDecoder(nn.Module):
         self.class_emb = nn.Embedding(cfg.num_classes, d)
         self.rank_emb = nn.Embedding(cfg.top_k, d)
         self.prob_proj = nn.Linear(3, d)
+        self.region_emb = nn.Embedding(cfg.regions + 1, d)  # 0: the whole photo
+        self.face_proj = nn.Linear(4, d)
+        self.face_emb = nn.Embedding(cfg.faces, d)
         self.ln_mem = nn.LayerNorm(d)
         self.wte = nn.Embedding(cfg.vocab_size, d)
         self.wpe = nn.Embedding(cfg.max_positions, d)
@@ -99,12 +113,22 @@ class ConceptDecoder(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def memory(self, class_ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """(B, K) ids and probabilities -> (B, K, D). Probability enters on three
-        scales so that both 0.9 vs 0.5 and 0.02 vs 0.002 stay distinguishable."""
+    def concept_tokens(self, class_ids: torch.Tensor, probs: torch.Tensor, region: int) -> torch.Tensor:
+        """(B, K) ids and probabilities -> (B, K, D). Probability enters on three scales so that both
+        0.9 vs 0.5 and 0.02 vs 0.002 stay distinguishable."""
         feats = torch.stack([probs, probs.sqrt(), torch.log(probs.clamp_min(1e-4)) / math.log(1e4) + 1], dim=-1)
         ranks = self.rank_emb.weight[: class_ids.shape[1]]
-        return self.ln_mem(self.class_emb(class_ids) + self.prob_proj(feats) + ranks)
+        return self.class_emb(class_ids) + self.prob_proj(feats) + ranks + self.region_emb.weight[region]
+
+    def memory(self, class_ids, probs, region_ids, region_probs, faces) -> torch.Tensor:
+        """Whole-photo (B, K) and regions' (B, R, Kr) ids and probabilities, faces (B, F, 2) ->
+        (B, K + R * Kr + F, D). A face's probability enters also as "counts as a person"."""
+        tokens = [self.concept_tokens(class_ids, probs, 0)]
+        tokens += [self.concept_tokens(region_ids[:, r], region_probs[:, r], r + 1) for r in range(region_ids.shape[1])]
+        p, size = faces.unbind(-1)
+        face = torch.stack([p, (p >= PERSON_P).to(p.dtype), size, size.sqrt()], dim=-1)
+        tokens.append(self.face_proj(face) + self.face_emb.weight[: faces.shape[1]])
+        return self.ln_mem(torch.cat(tokens, dim=1))
 
     def cross_kv(self, memory: torch.Tensor) -> tuple[list, list]:
         """Per-layer cross-attention K/V: two lists of (B, H, K, Dh)."""
@@ -122,9 +146,9 @@ class ConceptDecoder(nn.Module):
         logits = self.ln_f(pick(x, logit_index)) @ self.wte.weight.T  # tied LM head
         return logits, keys, values
 
-    def forward(self, class_ids, probs, input_ids):
+    def forward(self, signals, input_ids):
         """Teacher-forced logits for training: the same step over an empty cache."""
-        cross = self.cross_kv(self.memory(class_ids, probs))
+        cross = self.cross_kv(self.memory(*signals))
         c, (b, t) = self.cfg, input_ids.shape
         past = [torch.zeros(b, c.n_head, t, c.head_dim, device=input_ids.device)] * c.n_layer
         every = torch.arange(t, device=input_ids.device).expand(b, t)
@@ -133,21 +157,29 @@ class ConceptDecoder(nn.Module):
 
 
 class Captioner(nn.Module):
-    """pixels -> (top-k ids, probs) -> cross K/V; `decoder.step` does the rest."""
+    """pixels -> signals (whole-photo and region top-k ids and probs, faces) -> cross K/V;
+    `decoder.step` does the rest."""
 
-    def __init__(self, encoder: EfficientNetLite0, decoder: ConceptDecoder):
+    def __init__(self, encoder: EfficientNetLite0, faces: FaceDetector, decoder: ConceptDecoder):
         super().__init__()
-        self.encoder, self.decoder = encoder, decoder
+        self.encoder, self.faces, self.decoder = encoder, faces, decoder
 
-    def concepts(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs, ids = self.encoder(pixels).softmax(dim=-1).topk(self.decoder.cfg.top_k, dim=-1)
-        return ids, probs
+    def signals(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cfg, features = self.decoder.cfg, self.encoder.features(pixels)
+        probs, ids = self.encoder._fc(features.mean(dim=(2, 3))).softmax(dim=-1).topk(cfg.top_k, dim=-1)
+        region_probs, region_ids = self.encoder.region_logits(features).softmax(dim=-1).topk(cfg.region_top_k, dim=-1)
+        return ids, probs, region_ids, region_probs, self.faces(pixels)
 
     def vision(self, pixels: torch.Tensor) -> tuple[list, list]:
-        return self.decoder.cross_kv(self.decoder.memory(*self.concepts(pixels)))
+        return self.decoder.cross_kv(self.decoder.memory(*self.signals(pixels)))
 
     def step(self, *feeds):
         return self.decoder.step(*feeds)
+
+
+def bundled(decoder: ConceptDecoder) -> Captioner:
+    """The bundled captioner around a trained decoder: pretrained EfficientNet-Lite0 and MTCNN."""
+    return Captioner(load_pretrained(), FaceDetector().load(), decoder).eval()
 
 
 def load_decoder(path: Path = DEFAULT_CHECKPOINT):

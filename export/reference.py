@@ -10,8 +10,7 @@ import torch
 from runtime.manifest import Decoder, sha256
 from runtime.search import GenerationConfig, cached, capacity, generate, memory_feeds, prefix_logits, start
 
-from .encoder import load_pretrained
-from .model import Captioner, load_decoder
+from .model import bundled, load_decoder
 from .preprocess import reference_pixels
 
 
@@ -48,7 +47,7 @@ class Reference:
 
     def __init__(self, checkpoint: Path, manifest: dict):
         decoder, self.tokenizer, _ = load_decoder(checkpoint)
-        self.model = Captioner(load_pretrained(), decoder).eval()
+        self.model = bundled(decoder)
         self.spec = manifest["preprocess"]
         self.prompt = np.array(manifest["generation"]["prompt_ids"], dtype=np.int64)
         self.eos_id = manifest["tokenizer"]["eos_id"]

@@ -17,7 +17,7 @@ from runtime.manifest import Decoder
 from runtime.search import GenerationConfig, cached, capacity, greedy, start
 
 from .check import ExportError
-from .concepts import class_names, describe, sample_distribution, with_article
+from .concepts import class_names, describe_scene, people, sample_scene, with_article
 from .model import ConceptDecoder, DecoderConfig
 from .progress import Progress
 from .reference import torch_graph_step
@@ -27,7 +27,7 @@ from .tokenizer import special_ids, train_tokenizer
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 6000
     batch_size: int = 128
     lr: float = 2e-3
     warmup: int = 100
@@ -39,10 +39,14 @@ class TrainConfig:
     threads: int = 2  # fixed: CPU float reductions depend on the thread count
 
 
-def make_examples(rng: np.random.Generator, n: int):
-    ids, probs = zip(*(sample_distribution(rng) for _ in range(n)))
-    ids, probs = np.stack(ids), np.stack(probs)
-    return ids, probs, [describe(i, p) for i, p in zip(ids, probs)]
+def make_examples(rng: np.random.Generator, n: int) -> tuple[list[np.ndarray], list[str]]:
+    """n sampled scenes as stacked signals (export.concepts.Signals, one row each) and their sentences."""
+    scenes = [sample_scene(rng) for _ in range(n)]
+    return [np.stack(x) for x in zip(*scenes)], [describe_scene(*s) for s in scenes]
+
+
+def rows(signals: list[np.ndarray], index) -> list[torch.Tensor]:
+    return [torch.from_numpy(x[index]) for x in signals]
 
 
 def encode(tok, sentences, max_positions: int) -> np.ndarray:
@@ -77,12 +81,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def heldout_exact_match(model, tok, ids, probs, sentences) -> float:
+def heldout_exact_match(model, tok, signals, sentences) -> float:
     """Greedy captions from the trained decoder vs the rule's sentence, on unseen inputs."""
     sp = special_ids(tok)
     with torch.inference_mode():
-        memory = model.cross_kv(model.memory(torch.from_numpy(ids), torch.from_numpy(probs)))
-    prompt = np.full((len(ids), 1), sp["bos_id"], dtype=np.int64)
+        memory = model.cross_kv(model.memory(*rows(signals, slice(None))))
+    prompt = np.full((len(sentences), 1), sp["bos_id"], dtype=np.int64)
     c, cfg = model.cfg, GenerationConfig(max_new_tokens=model.cfg.max_positions)
     decoder = Decoder(c.n_layer, c.n_head, c.n_head, c.head_dim, c.vocab_size, c.max_positions, "cross")
     state = start(decoder, tuple([t.numpy() for t in layers] for layers in memory), capacity(1, cfg.max_new_tokens))
@@ -95,15 +99,15 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(cfg.seed)
-    ids, probs, sentences = make_examples(rng, cfg.examples)
+    signals, sentences = make_examples(rng, cfg.examples)
     # Every class name in every article form, so BPE never sees a name for the first time at run time.
-    names = [with_article(n) for n in class_names()]
+    names = [with_article(n) for n in class_names()] + [people(n) for n in (1, 2, 3)]
     tok = train_tokenizer(sentences + names, cfg.vocab_size)
     model_cfg = DecoderConfig(vocab_size=tok.get_vocab_size())
     targets = encode(tok, sentences, model_cfg.max_positions)
     pad = special_ids(tok)["pad_id"]
     lengths = (targets != pad).sum(1)
-    h_ids, h_probs, h_sentences = make_examples(np.random.default_rng(cfg.seed + 1), cfg.heldout)
+    h_signals, h_sentences = make_examples(np.random.default_rng(cfg.seed + 1), cfg.heldout)
 
     model = ConceptDecoder(model_cfg)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -116,10 +120,10 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     while step < cfg.steps:
         if not batches:
             batches = length_bucketed_batches(lengths, cfg.batch_size, rng)
-        rows = batches.pop()
-        width = int(lengths[rows].max())
-        seq = torch.from_numpy(targets[rows, :width])
-        logits = model(torch.from_numpy(ids[rows]), torch.from_numpy(probs[rows]), seq[:, :-1])
+        batch = batches.pop()
+        width = int(lengths[batch].max())
+        seq = torch.from_numpy(targets[batch, :width])
+        logits = model(rows(signals, batch), seq[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten(), ignore_index=pad)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -131,7 +135,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         progress.update(step, f"loss {loss_avg:.4f}")
     model.eval()
-    exact = heldout_exact_match(model, tok, h_ids, h_probs, h_sentences)
+    exact = heldout_exact_match(model, tok, h_signals, h_sentences)
     summary = {"steps": cfg.steps, "seed": cfg.seed, "examples": cfg.examples, "final_loss": round(loss_avg, 4),
                "heldout_exact_match": exact, "heldout": cfg.heldout}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,97 @@
+"""The bundled model's people and objects: MTCNN's cascade as traced into the vision graph finds
+the faces of real photos (and none where there are none), counts two people as two, and the
+sentence rule the decoder is trained on names people, what they wear or are with, and the objects
+the regions are sure of."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.concepts import PERSON_P, class_names, describe, describe_scene
+from export.faces import FaceDetector, fast_nms
+from export.preprocess import EFFICIENTNET_LITE0, reference_pixels
+from helpers import photos
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return FaceDetector().load()
+
+
+def faces_of(detector, images: list[Image.Image]) -> np.ndarray:
+    pixels = torch.stack([reference_pixels(i, EFFICIENTNET_LITE0) for i in images])
+    with torch.inference_mode():
+        return detector(pixels).numpy()
+
+
+def test_faces_are_found_where_people_are(detector):
+    shown = photos()
+    names = ["astronaut", "camera", "chelsea", "coffee", "rocket", "motorcycle"]
+    faces = faces_of(detector, [Image.fromarray(shown[n]).convert("RGB") for n in names])
+    people = dict(zip(names, (faces[:, :, 0] >= PERSON_P).sum(axis=1).tolist()))
+    assert people == {"astronaut": 1, "camera": 1, "chelsea": 0, "coffee": 0, "rocket": 0, "motorcycle": 0}
+    assert 0.15 < faces[0, 0, 1] < 0.3  # the astronaut's face: about a fifth of the crop's side
+
+
+def test_two_people_are_two_and_sorted_strongest_first(detector):
+    face = Image.fromarray(photos()["astronaut"]).crop((130, 0, 330, 200))  # her head and shoulders
+    pair = Image.new("RGB", (400, 400))
+    pair.paste(face.resize((180, 180)), (10, 110))
+    pair.paste(face.resize((140, 140)), (240, 140))
+    faces = faces_of(detector, [pair])[0]
+    assert (faces[:, 0] >= PERSON_P).sum() == 2
+    assert list(faces[:, 0]) == sorted(faces[:, 0], reverse=True)
+
+
+def test_fast_nms_drops_overlaps_of_better_boxes_only():
+    boxes = torch.tensor([[[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [2, 2, 9, 9.0]]])
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6]])
+
+    def kept(scores, threshold, by_min=False):
+        return (fast_nms(boxes, scores, threshold, by_min) > 0).tolist()[0]
+
+    assert kept(scores, 0.5) == [True, False, True, False]  # IoU 0.70 and 0.53 with the first
+    assert kept(scores, 0.9) == [True, True, True, True]
+    assert kept(scores, 0.9, by_min=True) == [True, True, True, False]  # the last lies inside the first
+    assert kept(torch.tensor([[0.0, 0.8, 0.7, 0.6]]), 0.5) == [False, True, True, False]  # the first is gone
+
+
+def scene(whole, regions=(), faces=()):
+    """Signals from class names: whole [(name, p)...], regions [(name, p)] (one class each), faces [(p, size)]."""
+    names = class_names()
+    ids = np.array([names.index(n) for n, _ in whole] + list(range(5 - len(whole))))
+    probs = np.array([p for _, p in whole] + [0.001] * (5 - len(whole)), np.float32)
+    regions = list(regions) + [("velvet", 0.1)] * (4 - len(regions))
+    region_ids = np.array([[names.index(n), 1, 2] for n, _ in regions])
+    region_probs = np.array([[p, 0.01, 0.01] for _, p in regions], np.float32)
+    slots = np.zeros((3, 2), np.float32)
+    slots[: len(faces)] = np.reshape(faces, (-1, 2))
+    return ids, probs, region_ids, region_probs, slots
+
+
+@pytest.mark.parametrize("signals, sentence", [
+    (scene([("bobsled", 0.13), ("football helmet", 0.12)], faces=[(1.0, 0.2)]), "a photo of a person"),
+    (scene([("tripod", 0.94)], faces=[(0.999, 0.15)]), "a photo of a person with a tripod"),
+    (scene([("suit", 0.6)], faces=[(0.99, 0.3)]), "a photo of a person wearing a suit"),
+    (scene([("suit", 0.6)], faces=[(0.99, 0.3), (0.98, 0.2)]), "a photo of two people"),
+    (scene([("jersey", 0.4)], [("soccer ball", 0.9)], faces=[(0.99, 0.1)] * 3),
+     "a photo of a group of people with a soccer ball"),
+    (scene([("golden retriever", 0.7)], [("sorrel", 0.8), ("golden retriever", 0.9)]),
+     "a photo of a golden retriever and a sorrel"),
+    (scene([("tabby", 0.3), ("tiger cat", 0.3)], [("sorrel", 0.8), ("toy poodle", 0.75)]),
+     "a photo of a cat, a sorrel and a dog"),
+    (scene([("bubble", 0.2), ("velvet", 0.1)], [("sorrel", 0.8), ("toy poodle", 0.75)]),
+     "a photo of a sorrel and a dog"),  # the whole photo unsure: only what the regions are sure of
+    (scene([("espresso", 0.96)], [("espresso", 1.0), ("cup", 0.8)], faces=[(0.9, 0.2)]),
+     "a photo of espresso and a cup"),  # a face below PERSON_P: no person
+    (scene([("bubble", 0.2), ("velvet", 0.1)], [("starfish", 0.88)]),
+     "a photo that may show a bubble"),  # one region alone makes no scene
+])
+def test_the_sentence_rule(signals, sentence):
+    assert describe_scene(*signals) == sentence
+
+
+def test_one_object_and_no_people_say_what_the_classifier_alone_says():
+    signals = scene([("tiger cat", 0.38), ("egyptian cat", 0.38), ("tabby", 0.17)], [("tiger cat", 0.57)])
+    assert describe_scene(*signals) == describe(*signals[:2]) == "a photo of a cat, either a tiger cat or an egyptian cat"
