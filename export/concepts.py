@@ -18,6 +18,7 @@ REGIONS, REGION_TOP_K = 4, 3  # the photo's quadrants (export.encoder.region_log
 FACES = 3  # face slots (export.faces)
 PERSON_P = 0.95  # a face slot at this probability or more is a person; below it, a look-alike
 THRESHOLD_FACE = 0.7  # the detector's last stage: weaker faces are zeros (export.faces)
+MAIN_SURE = 0.5  # the whole photo's top class (or its group's mass) at this or more is named unhedged
 REGION_SURE = 0.7  # a region's top class at this probability or more is an object in the photo
 EXTRAS = 2  # objects named besides the main one
 # What people wear: with a face in the photo, the classifier's answer is the person's clothes.
@@ -99,8 +100,9 @@ def group_members() -> dict[str, tuple[int, ...]]:
 
 
 @lru_cache(maxsize=1)
-def worn_ids() -> tuple[int, ...]:
-    return tuple(sorted(class_names().index(n) for n in WORN))
+def worn_ids() -> frozenset[int]:
+    """The classes of WORN; by id, as "cardigan" is also a dog (worn things are in no group)."""
+    return frozenset(i for i, (n, g) in enumerate(zip(class_names(), class_groups())) if n in WORN and g is None)
 
 
 @lru_cache(maxsize=1)
@@ -156,9 +158,9 @@ def sure_of(ids, probs) -> str | None:
     the class at p >= 0.5, else its group when the group holds half the mass."""
     names, groups = class_names(), class_groups()
     g = groups[ids[0]]
-    if probs[0] >= 0.5:
+    if probs[0] >= MAIN_SURE:
         return names[ids[0]]
-    if g and sum(p for c, p in zip(ids, probs) if groups[c] == g) >= 0.5:
+    if g and sum(p for c, p in zip(ids, probs) if groups[c] == g) >= MAIN_SURE:
         return g
     return None
 
@@ -169,14 +171,14 @@ def scene_objects(ids, probs, region_ids, region_probs, with_people: bool) -> li
     With people, what they wear is no object."""
     names, groups = class_names(), class_groups()
     main = sure_of(ids, probs)
-    named = [main] if main and not (with_people and main in WORN) else []
+    named = [main] if main and not (with_people and ids[0] in worn_ids()) else []
     nouns = {groups[ids[0]] or names[ids[0]]} if main else set()
     for r in np.argsort(-region_probs[:, 0], kind="stable"):
         c, p = region_ids[r, 0], region_probs[r, 0]
         noun = groups[c] or names[c]
         if p < REGION_SURE or len(named) == 1 + EXTRAS:
             break
-        if noun in nouns or (with_people and names[c] in WORN):
+        if noun in nouns or (with_people and c in worn_ids()):
             continue
         nouns.add(noun)
         named.append(noun)
@@ -190,11 +192,10 @@ def describe_scene(ids, probs, region_ids, region_probs, faces) -> str:
     objects = scene_objects(ids, probs, region_ids, region_probs, count > 0)
     things = [with_article(o) for o in objects]
     if count:
-        worn = class_names()[ids[0]]
         if things:
             return f"a photo of {people(count)} with {listed(things)}"
-        if count == 1 and worn in WORN and probs[0] >= 0.3:
-            return f"a photo of a person wearing {with_article(worn)}"
+        if count == 1 and ids[0] in worn_ids() and probs[0] >= 0.3:
+            return f"a photo of a person wearing {with_article(class_names()[ids[0]])}"
         return f"a photo of {people(count)}"
     if len(things) < 2:
         return describe(ids, probs)
@@ -266,7 +267,7 @@ def sample_scene(rng: np.random.Generator) -> Signals:
             n = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
             faces[:n, 0] = rng.uniform(PERSON_P, 1.0, n)
             faces[:n, 1] = rng.uniform(0.09, 0.6, n)
-            objects = (int(rng.choice(worn_ids())), *objects) if rng.random() < 0.5 or not objects else objects
+            objects = (int(rng.choice(sorted(worn_ids()))), *objects) if rng.random() < 0.5 or not objects else objects
         ids, probs = class_distribution(rng, objects[0], TOP_K, objects[1:])
         regions = []
         for _ in range(REGIONS):

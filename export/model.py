@@ -17,7 +17,8 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from . import DEFAULT_CHECKPOINT
-from .concepts import FACES, PERSON_P, REGION_TOP_K, REGIONS
+from .concepts import (EXTRAS, FACES, MAIN_SURE, PERSON_P, REGION_SURE, REGION_TOP_K, REGIONS, class_groups,
+                       class_names, worn_ids)
 from .encoder import NUM_CLASSES, EfficientNetLite0, load_pretrained
 from .faces import FaceDetector
 from .kv import attend, cached_attention, pick, window
@@ -92,7 +93,7 @@ class ConceptDecoder(nn.Module):
         d = cfg.n_embd
         self.class_emb = nn.Embedding(cfg.num_classes, d)
         self.rank_emb = nn.Embedding(cfg.top_k, d)
-        self.prob_proj = nn.Linear(3, d)
+        self.prob_proj = nn.Linear(4, d)
         self.region_emb = nn.Embedding(cfg.regions + 1, d)  # 0: the whole photo
         self.face_proj = nn.Linear(4, d)
         self.face_emb = nn.Embedding(cfg.faces, d)
@@ -102,6 +103,16 @@ class ConceptDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d)
         self.apply(self._init)
+        # What the caption names is decided here, in the vision graph (`named`), and given to the
+        # decoder as one more feature: left to the decoder, it skipped or repeated an object in
+        # half of the several-object scenes it had not seen. Derived from export.concepts, not saved.
+        groups, names = class_groups(), class_names()
+        group_index = {g: i for i, g in enumerate(sorted({g for g in groups if g}))}
+        nouns = [cfg.num_classes + group_index[g] if g else c for c, g in enumerate(groups)]
+        self.register_buffer("nouns", torch.tensor(nouns), persistent=False)
+        worn = torch.zeros(len(names), dtype=torch.bool)
+        worn[sorted(worn_ids())] = True
+        self.register_buffer("worn", worn, persistent=False)
         for block in self.blocks:  # GPT-2's scaled init of the residual projections
             for proj in (block.self_proj, block.cross_proj, block.mlp[2]):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(3 * cfg.n_layer))
@@ -113,20 +124,48 @@ class ConceptDecoder(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def concept_tokens(self, class_ids: torch.Tensor, probs: torch.Tensor, region: int) -> torch.Tensor:
-        """(B, K) ids and probabilities -> (B, K, D). Probability enters on three scales so that both
-        0.9 vs 0.5 and 0.02 vs 0.002 stay distinguishable."""
-        feats = torch.stack([probs, probs.sqrt(), torch.log(probs.clamp_min(1e-4)) / math.log(1e4) + 1], dim=-1)
+    def concept_tokens(self, class_ids, probs, named, region: int) -> torch.Tensor:
+        """(B, K) ids and probabilities, (B,) whether the caption names the top class -> (B, K, D).
+        Probability enters on three scales so that both 0.9 vs 0.5 and 0.02 vs 0.002 stay
+        distinguishable."""
+        first = torch.zeros_like(probs)
+        first[:, 0] = named
+        feats = torch.stack([probs, probs.sqrt(), torch.log(probs.clamp_min(1e-4)) / math.log(1e4) + 1, first], dim=-1)
         ranks = self.rank_emb.weight[: class_ids.shape[1]]
         return self.class_emb(class_ids) + self.prob_proj(feats) + ranks + self.region_emb.weight[region]
+
+    def named(self, ids, probs, region_ids, region_probs, people) -> tuple[torch.Tensor, torch.Tensor]:
+        """export.concepts.scene_objects as tensor operations: whether the caption names the main
+        object (B,) and each region's top class (B, R), as 0/1. Objects are compared by noun (their
+        group, else their class); regions are taken most sure first."""
+        main = self.nouns[ids[:, 0]]
+        mass = (probs * (self.nouns[ids] == main[:, None])).sum(dim=1)
+        sure = (probs[:, 0] >= MAIN_SURE) | (mass >= MAIN_SURE)
+        main_named = sure & ~(people & self.worn[ids[:, 0]])
+        count, seen, flags = main_named.long(), [(main, sure)], []
+        top_p, top_c = region_probs[:, :, 0], region_ids[:, :, 0]
+        order = top_p.topk(top_p.shape[1], dim=1).indices  # (ties: any order; real probabilities have none)
+        for i in range(order.shape[1]):
+            p, c = top_p.gather(1, order[:, i : i + 1])[:, 0], top_c.gather(1, order[:, i : i + 1])[:, 0]
+            noun = self.nouns[c]
+            repeat = torch.stack([(noun == n) & known for n, known in seen]).any(dim=0)
+            new = (p >= REGION_SURE) & (count < 1 + EXTRAS) & ~repeat & ~(people & self.worn[c])
+            seen.append((noun, new))
+            count = count + new.long()
+            flags.append(new)
+        named = torch.zeros_like(top_p).scatter(1, order, torch.stack(flags, dim=1).to(top_p.dtype))
+        return main_named.to(probs.dtype), named
 
     def memory(self, class_ids, probs, region_ids, region_probs, faces) -> torch.Tensor:
         """Whole-photo (B, K) and regions' (B, R, Kr) ids and probabilities, faces (B, F, 2) ->
         (B, K + R * Kr + F, D). A face's probability enters also as "counts as a person"."""
-        tokens = [self.concept_tokens(class_ids, probs, 0)]
-        tokens += [self.concept_tokens(region_ids[:, r], region_probs[:, r], r + 1) for r in range(region_ids.shape[1])]
         p, size = faces.unbind(-1)
-        face = torch.stack([p, (p >= PERSON_P).to(p.dtype), size, size.sqrt()], dim=-1)
+        person = (p >= PERSON_P).to(p.dtype)
+        main, regions = self.named(class_ids, probs, region_ids, region_probs, person.amax(dim=1) > 0)
+        tokens = [self.concept_tokens(class_ids, probs, main, 0)]
+        tokens += [self.concept_tokens(region_ids[:, r], region_probs[:, r], regions[:, r], r + 1)
+                   for r in range(region_ids.shape[1])]
+        face = torch.stack([p, person, size, size.sqrt()], dim=-1)
         tokens.append(self.face_proj(face) + self.face_emb.weight[: faces.shape[1]])
         return self.ln_mem(torch.cat(tokens, dim=1))
 

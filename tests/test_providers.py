@@ -65,7 +65,7 @@ def test_tensorrt_profiles_cover_the_package_limits(manifest):
     low, best, high = (profile(decoder, which) for which in ("min", "opt", "max"))
     assert low["input_ids"] == best["input_ids"] == "1x1" and high["input_ids"] == "8x40"
     assert (low["past_key.0"], best["past_key.2"], high["past_value.1"]) == ("1x4x1x64", "1x4x40x64", "8x4x40x64")
-    assert (low["cross_key.0"], high["cross_value.2"]) == ("1x4x5x64", "8x4x5x64")
+    assert (low["cross_key.0"], high["cross_value.2"]) == ("1x4x20x64", "8x4x20x64")  # 20 memory tokens
     assert (low["cache_lengths"], high["cache_lengths"], high["logit_index"]) == ("1", "8", "8x40")
     assert set(low) == {i["name"] for i in manifest.graph("decoder")["inputs"]}
     vision = provider_options(TRT, manifest, "vision", max_batch=4)

@@ -94,4 +94,27 @@ def test_the_sentence_rule(signals, sentence):
 
 def test_one_object_and_no_people_say_what_the_classifier_alone_says():
     signals = scene([("tiger cat", 0.38), ("egyptian cat", 0.38), ("tabby", 0.17)], [("tiger cat", 0.57)])
-    assert describe_scene(*signals) == describe(*signals[:2]) == "a photo of a cat, either a tiger cat or an egyptian cat"
+    want = "a photo of a cat, either a tiger cat or an egyptian cat"
+    assert describe_scene(*signals) == describe(*signals[:2]) == want
+
+
+def test_the_vision_graph_names_what_the_rule_names():
+    """ConceptDecoder.named (tensor operations, in the vision graph) = export.concepts.scene_objects
+    on sampled scenes: the decoder is told which objects to say."""
+    from export.concepts import class_groups, sample_scene, scene_objects
+    from export.model import ConceptDecoder, DecoderConfig
+
+    model = ConceptDecoder(DecoderConfig(vocab_size=10))
+    names, groups = class_names(), class_groups()
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(3000)]
+    ids, probs, region_ids, region_probs, faces = (torch.from_numpy(np.stack(x)) for x in zip(*scenes))
+    main, regions = model.named(ids, probs, region_ids, region_probs, (faces[:, :, 0] >= PERSON_P).any(dim=1))
+    several = 0
+    for i, (ids_, probs_, rids, rprobs, faces_) in enumerate(scenes):
+        objects = scene_objects(ids_, probs_, rids, rprobs, bool((faces_[:, 0] >= PERSON_P).any()))
+        order = np.argsort(-rprobs[:, 0], kind="stable")
+        said = [groups[rids[r, 0]] or names[rids[r, 0]] for r in order if regions[i, r]]
+        assert objects == ([objects[0]] if main[i] else []) + said, i
+        several += len(objects) > 1
+    assert several > 300
