@@ -95,9 +95,20 @@ def heldout_exact_match(model, tok, signals, sentences) -> float:
 
 
 def train(cfg: TrainConfig, out: Path) -> dict:
+    """Deterministic training; torch's thread count and algorithm choice are put back afterwards, so a
+    process that trains (a test) computes everything else as it would have."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.set_num_threads(cfg.threads)
+        torch.use_deterministic_algorithms(True)
+        return train_deterministic(cfg, out)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def train_deterministic(cfg: TrainConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(cfg.seed)
     signals, sentences = make_examples(rng, cfg.examples)
     # Every class name in every article form, so BPE never sees a name for the first time at run time.
