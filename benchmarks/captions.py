@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.int8_curve import package_bytes
 from runtime import DEFAULT_MODEL, Captioner
 from runtime.preprocess import load_pixels
 
@@ -54,10 +55,6 @@ def vision_ms(captioners: dict[str, Captioner], images: list[Path], rounds: int)
                 cap.graphs.encode(x)
                 times[name].append((time.perf_counter() - start) * 1000)
     return {name: round(statistics.median(t), 2) for name, t in times.items()}
-
-
-def package_mib(path: Path) -> float:
-    return round(sum(p.stat().st_size for p in path.iterdir()) / 2**20, 1)
 
 
 def table(result: dict) -> str:
@@ -104,7 +101,7 @@ def main(argv=None) -> int:
         counts = {v: verdicts.count(v) for v in ("true", "partly", "wrong", "?")}
         result["summary"][n] = {**counts, "good_share": round(sum(counts[v] for v in GOOD) / len(verdicts), 3)}
     result["vision_ms"] = vision_ms(caps, images, args.rounds)
-    result["mib"] = {n: package_mib(p) for n, p in packages.items()}
+    result["mib"] = {n: round(package_bytes(p) / 2**20, 1) for n, p in packages.items()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "captions-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "captions-cpu.md").write_text(table(result))

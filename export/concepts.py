@@ -139,10 +139,10 @@ def describe(ids, probs) -> str:
     (c1, c2), (p1, p2) = ids[:2], probs[:2]
     f1, f2, g = names[c1], names[c2], groups[c1]
     group_mass = sum(p for c, p in zip(ids, probs) if groups[c] == g) if g else p1
-    if p1 >= 0.5:
+    if p1 >= MAIN_SURE:
         kind = f", a kind of {g}" if g and g not in f1 else ""
         return f"a photo of {with_article(f1)}{kind}"
-    if g and group_mass >= 0.5:
+    if g and group_mass >= MAIN_SURE:
         if groups[c2] == g and p2 >= 0.1:
             return f"a photo of {with_article(g)}, either {with_article(f1)} or {with_article(f2)}"
         return f"a photo of {with_article(g)}, perhaps {with_article(f1)}"
