@@ -34,7 +34,7 @@ from export.check import ExportError
 from export.concepts import primary_concept
 from export.evaluation import evaluation_images, heldout_images
 from runtime import Captioner, ImageError, PackageError, ProviderError
-from runtime.caption import expand
+from runtime.cli import expand
 from runtime.preprocess import load_pixels
 from runtime.search import prefix_logits, take_rows
 

@@ -30,10 +30,9 @@ import time
 import warnings
 from pathlib import Path
 
-from .caption import IMAGE_SUFFIXES
+from .cli import IMAGE_SUFFIXES, add_asking_options, add_model_options
 from .engine import DEFAULT_MODEL, Caption, Captioner
 from .manifest import PackageError, load_manifest
-from .providers import CHOICES
 
 WRITER_CPUS = 0.25  # the Parquet writer's share: actors must leave it room, or the job waits forever
 PART = re.compile(r"edgecap-[0-9a-f]+_\d{6}(-\d+)?\.parquet")  # the parts this job writes (part_names)
@@ -240,17 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("input", metavar="INPUT", help="folder (recursive), glob, or Parquet/CSV file with a path column")
     parser.add_argument("--out", type=Path, required=True, help="Parquet dataset folder; a rerun resumes it")
-    parser.add_argument("--model", default=None, help="model package folder (default: the bundled model)")
-    parser.add_argument("--question", default=None, help="ask every image this (VQA and chat models)")
-    parser.add_argument("--task", default=None, help="the task for every image (Florence-2: <CAPTION>, <OD>, ...)")
-    parser.add_argument("--text", default=None, help="the text the task takes, for every image")
-    parser.add_argument("--provider", choices=CHOICES, default="auto")
+    add_model_options(parser, precision=False, threads="ONNX Runtime threads per actor (default: its CPUs)")
+    add_asking_options(parser)  # for every image; a CSV/Parquet input may carry them per row instead
     parser.add_argument("--actors", type=int, default=1, help="actors, each holding the model once (default 1)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--cpus-per-actor", type=float, default=None,
                         help="default: an equal share of the CPUs the writer leaves (at most 1 with --gpus-per-actor)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 1, or 0.5 for two actors per GPU")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per actor (default: its CPUs)")
     parser.add_argument("--address", default=None, help="an existing Ray cluster (default: a local one)")
     return parser
 

@@ -17,26 +17,11 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .engine import BUNDLED, Caption, Captioner
+from .cli import USAGE_ERRORS, add_asking_options, add_model_options, expand, open_captioner
+from .engine import Caption, Captioner
 from .florence import draw
-from .manifest import PackageError
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, open_image
-from .providers import CHOICES, ProviderError
 from .stream import Stream, StreamError, VttWriter, is_stream, require_av
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
-
-
-def expand(paths: list[str]) -> list[str]:
-    """A folder stands for the images directly inside it, sorted by name; a folder
-    without any stays in the list, so that it is reported as a failed input."""
-    out = []
-    for p in paths:
-        path = Path(p)
-        found = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()) \
-            if path.is_dir() else []
-        out += found or [p]
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,15 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", metavar="IMAGE|VIDEO",
                         help="image files, folders of images, video files, rtsp:// URLs, /dev/videoN cameras, "
                              "or - for a video stream on stdin")
-    parser.add_argument("--model", type=Path, default=None, help="model package folder (default: the bundled model)")
-    parser.add_argument("--precision", choices=sorted(BUNDLED), default=None,
-                        help="variant of the bundled model (default: int8 on the CPU, fp32 on a GPU)")
-    parser.add_argument("--provider", choices=CHOICES, default="auto")
-    parser.add_argument("--question", default=None,
-                        help="answer this question about each image instead of captioning it (VQA models)")
-    parser.add_argument("--task", default=None, help="the task, for models that do several (Florence-2: <CAPTION>, "
-                                                     "<OD>, <OCR>, ...; default the model's first)")
-    parser.add_argument("--text", default=None, help="the text a task takes (Florence-2's grounding and region tasks)")
+    add_model_options(parser)
+    add_asking_options(parser)
     parser.add_argument("--beams", type=int, default=None, help="beam width (default: the model's, greedy)")
     parser.add_argument("--length-penalty", type=float, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
@@ -61,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of this probability")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     parser.add_argument("--seed", type=int, default=None, help="the same seed gives the same sampled text")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse larger images before decoding them (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
@@ -153,8 +130,7 @@ def main(argv=None) -> int:
             raise ValueError("--vtt writes the subtitles of one video input; give exactly one")
         if any(map(is_stream, args.images)):
             require_av()
-        captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels,
-                              max_batch=args.max_batch, precision=args.precision)
+        captioner = open_captioner(args, max_pixels=args.max_pixels, max_batch=args.max_batch)
         cfg = dict(max_new_tokens=args.max_tokens, num_beams=args.beams, length_penalty=args.length_penalty,
                    question=args.question, task=args.task, text=args.text, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -164,7 +140,7 @@ def main(argv=None) -> int:
                 raise ValueError("--draw draws the boxes and polygons of a task; this model has no tasks")
             args.draw.mkdir(parents=True, exist_ok=True)
         vtt = VttWriter(args.vtt, args.every) if args.vtt else None
-    except (PackageError, ProviderError, StreamError, ValueError) as e:
+    except (*USAGE_ERRORS, StreamError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

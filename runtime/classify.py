@@ -16,11 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .caption import expand
-from .engine import BUNDLED, Captioner
-from .manifest import PackageError
+from .cli import USAGE_ERRORS, add_model_options, expand, open_captioner
 from .preprocess import ImageError
-from .providers import CHOICES, ProviderError
 
 
 def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
@@ -54,10 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", default="{}", help='how a label becomes a caption, e.g. "a photo of {}"')
     parser.add_argument("--mean", action="store_true", help="rank by log-likelihood per token (long labels fare better)")
     parser.add_argument("--top", type=int, default=5, help="labels shown per image (default 5)")
-    parser.add_argument("--model", type=Path, default=None, help="model package folder (default: the bundled model)")
-    parser.add_argument("--precision", choices=sorted(BUNDLED), default=None)
-    parser.add_argument("--provider", choices=CHOICES, default="auto")
-    parser.add_argument("--threads", type=int, default=None)
+    add_model_options(parser)
     parser.add_argument("--max-batch", type=int, default=64, help="labels per decoder pass (default 64)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
@@ -73,12 +67,11 @@ def main(argv=None) -> int:
         if args.top < 1:
             raise ValueError("--top must be at least 1")
         labels = read_labels(args.labels, args.labels_file)
-        captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_batch=args.max_batch,
-                              precision=args.precision)
+        captioner = open_captioner(args, max_batch=args.max_batch)
         texts = [args.template.replace("{}", label) for label in labels]
         for text in texts:  # every label checked before any image is read
             captioner.scored_sequence(text)
-    except (PackageError, ProviderError, ValueError) as e:
+    except USAGE_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     failed = 0

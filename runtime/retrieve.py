@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .caption import expand
-from .engine import BUNDLED, Captioner
-from .manifest import PackageError
+from .cli import USAGE_ERRORS, add_model_options, expand, open_captioner
+from .engine import Captioner
 from .preprocess import ImageError
-from .providers import CHOICES, ProviderError
 
 
 def default_cache() -> Path:
@@ -106,10 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mean", action="store_true", help="rank by log-likelihood per token")
     parser.add_argument("--cache", type=Path, default=None,
                         help=f"where encoder outputs are kept (default {default_cache()})")
-    parser.add_argument("--model", type=Path, default=None, help="model package folder (default: the bundled model)")
-    parser.add_argument("--precision", choices=sorted(BUNDLED), default=None)
-    parser.add_argument("--provider", choices=CHOICES, default="auto")
-    parser.add_argument("--threads", type=int, default=None)
+    add_model_options(parser)
     parser.add_argument("--max-batch", type=int, default=8, help="images per decoder pass")
     parser.add_argument("--json", action="store_true", help="one JSON object per query")
     return parser
@@ -125,11 +120,10 @@ def main(argv=None) -> int:
             raise ValueError("--top must be at least 1")
         if not any(Path(p).is_file() for p in images):
             raise ValueError(f"no images in {' '.join(args.images)}")
-        captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_batch=args.max_batch,
-                              precision=args.precision)
+        captioner = open_captioner(args, max_batch=args.max_batch)
         ranked, errors = search(captioner, MemoryCache(captioner, args.cache or default_cache()), images, args.query,
                                 args.mean)
-    except (PackageError, ProviderError, ValueError) as e:
+    except USAGE_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for error in errors:

@@ -12,18 +12,14 @@ import argparse
 import ipaddress
 import os
 import sys
-from pathlib import Path
 
-from .engine import Captioner
-from .manifest import PackageError
-from .providers import CHOICES, ProviderError
+from .cli import USAGE_ERRORS, add_model_options, open_captioner
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="model package folder (default: the bundled model)")
-    parser.add_argument("--provider", choices=CHOICES, default="auto")
+    add_model_options(parser, precision=False)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=8, help="images in one forward pass")
@@ -38,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connections held at once; beyond them uvicorn answers 503")
     parser.add_argument("--decode-threads", type=int, default=2,
                         help="threads decoding images beside the graphs (0: on the graphs' thread)")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--api-key", default=os.environ.get("EDGECAP_API_KEY"),
                         help="require Authorization: Bearer KEY on every endpoint but health (default: "
                              "$EDGECAP_API_KEY)")
@@ -71,8 +66,8 @@ def main(argv=None) -> int:
               'pip install "edgecap[serve]"', file=sys.stderr)
         return 1
     try:
-        captioner = Captioner(args.model, provider=args.provider, threads=args.threads, max_batch=args.max_batch)
-    except (PackageError, ProviderError, ValueError) as e:
+        captioner = open_captioner(args, max_batch=args.max_batch)
+    except USAGE_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for note in captioner.notes:
