@@ -382,15 +382,34 @@ def build_smolvlm(out: Path, size: str = "tiny", conditioned: bool = True, seed:
 
 
 def realistic_llm(model, lm_head) -> None:
-    """A trained Llama's magnitudes (see realistic_scale): two residual dimensions at +-400 from the
-    token embeddings on, which every RMSNorm reads with zero gain and the others' gain scaled up by
-    the root-mean-square they add; logits LOGIT_GAIN times larger."""
+    """A trained LLM's magnitudes (see realistic_scale), grown where trained models grow them: the
+    first layer's MLP writes +-400 into two residual dimensions at every position through a few large
+    down_proj weights (Sun et al. 2024, "Massive activations in large language models"), and every
+    later RMSNorm reads them with zero gain, the others' gain scaled up by the root-mean-square they
+    add; logits LOGIT_GAIN times larger. The embedding table and the head hold no outliers, as a
+    trained checkpoint's do not: a +-400 in a 32-weight quantization block zeroes its neighbours, so
+    outliers there would make every 4- and 8-bit package of this model wrong for a reason no trained
+    model has.
+
+    The MLP's constant: per residual dimension d, two channels with gate = +-x_d and up = +-x_d
+    (x the first post-attention norm's output before its gain) add SiLU(x_d) x_d - SiLU(-x_d) x_d
+    = x_d^2, and an RMSNorm's output has sum_d x_d^2 = width at every position, whatever the token
+    or image feature there. It takes 2 x width of the layer's intermediate channels."""
     dims, values = list(MASSIVE), torch.tensor(list(MASSIVE.values()))
+    first, width = model.layers[0], model.norm.weight.shape[0]
+    mlp, gain = first.mlp, first.post_attention_layernorm.weight
+    if mlp.gate_proj.out_features < 2 * width or model.config.hidden_act != "silu":
+        raise ValueError("realistic_llm needs a SiLU MLP at least twice as wide as the residual")
     with torch.no_grad():
-        model.embed_tokens.weight[:, dims] += values
-        norms = [model.norm, *(n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm))]
-        for norm in norms:
-            width = norm.weight.shape[0]
+        channels = torch.arange(2 * width)
+        sign = torch.tensor([1.0, -1.0]).repeat(width)
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight[channels] = 0.0
+            proj.weight[channels, channels // 2] = sign / gain[channels // 2]
+        mlp.down_proj.weight[:, channels] = 0.0
+        mlp.down_proj.weight[dims, : 2 * width] = values[:, None] / width
+        later = [n for layer in model.layers[1:] for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        for norm in [model.norm, *later]:
             norm.weight *= (1 + (values**2).sum() / width) ** 0.5
             norm.weight[dims] = 0.0
         lm_head.weight *= LOGIT_GAIN
