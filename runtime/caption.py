@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from .cli import USAGE_ERRORS, add_asking_options, add_model_options, expand, open_captioner
 from .engine import Caption, Captioner
-from .florence import draw
+from .answers import draw
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, open_image
 from .stream import Stream, StreamError, VttWriter, is_stream, require_av
 

@@ -25,7 +25,7 @@ from .gpu import tensorrt_version
 from .graphs import Graphs, host, session_options
 from .providers import ProviderError
 from .manifest import GRAPHS, PackageError, load_manifest
-from .florence import parse
+from .answers import parse
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels, open_image, to_grid, to_pixels, to_tiles
 from .prompting import chat_text
 from .search import GenerationConfig, cached, capacity, chat_memory, generate, greedy_steps, take_rows, uncached
@@ -51,7 +51,7 @@ class Caption:
     text: str | None = None
     question: str | None = None
     task: str | None = None
-    result: dict | str | None = None  # the task's parsed answer (runtime.florence), sizes in original pixels
+    result: dict | str | None = None  # the task's parsed answer (runtime.answers), sizes in original pixels
     tokens: list[int] = field(default_factory=list)
     prompt_tokens: int = 0  # the decoder's prompt, image tokens included (a chat model's)
     ms: float = 0.0

@@ -10,6 +10,7 @@ import json
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
+from .answers import PARSERS
 from .onnx_graph import ProtoError, graph_facts
 
 FORMAT = "edgecap-model-package"
@@ -214,6 +215,10 @@ def check_question(root: Path, data: dict) -> None:
         if question["input"] or tasks["default"] not in prompts or \
                 not all(isinstance(p["prompt"], str) and isinstance(p["parse"], str) for p in prompts.values()):
             raise PackageError(f"{root}: manifest field tasks is malformed")
+        unknown = sorted({p["parse"] for p in prompts.values()} - set(PARSERS))
+        if unknown:
+            raise PackageError(f"{root}: this runtime cannot parse answers of kind {', '.join(unknown)} "
+                               f"(it knows {', '.join(PARSERS)}): update edgecap")
     if (data.get("chat") is not None) != (data["decoder"]["memory"] == "embeddings") or \
             (data["preprocess"].get("kind") in ("tiles", "grid") and data.get("chat") is None):
         raise PackageError(f"{root}: manifest fields chat, preprocess.kind and decoder.memory do not fit together")

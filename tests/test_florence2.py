@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, caption_without_torch, hf_pair
-from runtime import Captioner
+from runtime import Captioner, PackageError
 from runtime.preprocess import load_pixels
 
 CONFIGS = {"florence2-w2": 2, "florence2-w3": 3}
@@ -204,6 +204,20 @@ def test_a_folder_without_its_processor_config_is_refused(florence, tmp_path):
     assert not (tmp_path / "pkg").exists()
 
 
+
+def test_a_task_whose_answers_this_runtime_cannot_parse_is_refused_when_opened(florence, tmp_path):
+    """Parse kinds are the contract (runtime.answers.PARSERS), checked before any graph opens."""
+    import shutil
+
+    from runtime.manifest import MANIFEST
+
+    pkg = shutil.copytree(florence["florence2-w2"][1], tmp_path / "pkg")
+    data = json.loads((pkg / MANIFEST).read_text())
+    data["tasks"]["prompts"]["<OD>"]["parse"] = "keypoints"
+    (pkg / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(PackageError, match=r"cannot parse answers of kind keypoints \(it knows pure_text, "):
+        Captioner(pkg)
+
 LOC = "".join(f"<loc_{i}>" for i in (12, 40, 650, 998))
 CRAFTED = [  # answers of every shape the processor parses, on top of what the random weights write
     f"</s><s>a cat{LOC}a dog<loc_0><loc_1><loc_999><loc_998><loc_500><loc_500><loc_501><loc_777></s>",
@@ -218,12 +232,12 @@ CRAFTED = [  # answers of every shape the processor parses, on top of what the r
 
 @pytest.mark.parametrize("size", [(640, 480), (333, 517)])
 def test_results_equal_the_processors_post_processing(florence, photo_paths, size):
-    """runtime.florence.parse (numpy and re, no torch) against Florence2Processor.post_process_generation,
+    """runtime.answers.parse (numpy and re, no torch) against Florence2Processor.post_process_generation,
     for every task, on what the model writes and on crafted answers of every shape; odd image sizes
     put coordinates on float32 rounding edges."""
     from transformers import Florence2Processor
 
-    from runtime.florence import parse
+    from runtime.answers import parse
 
     captioner, _ = pair(florence, "florence2-w2")
     processor = Florence2Processor.from_pretrained(florence["florence2-w2"][0])
@@ -251,7 +265,7 @@ def test_captions_carry_the_parsed_result_in_pixels_of_the_original_image(floren
 def test_draw_outlines_each_instance_and_the_cli_writes_the_drawings(florence, photo_paths, tmp_path):
     from PIL import Image
 
-    from runtime.florence import COLORS, draw, parse
+    from runtime.answers import COLORS, draw, parse
     from runtime.preprocess import open_image
 
     tasks = Captioner(florence["florence2-w2"][1], provider="cpu").manifest.tasks

@@ -1,7 +1,8 @@
-"""Florence-2's answers as structured results, in the lean runtime (no torch, no transformers):
-what `Florence2Processor.post_process_generation(text, task, image_size)[task]` returns, rule for
-rule. Boxes, quad boxes and polygons are written as <loc_N> tokens, N in 0..999 bins of the
-image's width and height; they come back in pixels of the original image.
+"""A task's answer as a structured result, in the lean runtime (no torch, no transformers), chosen by
+the parse kind the manifest gives each task (PARSERS), not by model family. The kinds today are
+Florence-2's: what `Florence2Processor.post_process_generation(text, task, image_size)[task]`
+returns, rule for rule. Boxes, quad boxes and polygons are written as <loc_N> tokens, N in 0..999
+bins of the image's width and height; they come back in pixels of the original image.
 
     parse(text, "<OD>", (640, 480), manifest.tasks) -> {"bboxes": [[x0, y0, x1, y1], ...], "labels": [...]}
     draw(image, result) -> the image with the result's boxes, quad boxes and polygons
@@ -108,35 +109,59 @@ def polygons(text: str, size: tuple[int, int], allow_empty_phrase: bool = False)
     return instances
 
 
+def pure_text(text: str, size: tuple[int, int], config: dict) -> str:
+    return text.replace("<s>", "").replace("</s>", "").strip()  # <pad> stays, as the processor leaves it
+
+
+def described_boxes(text: str, size: tuple[int, int], config: dict, allow_empty_phrase: bool = False) -> dict:
+    found = boxes(text, size, allow_empty_phrase)
+    return {"bboxes": [i["bbox"] for i in found], "labels": [i["cat_name"] for i in found]}
+
+
+def ocr_regions(text: str, size: tuple[int, int], config: dict) -> dict:
+    settings = config.get("ocr", {})
+    found = ocr(text, size, settings.get("PATTERN"), settings.get("AREA_THRESHOLD", 0.0))
+    return {"quad_boxes": [i["quad_box"] for i in found], "labels": [i["text"] for i in found]}
+
+
+def grounded_phrases(text: str, size: tuple[int, int], config: dict) -> dict:
+    found = grounding(text, size, set(config.get("phrase_grounding", {}).get("banned_grounding_tokens", [])))
+    return {"bboxes": [b for i in found for b in i["bbox"]], "labels": [i["cat_name"] for i in found for _ in i["bbox"]]}
+
+
+def described_polygons(text: str, size: tuple[int, int], config: dict, allow_empty_phrase: bool = False) -> dict:
+    found = polygons(text, size, allow_empty_phrase)
+    return {"polygons": [i["polygons"] for i in found], "labels": [i["cat_name"] for i in found]}
+
+
+def boxes_or_polygons(text: str, size: tuple[int, int], config: dict) -> dict:
+    if POLY in text:
+        found = polygons(text, size)
+        return {"bboxes": [], "bboxes_labels": [], "polygons": [i["polygons"] for i in found],
+                "polygons_labels": [i["cat_name"] for i in found]}
+    found = boxes(text, size)
+    return {"bboxes": [i["bbox"] for i in found], "bboxes_labels": [i["cat_name"] for i in found],
+            "polygons": [], "polygons_labels": []}
+
+
+# parse kind -> (text, original (width, height), the manifest's tasks["parse"] settings) -> result
+PARSERS = {
+    "pure_text": pure_text,
+    "description_with_bboxes": described_boxes,
+    "bboxes": lambda text, size, config: described_boxes(text, size, config, allow_empty_phrase=True),
+    "ocr": ocr_regions,
+    "phrase_grounding": grounded_phrases,
+    "description_with_polygons": described_polygons,
+    "polygons": lambda text, size, config: described_polygons(text, size, config, allow_empty_phrase=True),
+    "description_with_bboxes_or_polygons": boxes_or_polygons,
+}
+
+
 def parse(text: str, task: str, size: tuple[int, int], tasks: dict):
-    """The processor's answer for `task` from the model's text (special tokens kept) and the
-    original image's (width, height); `tasks` is the manifest's."""
-    kind, config = tasks["prompts"][task]["parse"], tasks["parse"]
-    if kind == "pure_text":  # <pad> stays, as the processor leaves it
-        return text.replace("<s>", "").replace("</s>", "").strip()
-    if kind in ("description_with_bboxes", "bboxes"):
-        found = boxes(text, size, allow_empty_phrase=kind == "bboxes")
-        return {"bboxes": [i["bbox"] for i in found], "labels": [i["cat_name"] for i in found]}
-    if kind == "ocr":
-        settings = config.get("ocr", {})
-        found = ocr(text, size, settings.get("PATTERN"), settings.get("AREA_THRESHOLD", 0.0))
-        return {"quad_boxes": [i["quad_box"] for i in found], "labels": [i["text"] for i in found]}
-    if kind == "phrase_grounding":
-        banned = set(config.get("phrase_grounding", {}).get("banned_grounding_tokens", []))
-        found = grounding(text, size, banned)
-        return {"bboxes": [b for i in found for b in i["bbox"]], "labels": [i["cat_name"] for i in found for _ in i["bbox"]]}
-    if kind in ("description_with_polygons", "polygons"):
-        found = polygons(text, size, allow_empty_phrase=kind == "polygons")
-        return {"polygons": [i["polygons"] for i in found], "labels": [i["cat_name"] for i in found]}
-    if kind == "description_with_bboxes_or_polygons":
-        if POLY in text:
-            found = polygons(text, size)
-            return {"bboxes": [], "bboxes_labels": [], "polygons": [i["polygons"] for i in found],
-                    "polygons_labels": [i["cat_name"] for i in found]}
-        found = boxes(text, size)
-        return {"bboxes": [i["bbox"] for i in found], "bboxes_labels": [i["cat_name"] for i in found],
-                "polygons": [], "polygons_labels": []}
-    raise ValueError(f"{task}: unknown answer kind {kind!r}")
+    """The answer to `task` from the model's text (special tokens kept) and the original image's
+    (width, height); `tasks` is the manifest's (its kinds were checked against PARSERS when the
+    package was opened)."""
+    return PARSERS[tasks["prompts"][task]["parse"]](text, size, tasks["parse"])
 
 
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
