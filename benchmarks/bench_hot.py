@@ -37,7 +37,7 @@ def test_vision_graph(benchmark, captioner, pixels):
 def test_decode_one_token(benchmark, captioner, pixels):
     step = cached(captioner.graphs.step)
     slots = captioner.manifest.max_positions
-    logits, state = prefill(step, captioner.graphs.start(captioner.graphs.encode(pixels), slots), captioner.prompt[None])
+    logits, state = prefill(step, captioner.graphs.start(captioner.graphs.encode(pixels), slots), captioner.prompting.prefix[None])
     for _ in range(captioner.manifest.max_positions // 2):  # a half-full cache, like mid-caption
         logits, state = decode_one_token(step, state, logits.argmax(-1))
     out, _ = benchmark(decode_one_token, step, state, logits.argmax(-1))

@@ -34,7 +34,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def agreement(captioner: Captioner, images: list[str], labels: list[str], truth: np.ndarray) -> dict:
     top_sum, top_mean, ms = [], [], []
-    scored_tokens = np.array([len(captioner.scored_sequence(t)) - len(captioner.prompt) for t in labels])
+    scored_tokens = np.array([len(captioner.scored_sequence(t)) - len(captioner.prompting.prefix) for t in labels])
     for image in images:
         start = time.perf_counter()
         scores = np.array(captioner.score(image, labels))

@@ -135,11 +135,11 @@ def runtime_variant(cap, beams: int, task: str | None = None, max_new_tokens: in
 
     def encode(batch):
         pixels = np.stack([load_pixels(i, cap.manifest.preprocess) for i in batch])
-        return cap.graphs.encode(pixels, *(np.tile(x, (len(batch), 1)) for x in cap.ask(task=task)[1]))
+        return cap.graphs.encode(pixels, *(np.tile(x, (len(batch), 1)) for x in cap.prompting.ask(task=task)[1]))
 
     def first_token(batch):
-        state = cap.graphs.start(encode(batch), len(cap.prompt))
-        return prefill(cached(cap.graphs.step), state, np.tile(cap.prompt, (len(batch), 1)))
+        state = cap.graphs.start(encode(batch), len(cap.prompting.prefix))
+        return prefill(cached(cap.graphs.step), state, np.tile(cap.prompting.prefix, (len(batch), 1)))
 
     return Variant(lambda b: [c.tokens for c in cap.caption(b, num_beams=beams, batch_size=8, task=task,
                                                             max_new_tokens=max_new_tokens)],
@@ -312,7 +312,7 @@ def capacity_sweep(cap, image: Path, task: str, capacities: list[int], tokens: i
             reorders.append(ms)
             return out
 
-    prompt, inputs = cap.ask(task=task)
+    prompt, inputs = cap.prompting.ask(task=task)
     memory = cap.graphs.encode(load_pixels(image, cap.manifest.preprocess)[None], *(x[None] for x in inputs))
     eos, step, samples, first, calls = cap.manifest.tokenizer["eos_id"], cached(cap.graphs.step), {}, {}, []
 
@@ -451,7 +451,7 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     ref.eos_id, ref.model.generation_config.eos_token_id = NO_EOS.tolist(), None
     image = SAMPLES / "chelsea.jpg"
     _, (rows, cols) = cap.chat_tiles(image)
-    prompt = cap.chat_prompt(None, [(rows, cols)])
+    prompt = cap.prompting.chat(None, [(rows, cols)])
     d = cap.manifest.decoder
     # The cache a mid-answer step reads, FP32: what the floor adds to the weights.
     notes |= {"tiles": f"{rows}x{cols} + 1", "prompt_tokens": len(prompt),

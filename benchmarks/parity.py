@@ -54,7 +54,7 @@ def teacher_forced(captioner: Captioner, ref, pixels: np.ndarray, images: list, 
     """Top-1 agreement, max |logit diff| and max |logit diff| / max |reference logit| along
     the reference's own captions."""
     agree, total, worst, worst_rel = 0, 0, 0.0, 0.0
-    prompt, inputs = captioner.ask(**asked)
+    prompt, inputs = captioner.prompting.ask(**asked)
     outputs = captioner.graphs.encode(pixels, *(np.tile(x, (len(pixels), 1)) for x in inputs))
     ref_pixels = ref.pixels(images)
     for i, seq in enumerate(tokens):

@@ -40,7 +40,7 @@ def answer_and_logits(cap: Captioner, features: np.ndarray, grid: tuple[int, int
     """The package's greedy answer, and its logits along `forced` (an answer's tokens and its
     end: one row per position that predicts them), from the photo's features (its vision pass)."""
     cfg = cap.generation_config(max_new_tokens)
-    prompt = cap.chat_prompt(question, [grid])
+    prompt = cap.prompting.chat(question, [grid])
     memory = cap.chat_memory(features[None], prompt, grid)
     answer = generate(cached(cap.graphs.step), cap.graphs.start(memory, capacity(len(prompt), max_new_tokens)),
                       prompt[None], cap.eos, cfg)[0]

@@ -334,7 +334,7 @@ class Request:
         captioner = Captioner(src, provider="cpu")
         asked = {"question": CALIBRATION_QUESTION} if captioner.manifest.question == "encoder" else {}
         cfg = captioner.generation_config(num_beams=1, **asked)
-        return cls(*captioner.ask(**asked), captioner.manifest.tokenizer["eos_id"],
+        return cls(*captioner.prompting.ask(**asked), captioner.manifest.tokenizer["eos_id"],
                    replace(cfg, max_new_tokens=min(cfg.max_new_tokens, CALIBRATION_TOKENS)), captioner.manifest.decoder)
 
     def vision_feeds(self, graph: onnx.ModelProto, pixels: np.ndarray) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ from .providers import ProviderError
 from .manifest import GRAPHS, PackageError, load_manifest
 from .answers import parse
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels, open_image, to_grid, to_pixels, to_tiles
-from .prompting import chat_text
+from .prompting import Prompter
 from .search import GenerationConfig, cached, capacity, chat_memory, generate, greedy_steps, take_rows, uncached
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
@@ -107,7 +107,7 @@ class Captioner:
             raise PackageError(f"{self.manifest.root}: unusable tokenizer: {str(e).splitlines()[0]}") from None
         self.defaults = GenerationConfig(**{f.name: self.manifest.generation[f.name] for f in fields(GenerationConfig)
                                             if f.name in self.manifest.generation})
-        self.prompt = np.array(self.manifest.generation["prompt_ids"], dtype=np.int64)
+        self.prompting = Prompter(self.manifest, self.tokenizer)
         self.eos = np.array(self.manifest.eos_ids, dtype=np.int64)
 
     def _load(self, names: list[str], explicit: bool, opts, max_batch: int):
@@ -150,7 +150,7 @@ class Captioner:
         """The package's settings with these overrides; the default length is cut to what fits
         after a question's tokens. A temperature above 0 samples (runtime.search.sample_next_token)
         with one beam, whatever beams the package defaults to."""
-        prompt = self.ask(question, task, text)[0]
+        prompt = self.prompting.ask(question, task, text)[0]
         # The prompt takes positions too; the last generated token is never fed back.
         limit = self.manifest.max_positions - len(prompt) + 1
         default = min(self.defaults.max_new_tokens, limit)
@@ -166,75 +166,6 @@ class Captioner:
             raise ValueError(f"beams must be between 1 and the max batch ({self.max_batch})")
         return cfg
 
-    def ask(self, question: str | None = None, task: str | None = None,
-            text: str | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(prompt, the vision graph's inputs beyond pixels, per image) for what the model is
-        asked: nothing (a caption), a `question`, or a `task` and its `text`, as the package says
-        they are read (Manifest.question, Manifest.tasks). ValueError for what the model does not
-        take, lacks or cannot fit. A chat model's prompt is laid out for each image's tiles
-        (`chat_prompt`): here, for an untiled image (the shortest)."""
-        if self.manifest.chat is not None:
-            if task is not None or text is not None:
-                raise ValueError("this model takes a question (--question), not a task or text")
-            if question is not None and not question.strip():
-                raise ValueError("the question is empty")
-            prompt = self.chat_prompt(question, [(0, 0)])
-            if len(prompt) >= self.manifest.max_positions:
-                raise ValueError(f"the question makes a {len(prompt)}-token prompt even for an untiled image; this "
-                                 f"model reads {self.manifest.max_positions} tokens")
-            return prompt, []
-        if self.manifest.tasks is not None:
-            if question is not None:
-                raise ValueError("this model takes a task (--task), not a question")
-            return self.prompt, [self._encoder_text(self.task_prompt(task, text))]
-        if task is not None or text is not None:
-            raise ValueError("this model takes no task or text" + ("; ask with --question" if self.manifest.question else ""))
-        kind = self.manifest.question
-        if question is None:
-            if kind == "encoder":
-                raise ValueError("this model answers questions: give it one (--question)")
-            return self.prompt, []
-        if kind is None:
-            raise ValueError("this model captions; it does not take questions")
-        if not question.strip():
-            raise ValueError("the question is empty")
-        if kind == "encoder":
-            return self.prompt, [self._encoder_text(question, "question")]
-        ids = self.tokenizer.encode(question, add_special_tokens=False).ids
-        limit = self.manifest.max_positions - len(self.prompt) - 1
-        if not 1 <= len(ids) <= limit:
-            raise ValueError(f"the question is {len(ids)} tokens; this model reads 1 to {limit}")
-        return np.concatenate([self.prompt, np.array(ids, dtype=np.int64)]), []
-
-    def chat_prompt(self, question: str | None, grids: list[tuple[int, int]]) -> np.ndarray:
-        """A chat model's prompt ids: the question (the package's default when None) about images
-        tiled as `grids` ((rows, cols) each), in its chat template (runtime.prompting)."""
-        chat = self.manifest.chat
-        text = chat_text(chat, chat["question"] if question is None else question, grids)
-        return np.array(self.tokenizer.encode(text).ids, dtype=np.int64)
-
-    def task_prompt(self, task: str | None, text: str | None) -> str:
-        """The prompt Florence2Processor builds for a task (the default one for None) and its text."""
-        tasks = self.manifest.tasks
-        task = tasks["default"] if task is None else task
-        if task not in tasks["prompts"]:
-            raise ValueError(f"unknown task {task!r}; this model does {', '.join(tasks['prompts'])}")
-        prompt = tasks["prompts"][task]["prompt"]
-        if "{input}" not in prompt:
-            if text is not None:
-                raise ValueError(f"{task} takes no text")
-            return prompt
-        if text is None or not text.strip():
-            raise ValueError(f"{task} needs a text (--text)")
-        return prompt.format(input=text.strip())
-
-    def _encoder_text(self, text: str, what: str = "prompt") -> np.ndarray:
-        """A text for the vision graph's second input, with the tokenizer's special tokens."""
-        ids, limit = self.tokenizer.encode(text).ids, self.manifest.data["dims"]["text"]["max"]
-        if len(ids) > limit:
-            raise ValueError(f"the {what} is {len(ids)} tokens; this model reads 1 to {limit}")
-        return np.array(ids, dtype=np.int64)
-
     def images_per_pass(self, num_beams: int) -> int:
         """Images in one forward pass: images x beams stays within `max_batch`, the batch
         TensorRT's profiles were built for (explicit profiles cannot grow at run time)."""
@@ -244,7 +175,7 @@ class Captioner:
                  task: str | None = None, text: str | None = None) -> list[list[int]]:
         """Tokens per image, in forward passes of at most `images_per_pass` images."""
         n, eos = self.images_per_pass(cfg.num_beams), self.eos
-        prompt, inputs = self.ask(question, task, text)
+        prompt, inputs = self.prompting.ask(question, task, text)
         tokens = []
         for i in range(0, len(pixels), n):
             chunk = pixels[i : i + n]
@@ -262,7 +193,7 @@ class Captioner:
         if not self.manifest.tokenizer.get("skip_special_tokens", True):
             forced = self.defaults.forced_bos_token_id
             return self.tokenizer.decode(tokens[1:] if tokens[:1] == [forced] else tokens, skip_special_tokens=False)
-        text = self.tokenizer.decode([*self.prompt.tolist(), *tokens])
+        text = self.tokenizer.decode([*self.prompting.prefix.tolist(), *tokens])
         return clean_up_tokenization(text) if self.manifest.tokenizer["clean_up_spaces"] else text
 
     def encode(self, image) -> tuple[np.ndarray, np.ndarray]:
@@ -270,7 +201,7 @@ class Captioner:
         heads, tokens, head_dim) each (what score_memories takes; a retrieval index keeps it).
         Raises ImageError."""
         pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
-        outputs = self.graphs.encode(pixels, *(x[None] for x in self.ask()[1]))
+        outputs = self.graphs.encode(pixels, *(x[None] for x in self.prompting.ask()[1]))
         return tuple(np.stack([host(x) for x in layers]) for layers in outputs)
 
     def score(self, image, texts: list[str], mean: bool = False, question: str | None = None,
@@ -283,7 +214,7 @@ class Captioner:
         or a text too long."""
         if not texts:
             raise ValueError("no texts to score")
-        prompt, inputs = self.ask(question, task, text)
+        prompt, inputs = self.prompting.ask(question, task, text)
         sequences = [self.scored_sequence(t, prompt) for t in texts]
         pixels = load_pixels(image, self.manifest.preprocess, self.max_pixels)[None]
         outputs = self.graphs.encode(pixels, *(x[None] for x in inputs))
@@ -292,9 +223,9 @@ class Captioner:
     def score_memories(self, key: np.ndarray, value: np.ndarray, text: str, mean: bool = False) -> list[float]:
         """log p(text | image) for each image whose memory (`encode`) is a row of key/value
         (axis 1): retrieval's ranking, `max_batch` images per decoder pass."""
-        sequence = self.scored_sequence(text, self.prompt)
+        sequence = self.scored_sequence(text, self.prompting.prefix)
         return self._scores((list(key), list(value)), np.arange(key.shape[1]), [sequence] * key.shape[1],
-                            len(self.prompt), mean)
+                            len(self.prompting.prefix), mean)
 
     def _scores(self, outputs: tuple[list, list], rows: np.ndarray, sequences: list[np.ndarray], start: int,
                 mean: bool) -> list[float]:
@@ -309,7 +240,7 @@ class Captioner:
 
     def scored_sequence(self, text: str, prompt: np.ndarray | None = None) -> np.ndarray:
         """prompt + the text's tokens + end of sequence; ValueError if the text does not fit."""
-        prompt = self.prompt if prompt is None else prompt
+        prompt = self.prompting.prefix if prompt is None else prompt
         ids, limit = self.tokenizer.encode(text, add_special_tokens=False).ids, self.manifest.max_positions - len(prompt)
         if not 1 <= len(ids) <= limit:
             raise ValueError(f"text {text!r} is {len(ids)} tokens; this model scores 1 to {limit}")
@@ -361,7 +292,7 @@ class Captioner:
         for its grid (chat_tiles). ImageError for an image that does not decode or whose prompt and
         answer would not fit the model's positions (checked before the vision pass)."""
         tiles, (rows, cols) = self.chat_tiles(image)
-        prompt = self.chat_prompt(question, [(rows, cols)])
+        prompt = self.prompting.chat(question, [(rows, cols)])
         if len(prompt) + cfg.max_new_tokens - 1 > self.manifest.max_positions:
             raise ImageError(f"{name_of(image)}: its {rows}x{cols} grid makes a {len(prompt)}-token prompt; with "
                              f"{cfg.max_new_tokens} new tokens that is beyond the model's {self.manifest.max_positions}")
@@ -420,7 +351,7 @@ class Captioner:
             prompt, features, grid = self.chat_input(image, question, cfg)
             state = self.graphs.start(self.chat_memory(features[None], prompt, grid), capacity(len(prompt), cfg.max_new_tokens))
         else:
-            prompt, inputs = self.ask(**asked)
+            prompt, inputs = self.prompting.ask(**asked)
             rgb = open_image(image, self.max_pixels)
             pixels = to_pixels(rgb, self.manifest.preprocess)[None]
             state = self.graphs.start(self.graphs.encode(pixels, *(x[None] for x in inputs)),
@@ -458,7 +389,7 @@ class Captioner:
         ok = [r for r in results if r.error is None]
         if ok:
             tokens = self.generate(np.stack(pixels), cfg, cache, **asked)
-            ms, prompt_tokens = (time.perf_counter() - start) * 1000 / len(ok), len(self.ask(**asked)[0])
+            ms, prompt_tokens = (time.perf_counter() - start) * 1000 / len(ok), len(self.prompting.ask(**asked)[0])
             for r, t, size in zip(ok, tokens, sizes, strict=True):
                 r.tokens, r.text, r.ms, r.prompt_tokens = t, self.decode(t), ms, prompt_tokens
                 if self.manifest.tasks is not None:

@@ -1,4 +1,7 @@
-"""Chat prompts for the LLM-based families (a package with a `chat` section): the checkpoint's own
+"""Every prompt a package is given, built in one place (Prompter) from its manifest's question,
+tasks or chat section and its tokenizer.
+
+Chat prompts, for the LLM-based families (a package with a `chat` section): the checkpoint's own
 chat template, rendered with jinja2 the way transformers' apply_chat_template renders it (a
 sandbox, trim_blocks, lstrip_blocks, loop controls, its tojson and raise_exception), then each
 image placeholder of the text laid out as the family's processor lays it out, then tokenized
@@ -8,8 +11,12 @@ import json
 from functools import lru_cache
 
 import jinja2
+import numpy as np
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from .manifest import Manifest
 
 
 class PromptError(ValueError):
@@ -73,3 +80,82 @@ def chat_text(chat: dict, question: str, grids: list[tuple[int, int]]) -> str:
     if len(parts) != len(grids) + 1:
         raise PromptError(f"the chat template wrote {len(parts) - 1} image placeholders for {len(grids)} images")
     return parts[0] + "".join(image_layout(chat["image"], *grid) + part for grid, part in zip(grids, parts[1:]))
+
+
+class Prompter:
+    """What a package is asked (nothing, a question, or a task and its text) as the decoder's
+    prompt ids and the vision graph's text input, as its manifest says each is read; a one-line
+    ValueError for what the package does not take, lacks or cannot fit."""
+
+    def __init__(self, manifest: Manifest, tokenizer: Tokenizer):
+        self.manifest, self.tokenizer = manifest, tokenizer
+        self.prefix = np.array(manifest.generation["prompt_ids"], dtype=np.int64)  # what every caption follows
+
+    def ask(self, question: str | None = None, task: str | None = None,
+            text: str | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(prompt, the vision graph's inputs beyond pixels, per image) for what the model is
+        asked: nothing (a caption), a `question`, or a `task` and its `text`, as the package says
+        they are read (Manifest.question, Manifest.tasks). ValueError for what the model does not
+        take, lacks or cannot fit. A chat model's prompt is laid out for each image's tiles
+        (`chat`): here, for an untiled image (the shortest)."""
+        if self.manifest.chat is not None:
+            if task is not None or text is not None:
+                raise ValueError("this model takes a question (--question), not a task or text")
+            if question is not None and not question.strip():
+                raise ValueError("the question is empty")
+            prompt = self.chat(question, [(0, 0)])
+            if len(prompt) >= self.manifest.max_positions:
+                raise ValueError(f"the question makes a {len(prompt)}-token prompt even for an untiled image; this "
+                                 f"model reads {self.manifest.max_positions} tokens")
+            return prompt, []
+        if self.manifest.tasks is not None:
+            if question is not None:
+                raise ValueError("this model takes a task (--task), not a question")
+            return self.prefix, [self.encoder_text(self.task(task, text))]
+        if task is not None or text is not None:
+            raise ValueError("this model takes no task or text" + ("; ask with --question" if self.manifest.question else ""))
+        kind = self.manifest.question
+        if question is None:
+            if kind == "encoder":
+                raise ValueError("this model answers questions: give it one (--question)")
+            return self.prefix, []
+        if kind is None:
+            raise ValueError("this model captions; it does not take questions")
+        if not question.strip():
+            raise ValueError("the question is empty")
+        if kind == "encoder":
+            return self.prefix, [self.encoder_text(question, "question")]
+        ids = self.tokenizer.encode(question, add_special_tokens=False).ids
+        limit = self.manifest.max_positions - len(self.prefix) - 1
+        if not 1 <= len(ids) <= limit:
+            raise ValueError(f"the question is {len(ids)} tokens; this model reads 1 to {limit}")
+        return np.concatenate([self.prefix, np.array(ids, dtype=np.int64)]), []
+
+    def chat(self, question: str | None, grids: list[tuple[int, int]]) -> np.ndarray:
+        """A chat model's prompt ids: the question (the package's default when None) about images
+        tiled as `grids` ((rows, cols) each), in its chat template (runtime.prompting)."""
+        chat = self.manifest.chat
+        text = chat_text(chat, chat["question"] if question is None else question, grids)
+        return np.array(self.tokenizer.encode(text).ids, dtype=np.int64)
+
+    def task(self, task: str | None, text: str | None) -> str:
+        """The prompt Florence2Processor builds for a task (the default one for None) and its text."""
+        tasks = self.manifest.tasks
+        task = tasks["default"] if task is None else task
+        if task not in tasks["prompts"]:
+            raise ValueError(f"unknown task {task!r}; this model does {', '.join(tasks['prompts'])}")
+        prompt = tasks["prompts"][task]["prompt"]
+        if "{input}" not in prompt:
+            if text is not None:
+                raise ValueError(f"{task} takes no text")
+            return prompt
+        if text is None or not text.strip():
+            raise ValueError(f"{task} needs a text (--text)")
+        return prompt.format(input=text.strip())
+
+    def encoder_text(self, text: str, what: str = "prompt") -> np.ndarray:
+        """A text for the vision graph's second input, with the tokenizer's special tokens."""
+        ids, limit = self.tokenizer.encode(text).ids, self.manifest.data["dims"]["text"]["max"]
+        if len(ids) > limit:
+            raise ValueError(f"the {what} is {len(ids)} tokens; this model reads 1 to {limit}")
+        return np.array(ids, dtype=np.int64)

@@ -128,7 +128,7 @@ def reference_scores(ref, image, captioner, texts: list[str], question: str | No
     import torch
 
     asked = {} if question is None else {"question": question}
-    prompt, eos = [int(i) for i in ref.ask(question)[0]] if asked else captioner.prompt.tolist(), \
+    prompt, eos = [int(i) for i in ref.ask(question)[0]] if asked else captioner.prompting.prefix.tolist(), \
         captioner.manifest.tokenizer["eos_id"]
     scores = []
     for text in texts:

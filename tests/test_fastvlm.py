@@ -32,7 +32,7 @@ def test_pixels_and_prompt_ids_equal_the_processors(fastvlm, photo_paths):
     for path in photo_paths.values():
         ref = reference_inputs(src, [open_image(path)], "What is in the image?")
         assert np.abs(load_pixels(path, captioner.manifest.preprocess) - ref.pixel_values[0].numpy()).max() < 1e-6
-        assert captioner.chat_prompt("What is in the image?", [(0, 0)]).tolist() == ref.input_ids[0].tolist()
+        assert captioner.prompting.chat("What is in the image?", [(0, 0)]).tolist() == ref.input_ids[0].tolist()
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

@@ -294,7 +294,7 @@ def test_parity_handles_captions_that_run_to_the_length_limit(exported, photo_pa
 
     src, pkg = exported["vit-gpt2-real"]
     captioner = Captioner(pkg, provider="cpu")
-    limit = captioner.manifest.max_positions - len(captioner.prompt) + 1
+    limit = captioner.manifest.max_positions - len(captioner.prompting.prefix) + 1
     paths = [str(p) for p in photo_paths.values()]
     result = run(pkg, src, paths, max_new_tokens=limit)
     assert result["exact_caption_match"] == 1.0 and result["teacher_forced_top1"] == 1.0

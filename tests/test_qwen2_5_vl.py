@@ -67,7 +67,7 @@ def test_pixels_and_prompt_ids_equal_the_processors(qwen, images):
         flat, grid = patches(torch.from_numpy(pixels[None]))
         assert np.array_equal(flat.numpy(), ref.pixel_values.numpy())
         assert grid.tolist() == ref.image_grid_thw.tolist() == [[1, 2 * rows, 2 * cols]]
-        assert captioner.chat_prompt("What is in the image?", [(rows, cols)]).tolist() == ref.input_ids[0].tolist()
+        assert captioner.prompting.chat("What is in the image?", [(rows, cols)]).tolist() == ref.input_ids[0].tolist()
         grids.add((rows, cols))
     assert len(grids) >= 5 and any(r > c for r, c in grids) and any(c > r for r, c in grids)
 
@@ -109,7 +109,7 @@ def test_m_rope_positions_are_what_transformers_assigns(qwen, images):
     captioner, ref = hf_pair(src, pkg)
     for path in images:
         _, (rows, cols) = captioner.chat_tiles(path)
-        prompt = captioner.chat_prompt(None, [(rows, cols)])
+        prompt = captioner.prompting.chat(None, [(rows, cols)])
         inputs = reference_inputs(src, [open_image(path)], captioner.manifest.chat["question"])
         want, delta = ref.model.model.get_rope_index(inputs.input_ids, inputs.mm_token_type_ids, inputs.image_grid_thw)
         grid = torch.from_numpy(image_grid(prompt[None], captioner.manifest.decoder.image_token, (rows, cols)))

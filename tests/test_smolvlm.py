@@ -57,7 +57,7 @@ def test_tiles_and_prompt_ids_equal_the_processors(smolvlm, images):
         tiles, rows, cols = to_tiles(image, captioner.manifest.preprocess)
         ref = reference_inputs(src, [image], "What is in the image?")
         assert np.array_equal(tiles, ref.pixel_values[0].numpy())
-        assert captioner.chat_prompt("What is in the image?", [(rows, cols)]).tolist() == ref.input_ids[0].tolist()
+        assert captioner.prompting.chat("What is in the image?", [(rows, cols)]).tolist() == ref.input_ids[0].tolist()
         grids.append((rows, cols))
     assert {(4, 4), (3, 4), (2, 4)} <= set(grids)
 
@@ -129,7 +129,7 @@ def test_refusals_are_one_line_and_lose_no_other_image(smolvlm, images, tmp_path
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     # Enough new tokens that the 4x4-tile photo's prompt no longer fits; the others are answered.
     captioner = Captioner(pkg, provider="cpu")
-    fits_3x4 = captioner.manifest.max_positions - len(captioner.chat_prompt(None, [(3, 4)])) + 1
+    fits_3x4 = captioner.manifest.max_positions - len(captioner.prompting.chat(None, [(3, 4)])) + 1
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a photo")
     results = captioner.caption([*images, broken], max_new_tokens=fits_3x4)

@@ -137,7 +137,7 @@ def test_int8_blip_vqa_is_calibrated_with_a_question_and_stays_exact_in_cache_an
     pixels = np.stack([load_pixels(p, captioner.manifest.preprocess) for p in paths])
     batch = captioner.generate(pixels, cfg, question=question)
     assert batch == [captioner.generate(pixels[i : i + 1], cfg, question=question)[0] for i in range(3)]
-    prompt, inputs = captioner.ask(question=question)
+    prompt, inputs = captioner.prompting.ask(question=question)
     for i, tokens in enumerate(batch):
         ids = np.array([[*prompt, *tokens]], dtype=np.int64)
         state = captioner.graphs.start(captioner.graphs.encode(pixels[i : i + 1], *(x[None] for x in inputs)), ids.shape[1])
