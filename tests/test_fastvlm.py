@@ -25,12 +25,12 @@ def fastvlm(tmp_path_factory):
 
 
 def test_pixels_and_prompt_ids_equal_the_processors(fastvlm, photo_paths):
-    from export.hf.fastvlm import reference_inputs
+    from export.hf.fastvlm import FAMILY
 
     src, pkg = fastvlm
     captioner = Captioner(pkg, provider="cpu")
     for path in photo_paths.values():
-        ref = reference_inputs(src, [open_image(path)], "What is in the image?")
+        ref = FAMILY.reference_inputs(src, [open_image(path)], "What is in the image?")
         assert np.abs(load_pixels(path, captioner.manifest.preprocess) - ref.pixel_values[0].numpy()).max() < 1e-6
         assert captioner.prompting.chat("What is in the image?", [(0, 0)]).tolist() == ref.input_ids[0].tolist()
 

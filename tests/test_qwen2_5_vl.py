@@ -55,7 +55,7 @@ def test_pixels_and_prompt_ids_equal_the_processors(qwen, images):
     per merged patch."""
     import torch
 
-    from export.hf.qwen2_5_vl import patches, reference_inputs
+    from export.hf.qwen2_5_vl import FAMILY, patches
 
     src, pkg = qwen["tiny"]
     captioner = Captioner(pkg, provider="cpu")
@@ -63,7 +63,7 @@ def test_pixels_and_prompt_ids_equal_the_processors(qwen, images):
     for path in [*images, *(Image.fromarray(a) for a in photos().values()), *transparent().values()]:
         image = open_image(path)
         pixels, rows, cols = to_grid(image, captioner.manifest.preprocess)
-        ref = reference_inputs(src, [image], "What is in the image?")
+        ref = FAMILY.reference_inputs(src, [image], "What is in the image?")
         flat, grid = patches(torch.from_numpy(pixels[None]))
         assert np.array_equal(flat.numpy(), ref.pixel_values.numpy())
         assert grid.tolist() == ref.image_grid_thw.tolist() == [[1, 2 * rows, 2 * cols]]
@@ -102,7 +102,7 @@ def test_m_rope_positions_are_what_transformers_assigns(qwen, images):
     import torch
 
     from export.hf.llm import mrope_positions
-    from export.hf.qwen2_5_vl import reference_inputs
+    from export.hf.qwen2_5_vl import FAMILY
     from runtime.search import image_grid
 
     src, pkg = qwen["tiny"]
@@ -110,7 +110,7 @@ def test_m_rope_positions_are_what_transformers_assigns(qwen, images):
     for path in images:
         _, (rows, cols) = captioner.chat_tiles(path)
         prompt = captioner.prompting.chat(None, [(rows, cols)])
-        inputs = reference_inputs(src, [open_image(path)], captioner.manifest.chat["question"])
+        inputs = FAMILY.reference_inputs(src, [open_image(path)], captioner.manifest.chat["question"])
         want, delta = ref.model.model.get_rope_index(inputs.input_ids, inputs.mm_token_type_ids, inputs.image_grid_thw)
         grid = torch.from_numpy(image_grid(prompt[None], captioner.manifest.decoder.image_token, (rows, cols)))
         positions = torch.arange(len(prompt) + 5)[None]

@@ -47,7 +47,7 @@ def same_size(tmp_path_factory) -> list:
 def test_tiles_and_prompt_ids_equal_the_processors(smolvlm, images):
     """Pixels bit for bit (PIL backend: LANCZOS resizes, tiles in reading order, the whole image last),
     and the prompt ids of the chat template with each tile's placeholders."""
-    from export.hf.smolvlm import reference_inputs
+    from export.hf.smolvlm import FAMILY
 
     src, pkg = smolvlm["tiny"]
     captioner = Captioner(pkg, provider="cpu")
@@ -55,7 +55,7 @@ def test_tiles_and_prompt_ids_equal_the_processors(smolvlm, images):
     for path in [*images, *(Image.fromarray(a) for a in photos().values()), *transparent().values()]:
         image = open_image(path)
         tiles, rows, cols = to_tiles(image, captioner.manifest.preprocess)
-        ref = reference_inputs(src, [image], "What is in the image?")
+        ref = FAMILY.reference_inputs(src, [image], "What is in the image?")
         assert np.array_equal(tiles, ref.pixel_values[0].numpy())
         assert captioner.prompting.chat("What is in the image?", [(rows, cols)]).tolist() == ref.input_ids[0].tolist()
         grids.append((rows, cols))
@@ -81,7 +81,7 @@ def test_answers_equal_transformers_generate(smolvlm, images, same_size, num_bea
 
 
 def test_the_realistic_model_is_exact_and_its_logits_agree_relative_to_their_scale(smolvlm, images):
-    from export.hf.smolvlm import reference_inputs
+    from export.hf.smolvlm import FAMILY
     import torch
 
     src, pkg = smolvlm["tiny-real"]
@@ -90,7 +90,7 @@ def test_the_realistic_model_is_exact_and_its_logits_agree_relative_to_their_sca
     tokens = [c.tokens for c in captioner.caption(images)]
     assert tokens == [ref.generate([p], cfg)[0] for p in images]
     image = open_image(images[1])
-    inputs = reference_inputs(src, [image], captioner.manifest.chat["question"])
+    inputs = FAMILY.reference_inputs(src, [image], captioner.manifest.chat["question"])
     ids = np.concatenate([inputs.input_ids[0].numpy(), tokens[1]])[None]
     with torch.inference_mode():
         want = ref.model(input_ids=torch.from_numpy(ids), pixel_values=inputs.pixel_values).logits.numpy()[0]

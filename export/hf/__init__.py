@@ -7,14 +7,8 @@ over transformers' own submodules). Cross-attention K/V move into the vision gra
 per image, not every step (which is what optimum's export does). The wrappers are checked
 against transformers' own forward before they are traced.
 
-A family module provides: ARCHITECTURE, MODEL_TYPE, SUPPORTS (its line in the refusal message),
-MEMORY ("cross" or "prefix": export.package), QUESTION (None, "prompt" or "encoder": runtime.manifest;
-"task": a task's prompt feeds the encoder, and the family has tasks(src) for the manifest), unsupported(config) -> reason or None, model_class(), captioner(model),
-text_config(model), describe(model), prompt_and_eos(src, model, tokenizer, prompt),
-reference_logits(model, inputs, ids) and generate(model, inputs, prompt, eos_id, **kwargs)
-(transformers' own, for parity), where `inputs` are the vision graph's: [pixels] or
-[pixels, text_ids].
-Adding a family is a module and a line in FAMILIES.
+A family is one module with one `common.Family` subclass (the interface and its defaults); adding
+one is its module and a line in FAMILIES.
 """
 
 import os
@@ -39,12 +33,12 @@ from ..reference import torch_graph_step
 from ..progress import Progress
 from ..quantize import check_vision_compute, quantize_package
 from . import blip, blip_vqa, decoders, fastvlm, florence2, git, qwen2_5_vl, smolvlm, vision_encoder_decoder
-from .common import (HFCaptioner, eos_ids, generation_settings, image_processor, load_tokenizer, preprocess_spec,
+from .common import (Family, HFCaptioner, eos_ids, generation_settings, image_processor, load_tokenizer,
                      read_config)
 
-FAMILIES = {architecture: family for family in (vision_encoder_decoder, blip, blip_vqa, git, florence2, smolvlm, fastvlm,
-                                                 qwen2_5_vl)
-            for architecture in getattr(family, "ARCHITECTURES", (family.ARCHITECTURE,))}
+FAMILIES = {architecture: module.FAMILY for module in (vision_encoder_decoder, blip, blip_vqa, git, florence2, smolvlm,
+                                                       fastvlm, qwen2_5_vl)
+            for architecture in (module.FAMILY.ARCHITECTURE, *module.FAMILY.ALSO)}
 SUPPORTED = " and ".join(dict.fromkeys(family.SUPPORTS for family in FAMILIES.values()))
 
 
@@ -53,8 +47,8 @@ class Unsupported(ExportError):
         super().__init__(f"{src}: {what}; supported: {SUPPORTED}")
 
 
-def family_of(src: Path):
-    """The family module for a folder, from config.json alone: unsupported architectures are
+def family_of(src: Path) -> Family:
+    """The family of a folder, from config.json alone: unsupported architectures are
     refused before any weights are read."""
     config = read_config(src)
     architectures, kind = config.get("architectures") or [], config.get("model_type")
@@ -68,7 +62,7 @@ def family_of(src: Path):
 
 
 def load_model(src: Path, attention: str | None = None):
-    """(family module, transformers model in eval mode). `attention` picks transformers'
+    """(family, transformers model in eval mode). `attention` picks transformers'
     attention implementation (its default, sdpa, is what users run)."""
     family = family_of(src)
     return family, family.model_class().from_pretrained(src, local_files_only=True, attn_implementation=attention).eval()
@@ -80,7 +74,7 @@ def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, in
     layers, heads, kv_heads, head_dim, width, positions = decoders.dims(text)
     image_token = model.config.image_token_id if family.MEMORY == "embeddings" else None
     decoder = Decoder(layers, heads, kv_heads, head_dim, text.vocab_size, positions, family.MEMORY, image_token,
-                      getattr(family, "ROPE", "1d"))
+                      family.ROPE)
     shape = GraphShape(decoder, 0, image_size, positions if family.QUESTION in ("encoder", "task") else 0, tiles, width,
                        grid_factor)
     inputs = shape.vision_inputs(1, torch.Generator())
@@ -133,7 +127,7 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
     tasks = {"tasks": family.tasks(src)} if family.QUESTION == "task" else {}
     chat = {"chat": family.chat(src)} if family.QUESTION == "chat" else {}
     tokenizer = load_tokenizer(src)
-    spec = family.preprocess_spec(src) if hasattr(family, "preprocess_spec") else preprocess_spec(src)
+    spec = family.preprocess_spec(src)
     family, model = load_model(src, attention="eager")
     prompt_ids, eos = family.prompt_and_eos(src, model, tokenizer, prompt)
     eos = eos_ids(src, prompt_ids, eos, chat)

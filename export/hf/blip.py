@@ -7,47 +7,34 @@ import torch
 from torch import nn
 
 from . import decoders
-from .common import HFCaptioner
-
-ARCHITECTURE, MODEL_TYPE = "BlipForConditionalGeneration", "blip"
-SUPPORTS = "BlipForConditionalGeneration"
-MEMORY, QUESTION = "cross", None
+from .common import Family, HFCaptioner
 
 
-def unsupported(config: dict) -> str | None:
-    return None
+class Blip(Family):
+    ARCHITECTURE, MODEL_TYPE = "BlipForConditionalGeneration", "blip"
+    SUPPORTS = "BlipForConditionalGeneration"
+
+    def model_class(self):
+        from transformers import BlipForConditionalGeneration
+
+        return BlipForConditionalGeneration
+
+    def captioner(self, model) -> HFCaptioner:
+        return HFCaptioner(model.vision_model, nn.Identity(), decoders.BertDecoder(model.text_decoder)).eval()
+
+    def prompt_and_eos(self, src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
+        """As BlipForConditionalGeneration.generate: the prompt's [CLS] becomes BOS, its [SEP] is dropped."""
+        ids = tokenizer(prompt).input_ids if prompt else [None, None]
+        return [model.config.text_config.bos_token_id, *ids[1:-1]], model.config.text_config.sep_token_id
+
+    def reference_logits(self, model, inputs, ids):
+        memory = model.vision_model(pixel_values=inputs[0])[0]
+        return model.text_decoder(input_ids=ids, encoder_hidden_states=memory).logits
+
+    def generate(self, model, inputs, prompt, eos_id: int, **kwargs):
+        # Its generate drops the last prompt token (the [SEP] a processor adds).
+        sep = torch.full((prompt.shape[0], 1), eos_id)
+        return model.generate(pixel_values=inputs[0], input_ids=torch.cat([prompt, sep], dim=1), **kwargs)
 
 
-def model_class():
-    from transformers import BlipForConditionalGeneration
-
-    return BlipForConditionalGeneration
-
-
-def captioner(model) -> HFCaptioner:
-    return HFCaptioner(model.vision_model, nn.Identity(), decoders.BertDecoder(model.text_decoder)).eval()
-
-
-def text_config(model):
-    return model.config.text_config
-
-
-def describe(model) -> str:
-    return type(model).__name__
-
-
-def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
-    """As BlipForConditionalGeneration.generate: the prompt's [CLS] becomes BOS, its [SEP] is dropped."""
-    ids = tokenizer(prompt).input_ids if prompt else [None, None]
-    return [model.config.text_config.bos_token_id, *ids[1:-1]], model.config.text_config.sep_token_id
-
-
-def reference_logits(model, inputs, ids):
-    memory = model.vision_model(pixel_values=inputs[0])[0]
-    return model.text_decoder(input_ids=ids, encoder_hidden_states=memory).logits
-
-
-def generate(model, inputs, prompt, eos_id: int, **kwargs):
-    # Its generate drops the last prompt token (the [SEP] a processor adds).
-    sep = torch.full((prompt.shape[0], 1), eos_id)
-    return model.generate(pixel_values=inputs[0], input_ids=torch.cat([prompt, sep], dim=1), **kwargs)
+FAMILY = Blip()

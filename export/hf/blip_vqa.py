@@ -10,21 +10,7 @@ from torch import nn
 
 from ..check import ExportError
 from . import decoders
-from .common import HFCaptioner
-
-ARCHITECTURE, MODEL_TYPE = "BlipForQuestionAnswering", "blip"
-SUPPORTS = "BlipForQuestionAnswering"
-MEMORY, QUESTION = "cross", "encoder"
-
-
-def unsupported(config: dict) -> str | None:
-    return None
-
-
-def model_class():
-    from transformers import BlipForQuestionAnswering
-
-    return BlipForQuestionAnswering
+from .common import Family, HFCaptioner
 
 
 class QuestionEncoder(nn.Module):
@@ -39,32 +25,34 @@ class QuestionEncoder(nn.Module):
         return self.text_encoder(input_ids=text_ids, encoder_hidden_states=image, return_dict=False)
 
 
-def captioner(model) -> HFCaptioner:
-    return HFCaptioner(QuestionEncoder(model), nn.Identity(), decoders.BertDecoder(model.text_decoder)).eval()
+class BlipVqa(Family):
+    ARCHITECTURE, MODEL_TYPE = "BlipForQuestionAnswering", "blip"
+    SUPPORTS = "BlipForQuestionAnswering"
+    QUESTION = "encoder"
+
+    def model_class(self):
+        from transformers import BlipForQuestionAnswering
+
+        return BlipForQuestionAnswering
+
+    def captioner(self, model) -> HFCaptioner:
+        return HFCaptioner(QuestionEncoder(model), nn.Identity(), decoders.BertDecoder(model.text_decoder)).eval()
+
+    def prompt_and_eos(self, src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
+        """As its generate: the answer starts from BOS ([DEC]) and ends at [SEP]."""
+        if prompt:
+            raise ExportError(f"{src}: a VQA model takes its question at run time (--question), not a prompt at export")
+        text = model.config.text_config
+        return [text.bos_token_id], text.sep_token_id
+
+    def reference_logits(self, model, inputs, ids):
+        """transformers' own forward (question encoder, then the answer decoder), no cache."""
+        pixels, question = inputs
+        return model.text_decoder(input_ids=ids, encoder_hidden_states=QuestionEncoder(model)(pixels, question)[0]).logits
+
+    def generate(self, model, inputs, prompt, eos_id: int, **kwargs):
+        pixels, question = inputs
+        return model.generate(input_ids=question, pixel_values=pixels, **kwargs)
 
 
-def text_config(model):
-    return model.config.text_config
-
-
-def describe(model) -> str:
-    return type(model).__name__
-
-
-def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
-    """As its generate: the answer starts from BOS ([DEC]) and ends at [SEP]."""
-    if prompt:
-        raise ExportError(f"{src}: a VQA model takes its question at run time (--question), not a prompt at export")
-    text = model.config.text_config
-    return [text.bos_token_id], text.sep_token_id
-
-
-def reference_logits(model, inputs, ids):
-    """transformers' own forward (question encoder, then the answer decoder), no cache."""
-    pixels, question = inputs
-    return model.text_decoder(input_ids=ids, encoder_hidden_states=QuestionEncoder(model)(pixels, question)[0]).logits
-
-
-def generate(model, inputs, prompt, eos_id: int, **kwargs):
-    pixels, question = inputs
-    return model.generate(input_ids=question, pixel_values=pixels, **kwargs)
+FAMILY = BlipVqa()

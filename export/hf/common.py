@@ -31,6 +31,50 @@ class HFCaptioner(nn.Module):
         return self.decoder(*feeds)
 
 
+class Family:
+    """What export.hf needs of a Hugging Face architecture, with the defaults most families share. Each
+    family module (export/hf/<family>.py) defines one subclass, FAMILY = its instance, and holds
+    everything of that family: its wrappers over transformers' modules, its manifest sections, its
+    reference (transformers' own logits and generate, for parity). Adding a family is its module and
+    its line in export.hf.FAMILIES."""
+
+    ARCHITECTURE = ""  # config.json's architectures[0]
+    ALSO: tuple[str, ...] = ()  # other architectures with the same layout
+    MODEL_TYPE = ""  # config.json's model_type, for folders that name no architecture
+    SUPPORTS = ""  # its line in the refusal message
+    MEMORY = "cross"  # how the decoder reads the vision graph: runtime.manifest.Decoder.memory
+    # Where the text a request asks goes: None (a captioner), "prompt" or "encoder" (runtime.manifest's
+    # question.input), "task" (a task's prompt feeds the encoder: `tasks`), "chat" (`chat`)
+    QUESTION: str | None = None
+    ROPE = "1d"  # runtime.manifest.Decoder.rope
+
+    def unsupported(self, config: dict) -> str | None:
+        """Why a folder of this architecture cannot be exported (read from config.json alone), or None."""
+        return None
+
+    def model_class(self):
+        raise NotImplementedError
+
+    def captioner(self, model) -> nn.Module:
+        """The module the tracer takes: vision(...) and step(...)."""
+        raise NotImplementedError
+
+    def preprocess_spec(self, src: Path) -> dict:
+        return preprocess_spec(src)
+
+    def prompt_and_eos(self, src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
+        """The decoder's fixed prompt ids and the end-of-sequence id(s), as the family's generate has them."""
+        raise NotImplementedError
+
+    def reference_logits(self, model, inputs, ids):
+        """transformers' own teacher-forced logits for the vision graph's `inputs` and token rows `ids`."""
+        raise NotImplementedError
+
+    def generate(self, model, inputs, prompt, eos_id: int, **kwargs):
+        """transformers' own generate from the vision graph's `inputs`."""
+        raise NotImplementedError
+
+
 def read_config(src: Path) -> dict:
     try:
         return json.loads((src / "config.json").read_text())

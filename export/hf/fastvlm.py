@@ -12,28 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .common import chat_prompt_and_eos, chat_processor, chat_reference_inputs, chat_section
-from .llm import ChatCaptioner
-
-ARCHITECTURE, MODEL_TYPE = "FastVlmForConditionalGeneration", "fast_vlm"
-SUPPORTS = "FastVlmForConditionalGeneration"
-MEMORY, QUESTION = "embeddings", "chat"
-DEFAULT_QUESTION = "Describe the image."
-
-
-def unsupported(config: dict) -> str | None:
-    vision, text = config.get("vision_config", {}), config.get("text_config", {})
-    if not str(vision.get("architecture", "")).startswith("fastvit"):
-        return f"a FastVLM whose vision tower is {vision.get('architecture')!r} (timm's fastvit expected)"
-    if text.get("model_type", "qwen2") != "qwen2":
-        return f"a FastVLM whose language model is {text.get('model_type')!r} (Qwen2 expected)"
-    return None
-
-
-def model_class():
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText
+from .common import chat_section
+from .llm import ChatCaptioner, ChatFamily
 
 
 class ImageFeatures(nn.Module):
@@ -48,42 +28,39 @@ class ImageFeatures(nn.Module):
         return self.projector(self.tower(pixels).last_hidden_state.flatten(2).permute(0, 2, 1))
 
 
-def captioner(model) -> ChatCaptioner:
-    return ChatCaptioner(ImageFeatures(model), model.model.language_model, model.lm_head).eval()
+class FastVlm(ChatFamily):
+    ARCHITECTURE, MODEL_TYPE = "FastVlmForConditionalGeneration", "fast_vlm"
+    SUPPORTS = "FastVlmForConditionalGeneration"
+    NAME = "FastVLM"
+    DEFAULT_QUESTION = "Describe the image."
+
+    def unsupported(self, config: dict) -> str | None:
+        vision, text = config.get("vision_config", {}), config.get("text_config", {})
+        if not str(vision.get("architecture", "")).startswith("fastvit"):
+            return f"a FastVLM whose vision tower is {vision.get('architecture')!r} (timm's fastvit expected)"
+        if text.get("model_type", "qwen2") != "qwen2":
+            return f"a FastVLM whose language model is {text.get('model_type')!r} (Qwen2 expected)"
+        return None
+
+    def captioner(self, model) -> ChatCaptioner:
+        return ChatCaptioner(ImageFeatures(model), model.model.language_model, model.lm_head).eval()
+
+    def describe(self, model) -> str:
+        return f"{type(model).__name__} ({model.config.vision_config.architecture} + {model.config.text_config.model_type})"
+
+    def chat(self, src: Path) -> dict:
+        """The manifest's `chat`: the chat template, and the image as its features' count of <image>
+        tokens (counted in what the processor makes of a picture)."""
+        from PIL import Image
+
+        proc = self.processor(src)
+        ids = proc(text=proc.image_token, images=[Image.new("RGB", (64, 48))], return_tensors="np").input_ids[0]
+        return chat_section(src, proc, self.DEFAULT_QUESTION, {"layout": "repeat", "tokens": int((ids == proc.image_token_id).sum()),
+                                                          "image": proc.image_token})
+
+    def reference_logits(self, model, inputs, ids):
+        """transformers' own forward over prompt ids that hold one image's placeholders per row."""
+        return model(input_ids=ids, pixel_values=inputs[0]).logits
 
 
-def text_config(model):
-    return model.config.text_config
-
-
-def describe(model) -> str:
-    return f"{type(model).__name__} ({model.config.vision_config.architecture} + {model.config.text_config.model_type})"
-
-
-def processor(src: Path):
-    return chat_processor(src, "FastVLM")
-
-
-def chat(src: Path) -> dict:
-    """The manifest's `chat`: the chat template, and the image as its features' count of <image>
-    tokens (counted in what the processor makes of a picture)."""
-    from PIL import Image
-
-    proc = processor(src)
-    ids = proc(text=proc.image_token, images=[Image.new("RGB", (64, 48))], return_tensors="np").input_ids[0]
-    return chat_section(src, proc, DEFAULT_QUESTION, {"layout": "repeat", "tokens": int((ids == proc.image_token_id).sum()),
-                                                      "image": proc.image_token})
-
-
-def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
-    return chat_prompt_and_eos(src, "FastVLM", model, prompt)
-
-
-def reference_inputs(src: Path, images, question: str):
-    """transformers' processor on these images (one per row) and question."""
-    return chat_reference_inputs(processor(src), list(images), question)
-
-
-def reference_logits(model, inputs, ids):
-    """transformers' own forward over prompt ids that hold one image's placeholders per row."""
-    return model(input_ids=ids, pixel_values=inputs[0]).logits
+FAMILY = FastVlm()

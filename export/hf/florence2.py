@@ -13,25 +13,7 @@ from torch import nn
 
 from ..check import ExportError
 from . import decoders
-from .common import HFCaptioner
-
-ARCHITECTURE, MODEL_TYPE = "Florence2ForConditionalGeneration", "florence2"
-SUPPORTS = "Florence2ForConditionalGeneration (transformers' native Florence-2)"
-MEMORY, QUESTION = "cross", "task"
-
-
-def unsupported(config: dict) -> str | None:
-    if config.get("auto_map"):
-        return ("a remote-code Florence-2 checkpoint (auto_map in config.json), whose code is never run here; "
-                "convert it to transformers' native Florence2ForConditionalGeneration first "
-                "(transformers' convert_florence2_original_pytorch_to_hf.py)")
-    return None
-
-
-def model_class():
-    from transformers import Florence2ForConditionalGeneration
-
-    return Florence2ForConditionalGeneration
+from .common import Family, HFCaptioner
 
 
 class ChannelAttention(nn.Module):
@@ -79,65 +61,72 @@ class ImageAndPrompt(nn.Module):
         return self.model.language_model.encoder(inputs_embeds=torch.cat([image, text], dim=1), return_dict=False)
 
 
-def captioner(model) -> HFCaptioner:
-    lm = model.model.language_model
-    return HFCaptioner(ImageAndPrompt(model, for_export=True), nn.Identity(), decoders.BartDecoder(lm.decoder, model.lm_head)).eval()
+class Florence2(Family):
+    ARCHITECTURE, MODEL_TYPE = "Florence2ForConditionalGeneration", "florence2"
+    SUPPORTS = "Florence2ForConditionalGeneration (transformers' native Florence-2)"
+    QUESTION = "task"
+
+    def unsupported(self, config: dict) -> str | None:
+        if config.get("auto_map"):
+            return ("a remote-code Florence-2 checkpoint (auto_map in config.json), whose code is never run here; "
+                    "convert it to transformers' native Florence2ForConditionalGeneration first "
+                    "(transformers' convert_florence2_original_pytorch_to_hf.py)")
+        return None
+
+    def model_class(self):
+        from transformers import Florence2ForConditionalGeneration
+
+        return Florence2ForConditionalGeneration
+
+    def captioner(self, model) -> HFCaptioner:
+        lm = model.model.language_model
+        return HFCaptioner(ImageAndPrompt(model, for_export=True), nn.Identity(), decoders.BartDecoder(lm.decoder, model.lm_head)).eval()
+
+    def prompt_and_eos(self, src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
+        if prompt:
+            raise ExportError(f"{src}: Florence-2 takes its task at run time (--task), not a prompt at export")
+        gc = model.generation_config
+        start = gc.decoder_start_token_id if gc.decoder_start_token_id is not None else model.config.text_config.decoder_start_token_id
+        return [start], gc.eos_token_id if gc.eos_token_id is not None else model.config.text_config.eos_token_id
+
+    def tasks(self, src: Path) -> dict:
+        """The manifest's `tasks`: every task the processor knows, its prompt ("{input}" where the
+        task takes text) and how its answer is parsed, exactly as Florence2Processor has them."""
+        from transformers import Florence2Processor
+
+        try:
+            processor = Florence2Processor.from_pretrained(src, local_files_only=True)
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise ExportError(f"{src}: no usable Florence-2 processor ({str(e).splitlines()[0]})") from None
+        if not processor.post_processor_config:
+            raise ExportError(f"{src}: the processor has no post_processor_config; answers could not be parsed")
+        prompts = {**processor.task_prompts_without_inputs, **processor.task_prompts_with_input}
+        return {"default": "<CAPTION>",
+                "prompts": {task: {"prompt": prompt, "parse": processor.tasks_answer_post_processing_type.get(task, "pure_text")}
+                            for task, prompt in prompts.items()},
+                "parse": processor.post_processor_config}
+
+    def reference_logits(self, model, inputs, ids):
+        """transformers' own forward, no cache: the processor's layout of input ids (image
+        placeholders, then the prompt) and the decoder's teacher-forced logits."""
+        pixels, text = inputs
+        placeholders = torch.full((len(text), self.image_tokens(model, pixels)), model.config.image_token_id)
+        return model(input_ids=torch.cat([placeholders, text], dim=1), pixel_values=pixels, decoder_input_ids=ids).logits
+
+    def image_tokens(self, model, pixels) -> int:
+        """How many image features DaViT's strided convolutions leave for these pixels, plus the pooled
+        one: the processor's <image> placeholders. Worked out from the config: running the tower to
+        count them would add a whole vision pass to every reference call."""
+        vision, (height, width) = model.config.vision_config, pixels.shape[-2:]
+        for kernel, stride, padding in zip(vision.patch_size, vision.patch_stride, vision.patch_padding):
+            height, width = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
+        return height * width + 1
+
+    def generate(self, model, inputs, prompt, eos_id: int, **kwargs):
+        pixels, text = inputs
+        placeholders = torch.full((len(text), self.image_tokens(model, pixels)), model.config.image_token_id)
+        return model.generate(input_ids=torch.cat([placeholders, text], dim=1), pixel_values=pixels,
+                              decoder_input_ids=prompt, **kwargs)
 
 
-def text_config(model):
-    return model.config.text_config
-
-
-def describe(model) -> str:
-    return type(model).__name__
-
-
-def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
-    if prompt:
-        raise ExportError(f"{src}: Florence-2 takes its task at run time (--task), not a prompt at export")
-    gc = model.generation_config
-    start = gc.decoder_start_token_id if gc.decoder_start_token_id is not None else model.config.text_config.decoder_start_token_id
-    return [start], gc.eos_token_id if gc.eos_token_id is not None else model.config.text_config.eos_token_id
-
-
-def tasks(src: Path) -> dict:
-    """The manifest's `tasks`: every task the processor knows, its prompt ("{input}" where the
-    task takes text) and how its answer is parsed, exactly as Florence2Processor has them."""
-    from transformers import Florence2Processor
-
-    try:
-        processor = Florence2Processor.from_pretrained(src, local_files_only=True)
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise ExportError(f"{src}: no usable Florence-2 processor ({str(e).splitlines()[0]})") from None
-    if not processor.post_processor_config:
-        raise ExportError(f"{src}: the processor has no post_processor_config; answers could not be parsed")
-    prompts = {**processor.task_prompts_without_inputs, **processor.task_prompts_with_input}
-    return {"default": "<CAPTION>",
-            "prompts": {task: {"prompt": prompt, "parse": processor.tasks_answer_post_processing_type.get(task, "pure_text")}
-                        for task, prompt in prompts.items()},
-            "parse": processor.post_processor_config}
-
-
-def reference_logits(model, inputs, ids):
-    """transformers' own forward, no cache: the processor's layout of input ids (image
-    placeholders, then the prompt) and the decoder's teacher-forced logits."""
-    pixels, text = inputs
-    placeholders = torch.full((len(text), image_tokens(model, pixels)), model.config.image_token_id)
-    return model(input_ids=torch.cat([placeholders, text], dim=1), pixel_values=pixels, decoder_input_ids=ids).logits
-
-
-def image_tokens(model, pixels) -> int:
-    """How many image features DaViT's strided convolutions leave for these pixels, plus the pooled
-    one: the processor's <image> placeholders. Worked out from the config: running the tower to
-    count them would add a whole vision pass to every reference call."""
-    vision, (height, width) = model.config.vision_config, pixels.shape[-2:]
-    for kernel, stride, padding in zip(vision.patch_size, vision.patch_stride, vision.patch_padding):
-        height, width = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
-    return height * width + 1
-
-
-def generate(model, inputs, prompt, eos_id: int, **kwargs):
-    pixels, text = inputs
-    placeholders = torch.full((len(text), image_tokens(model, pixels)), model.config.image_token_id)
-    return model.generate(input_ids=torch.cat([placeholders, text], dim=1), pixel_values=pixels,
-                          decoder_input_ids=prompt, **kwargs)
+FAMILY = Florence2()

@@ -9,23 +9,7 @@ from torch import nn
 
 from ..check import ExportError
 from . import decoders
-from .common import HFCaptioner
-
-ARCHITECTURE, MODEL_TYPE = "GitForCausalLM", "git"
-SUPPORTS = "GitForCausalLM (image checkpoints)"
-MEMORY, QUESTION = "prefix", "prompt"
-
-
-def unsupported(config: dict) -> str | None:
-    if config.get("num_image_with_embedding"):
-        return "a video GIT (num_image_with_embedding: several frames per input)"
-    return None
-
-
-def model_class():
-    from transformers import GitForCausalLM
-
-    return GitForCausalLM
+from .common import Family, HFCaptioner
 
 
 class ImageTokens(nn.Module):
@@ -39,30 +23,40 @@ class ImageTokens(nn.Module):
         return (self.image_encoder(pixels).last_hidden_state,)
 
 
-def captioner(model) -> HFCaptioner:
-    return HFCaptioner(ImageTokens(model.git), model.git.visual_projection, decoders.GitDecoder(model)).eval()
+class Git(Family):
+    ARCHITECTURE, MODEL_TYPE = "GitForCausalLM", "git"
+    SUPPORTS = "GitForCausalLM (image checkpoints)"
+    MEMORY, QUESTION = "prefix", "prompt"
+
+    def unsupported(self, config: dict) -> str | None:
+        if config.get("num_image_with_embedding"):
+            return "a video GIT (num_image_with_embedding: several frames per input)"
+        return None
+
+    def model_class(self):
+        from transformers import GitForCausalLM
+
+        return GitForCausalLM
+
+    def captioner(self, model) -> HFCaptioner:
+        return HFCaptioner(ImageTokens(model.git), model.git.visual_projection, decoders.GitDecoder(model)).eval()
+
+    def text_config(self, model):
+        return model.config
+
+    def prompt_and_eos(self, src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
+        """[CLS] (the config's BOS), as generate starts without input ids; a prompt's tokens follow it."""
+        if prompt:
+            raise ExportError(f"{src}: a GIT takes its text as a question at run time (--question), not at export")
+        return [model.config.bos_token_id], model.generation_config.eos_token_id or model.config.eos_token_id
+
+    def reference_logits(self, model, inputs, ids):
+        """transformers' own forward over [image tokens; text], no cache: the text positions' logits."""
+        logits = model(input_ids=ids, pixel_values=inputs[0]).logits
+        return logits[:, -ids.shape[1] :]
+
+    def generate(self, model, inputs, prompt, eos_id: int, **kwargs):
+        return model.generate(pixel_values=inputs[0], input_ids=prompt, eos_token_id=eos_id, **kwargs)
 
 
-def text_config(model):
-    return model.config
-
-
-def describe(model) -> str:
-    return type(model).__name__
-
-
-def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
-    """[CLS] (the config's BOS), as generate starts without input ids; a prompt's tokens follow it."""
-    if prompt:
-        raise ExportError(f"{src}: a GIT takes its text as a question at run time (--question), not at export")
-    return [model.config.bos_token_id], model.generation_config.eos_token_id or model.config.eos_token_id
-
-
-def reference_logits(model, inputs, ids):
-    """transformers' own forward over [image tokens; text], no cache: the text positions' logits."""
-    logits = model(input_ids=ids, pixel_values=inputs[0]).logits
-    return logits[:, -ids.shape[1] :]
-
-
-def generate(model, inputs, prompt, eos_id: int, **kwargs):
-    return model.generate(pixel_values=inputs[0], input_ids=prompt, eos_token_id=eos_id, **kwargs)
+FAMILY = Git()

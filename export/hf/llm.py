@@ -11,10 +11,13 @@ placeholders ever read them. Shared by the families whose language model this is
 Qwen2-VL's 3-D rotary positions (M-RoPE) are computed in the step from the 1-D positions and the
 image's place in the prompt (`image_grid`, mrope_positions): the runtime keeps 1-D positions."""
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from ..kv import cached_attention, pick, rms_norm, rotary, window
+from .common import Family, chat_processor, chat_prompt_and_eos, chat_reference_inputs
 
 
 def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -110,3 +113,32 @@ class ChatCaptioner(nn.Module):
 
     def step(self, *feeds):
         return self.lm(*feeds)
+
+
+class ChatFamily(Family):
+    """An LLM-based family: image features in place of the prompt's image tokens ("embeddings"
+    memory), a chat template, transformers' processor as the reference. NAME is the processor's
+    family name in messages."""
+
+    MEMORY, QUESTION = "embeddings", "chat"
+    NAME = ""
+    DEFAULT_QUESTION = ""  # what the package asks when a request asks nothing (its model card's)
+
+    def model_class(self):
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+
+    def processor(self, src: Path):
+        return chat_processor(src, self.NAME)
+
+    def chat(self, src: Path) -> dict:
+        """The manifest's `chat` section."""
+        raise NotImplementedError
+
+    def prompt_and_eos(self, src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
+        return chat_prompt_and_eos(src, self.NAME, model, prompt)
+
+    def reference_inputs(self, src: Path, images, question: str):
+        """transformers' processor on these images (one per row) and question, as the model card calls it."""
+        return chat_reference_inputs(self.processor(src), list(images), question)

@@ -23,26 +23,8 @@ import torch
 from torch import nn
 
 from ..kv import attend, rotary
-from .common import chat_prompt_and_eos, chat_processor, chat_reference_inputs, chat_section, pixel_settings
-from .llm import ChatCaptioner, norm
-
-ARCHITECTURE, MODEL_TYPE = "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"
-SUPPORTS = "Qwen2_5_VLForConditionalGeneration"
-MEMORY, QUESTION, ROPE = "embeddings", "chat", "mrope"
-DEFAULT_QUESTION = "Describe this image."
-
-
-def unsupported(config: dict) -> str | None:
-    vision = config.get("vision_config", {})
-    if vision.get("temporal_patch_size", 2) != 2 or vision.get("spatial_merge_size", 2) != 2:
-        return "a Qwen2.5-VL whose patches are not 2 frames deep or merged 2x2"
-    return None
-
-
-def model_class():
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText
+from .common import chat_section, pixel_settings
+from .llm import ChatCaptioner, ChatFamily, norm
 
 
 class ImageFeatures(nn.Module):
@@ -90,45 +72,6 @@ class ImageFeatures(nn.Module):
         return merger.mlp(norm(merger.ln_q, x).reshape(n, rows * cols, -1))
 
 
-def captioner(model) -> ChatCaptioner:
-    return ChatCaptioner(ImageFeatures(model), model.model.language_model, model.lm_head).eval()
-
-
-def text_config(model):
-    return model.config.text_config
-
-
-def describe(model) -> str:
-    return type(model).__name__
-
-
-def processor(src: Path):
-    return chat_processor(src, "Qwen2.5-VL")
-
-
-def preprocess_spec(src: Path) -> dict:
-    """The image processor's smart_resize in the manifest's terms (preprocess kind "grid")."""
-    ip = processor(src).image_processor
-    return {"kind": "grid", "factor": int(ip.patch_size * ip.merge_size), "min_pixels": int(ip.size["shortest_edge"]),
-            "max_pixels": int(ip.size["longest_edge"]), **pixel_settings(src, ip)}
-
-
-def chat(src: Path) -> dict:
-    """The manifest's `chat`: the chat template, and the image as one <|image_pad|> per feature
-    (layout "grid": merged rows x cols of this photo)."""
-    proc = processor(src)
-    return chat_section(src, proc, DEFAULT_QUESTION, {"layout": "grid", "image": proc.image_token})
-
-
-def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
-    return chat_prompt_and_eos(src, "Qwen2.5-VL", model, prompt)
-
-
-def reference_inputs(src: Path, images, question: str):
-    """transformers' processor on these images (one per row) and question."""
-    return chat_reference_inputs(processor(src), list(images), question)
-
-
 def patches(pixels: torch.Tensor, patch: int = 14, merge: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixels (N, 3, H, W) as the processor gives them to the model: every image's patches in
     merge-block order, each as two identical frames, and the images' (1, H/14, W/14) grids."""
@@ -139,8 +82,38 @@ def patches(pixels: torch.Tensor, patch: int = 14, merge: int = 2) -> tuple[torc
     return x.reshape(n * gh * gw, -1), torch.tensor([[1, gh, gw]] * n)
 
 
-def reference_logits(model, inputs, ids):
-    """transformers' own forward over prompt ids that hold one image's placeholders per row."""
-    flat, grid = patches(inputs[0])
-    types = (ids == model.config.image_token_id).int()
-    return model(input_ids=ids, pixel_values=flat, image_grid_thw=grid, mm_token_type_ids=types).logits
+class Qwen2_5_VL(ChatFamily):
+    ARCHITECTURE, MODEL_TYPE = "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"
+    SUPPORTS = "Qwen2_5_VLForConditionalGeneration"
+    NAME, ROPE = "Qwen2.5-VL", "mrope"
+    DEFAULT_QUESTION = "Describe this image."
+
+    def unsupported(self, config: dict) -> str | None:
+        vision = config.get("vision_config", {})
+        if vision.get("temporal_patch_size", 2) != 2 or vision.get("spatial_merge_size", 2) != 2:
+            return "a Qwen2.5-VL whose patches are not 2 frames deep or merged 2x2"
+        return None
+
+    def captioner(self, model) -> ChatCaptioner:
+        return ChatCaptioner(ImageFeatures(model), model.model.language_model, model.lm_head).eval()
+
+    def preprocess_spec(self, src: Path) -> dict:
+        """The image processor's smart_resize in the manifest's terms (preprocess kind "grid")."""
+        ip = self.processor(src).image_processor
+        return {"kind": "grid", "factor": int(ip.patch_size * ip.merge_size), "min_pixels": int(ip.size["shortest_edge"]),
+                "max_pixels": int(ip.size["longest_edge"]), **pixel_settings(src, ip)}
+
+    def chat(self, src: Path) -> dict:
+        """The manifest's `chat`: the chat template, and the image as one <|image_pad|> per feature
+        (layout "grid": merged rows x cols of this photo)."""
+        proc = self.processor(src)
+        return chat_section(src, proc, self.DEFAULT_QUESTION, {"layout": "grid", "image": proc.image_token})
+
+    def reference_logits(self, model, inputs, ids):
+        """transformers' own forward over prompt ids that hold one image's placeholders per row."""
+        flat, grid = patches(inputs[0])
+        types = (ids == model.config.image_token_id).int()
+        return model(input_ids=ids, pixel_values=flat, image_grid_thw=grid, mm_token_type_ids=types).logits
+
+
+FAMILY = Qwen2_5_VL()

@@ -16,27 +16,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .common import chat_prompt_and_eos, chat_processor, chat_reference_inputs, chat_section, pixel_settings
-from .llm import ChatCaptioner
-
-ARCHITECTURE, MODEL_TYPE = "SmolVLMForConditionalGeneration", "smolvlm"
-ARCHITECTURES = (ARCHITECTURE, "Idefics3ForConditionalGeneration")
-SUPPORTS = "SmolVLMForConditionalGeneration and Idefics3ForConditionalGeneration"
-MEMORY, QUESTION = "embeddings", "chat"
-DEFAULT_QUESTION = "Can you describe this image?"  # SmolVLM's model card asks this for a description
-
-
-def unsupported(config: dict) -> str | None:
-    text = config.get("text_config", {})
-    if text.get("model_type", "llama") != "llama":
-        return f"a SmolVLM whose language model is {text.get('model_type')!r} (Llama expected)"
-    return None
-
-
-def model_class():
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText
+from .common import chat_reference_inputs, chat_section, pixel_settings
+from .llm import ChatCaptioner, ChatFamily
 
 
 class ImageFeatures(nn.Module):
@@ -54,49 +35,43 @@ class ImageFeatures(nn.Module):
         return self.connector(x)
 
 
-def captioner(model) -> ChatCaptioner:
-    return ChatCaptioner(ImageFeatures(model), model.model.text_model, model.lm_head).eval()
+class SmolVLM(ChatFamily):
+    ARCHITECTURE, MODEL_TYPE = "SmolVLMForConditionalGeneration", "smolvlm"
+    ALSO = ("Idefics3ForConditionalGeneration",)
+    SUPPORTS = "SmolVLMForConditionalGeneration and Idefics3ForConditionalGeneration"
+    NAME = "SmolVLM"
+    DEFAULT_QUESTION = "Can you describe this image?"  # SmolVLM's model card asks this for a description
+
+    def unsupported(self, config: dict) -> str | None:
+        text = config.get("text_config", {})
+        if text.get("model_type", "llama") != "llama":
+            return f"a SmolVLM whose language model is {text.get('model_type')!r} (Llama expected)"
+        return None
+
+    def captioner(self, model) -> ChatCaptioner:
+        return ChatCaptioner(ImageFeatures(model), model.model.text_model, model.lm_head).eval()
+
+    def preprocess_spec(self, src: Path) -> dict:
+        """The image processor's tiling in the manifest's terms (preprocess kind "tiles")."""
+        ip = self.processor(src).image_processor
+        return {"kind": "tiles", "longest_edge": int(ip.size["longest_edge"]), "tile": int(ip.max_image_size["longest_edge"]),
+                "split": bool(ip.do_image_splitting), **pixel_settings(src, ip)}
+
+    def chat(self, src: Path) -> dict:
+        """The manifest's `chat`: the processor's chat template and how an image is laid out in the prompt."""
+        proc = self.processor(src)
+        return chat_section(src, proc, self.DEFAULT_QUESTION, {"layout": "tiles", "tokens": int(proc.image_seq_len),
+                                                          "image": proc.image_token, "around": proc.fake_image_token,
+                                                          "global": proc.global_image_token})
+
+    def reference_inputs(self, src: Path, images, question: str):
+        """transformers' processor on these images (one per row) and question, as the model card calls it."""
+        return chat_reference_inputs(self.processor(src), [[image] for image in images], question)
+
+    def reference_logits(self, model, inputs, ids):
+        """transformers' own forward over prompt ids that hold one tile's placeholders per row."""
+        pixels = inputs[0]
+        return model(input_ids=ids, pixel_values=pixels[:, None]).logits
 
 
-def text_config(model):
-    return model.config.text_config
-
-
-def describe(model) -> str:
-    return type(model).__name__
-
-
-def processor(src: Path):
-    return chat_processor(src, "SmolVLM")
-
-
-def preprocess_spec(src: Path) -> dict:
-    """The image processor's tiling in the manifest's terms (preprocess kind "tiles")."""
-    ip = processor(src).image_processor
-    return {"kind": "tiles", "longest_edge": int(ip.size["longest_edge"]), "tile": int(ip.max_image_size["longest_edge"]),
-            "split": bool(ip.do_image_splitting), **pixel_settings(src, ip)}
-
-
-def chat(src: Path) -> dict:
-    """The manifest's `chat`: the processor's chat template and how an image is laid out in the prompt."""
-    proc = processor(src)
-    return chat_section(src, proc, DEFAULT_QUESTION, {"layout": "tiles", "tokens": int(proc.image_seq_len),
-                                                      "image": proc.image_token, "around": proc.fake_image_token,
-                                                      "global": proc.global_image_token})
-
-
-def prompt_and_eos(src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
-    return chat_prompt_and_eos(src, "SmolVLM", model, prompt)
-
-
-def reference_inputs(src: Path, images, question: str):
-    """transformers' processor on these images (one per row) and question, as the model card calls it."""
-    return chat_reference_inputs(processor(src), [[image] for image in images], question)
-
-
-def reference_logits(model, inputs, ids):
-    """transformers' own forward over prompt ids that hold one tile's placeholders per row."""
-    pixels = inputs[0]
-    return model(input_ids=ids, pixel_values=pixels[:, None]).logits
-
-
+FAMILY = SmolVLM()
