@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     table, payload = report(result), json.dumps(result, indent=2) + "\n"
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    family = result["model"].removesuffix("ForConditionalGeneration").lower()
+    family = result["model"].split()[0].removesuffix("ForConditionalGeneration").lower()  # not its " (parts)"
     name = f"weight-only-{family}-{result['precision']}" + ("-vision-int8" if result["vision_compute"] == "int8" else "")
     (RESULTS / f"{name}.md").write_text(table)
     (RESULTS / f"{name}.json").write_text(payload)
