@@ -59,6 +59,12 @@ class Family:
         """The module the tracer takes: vision(...) and step(...)."""
         raise NotImplementedError
 
+    def text_config(self, model):
+        return model.config.text_config
+
+    def describe(self, model) -> str:
+        return type(model).__name__
+
     def preprocess_spec(self, src: Path) -> dict:
         return preprocess_spec(src)
 
