@@ -135,13 +135,14 @@ def export_graph(module, args, names, dynamic_shapes, path: Path) -> None:
     torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
                       dynamic_shapes=dynamic_shapes, opset_version=OPSET, dynamo=True,
                       external_data=True, verbose=False, custom_translation_table=TRANSLATIONS)
-    model = onnx.load(str(path))
+    # The rewrites touch nodes, not weights: the weights stay in the exporter's data file, unread (a
+    # protobuf holds at most 2 GB, and a 3B model's decoder is 4 GB; the version converter serializes it).
+    model = onnx.load(str(path), load_external_data=False)
     rewritten = gelu_in_fusable_order(model)
     if any(n.op_type in NEWER_OPS for n in model.graph.node):
         model, rewritten = to_decoder_opset(model), True
     if rewritten:
-        (path.parent / f"{path.name}.data").unlink()  # onnx appends to an existing data file
-        onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+        onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -172,7 +173,8 @@ def gelu_in_fusable_order(model: onnx.ModelProto) -> int:
     GELUs, 5 elementwise passes each over up to 36864 x 512 values). Returns how many."""
     halves = {n.output[0] for n in model.graph.node
               if n.op_type == "Constant" and onnx.numpy_helper.to_array(n.attribute[0].t).tolist() == 0.5}
-    halves |= {i.name for i in model.graph.initializer if not i.dims and onnx.numpy_helper.to_array(i).tolist() == 0.5}
+    halves |= {i.name for i in model.graph.initializer if not i.dims and i.data_location != onnx.TensorProto.EXTERNAL
+               and onnx.numpy_helper.to_array(i).tolist() == 0.5}
     producer = {o: n for n in model.graph.node for o in n.output}
     users = {}
     for node in model.graph.node:
