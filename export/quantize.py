@@ -36,13 +36,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from PIL import Image
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from runtime import Captioner
 from runtime.graphs import CPU, Graphs, session_options
 from runtime.manifest import GRAPHS, WEIGHT_ONLY, Decoder, load_manifest
-from runtime.preprocess import load_pixels
-from runtime.search import GenerationConfig, cached
+from runtime.preprocess import load_pixels, to_grid
+from runtime.search import GenerationConfig, cached, chat_memory
 
 from .check import ExportError
 from .evaluation import evaluation_images, heldout_record
@@ -421,10 +422,16 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
 def check_finite(folder: Path, manifest: dict, precision: str, request: Request) -> None:
     """Random images through both graphs, prefill and one cached step: no NaN or Inf."""
     graphs = Graphs.open(*(folder / manifest["graphs"][role]["file"] for role in GRAPHS), request.decoder, precision)
-    shape = manifest["graphs"]["vision"]["inputs"][0]["shape"]
-    pixels = np.random.default_rng(0).uniform(-1, 1, (3, 3, *shape[2:])).astype(np.float32)
+    shape, spec, rng = manifest["graphs"]["vision"]["inputs"][0]["shape"], manifest["preprocess"], np.random.default_rng(0)
+    if spec.get("kind") == "grid":  # a vision graph at the photo's own size (Qwen2-VL's): a 640 x 480 photo's
+        one, rows, cols = to_grid(Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)), spec)
+        pixels = np.repeat(one[None], 3, axis=0)
+    else:
+        pixels = rng.uniform(-1, 1, (3, 3, *shape[2:])).astype(np.float32)
     ids, step = np.tile(request.prompt, (len(pixels), 1)), cached(graphs.step)
     memory = graphs.encode(pixels, *request.rows(len(pixels)))
+    if request.decoder.rope == "mrope":  # and where its features lie in the prompt, for the 3-D positions
+        memory = chat_memory(request.decoder, memory[0][0], ids, (rows, cols))
     logits, state = step(graphs.start(memory, 2 * ids.shape[1]), ids)
     logits2, _ = step(state, ids)
     for what, array in (("memory K/V", np.stack(memory[0])), ("prefill logits", logits), ("step logits", logits2)):

@@ -125,3 +125,17 @@ def test_the_cli_answers_without_torch(qwen, images):
     assert r.returncode == 0, r.stderr
     answers = Captioner(pkg, provider="cpu").caption(images[1:4:2], question="What is in the image?")
     assert r.stdout.split("\n") == [*(f"{p}: {c.text}" for p, c in zip(images[1:4:2], answers)), ""]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_weight_only_packages_keep_cache_and_batch_exact(qwen, images, same_size, tmp_path, precision):
+    """A vision graph at the photo's own size quantizes (its NaN/Inf check feeds a photo-sized input
+    and the M-RoPE grid: before, it fed the graph's symbolic dims and failed), and the package keeps
+    with cache = without, batched = one by one."""
+    from export.quantize import quantize_package
+
+    quantize_package(qwen["tiny"][1], precision, tmp_path / precision)
+    captioner = Captioner(tmp_path / precision)
+    one_by_one = [captioner.caption(p).tokens for p in images]
+    assert [c.tokens for c in captioner.caption(images, cache=False)] == one_by_one
+    assert [c.tokens for c in captioner.caption(same_size)] == [captioner.caption(p).tokens for p in same_size]
