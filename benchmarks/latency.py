@@ -454,7 +454,9 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     prompt = cap.prompting.chat(None, [(rows, cols)])
     d = cap.manifest.decoder
     # The cache a mid-answer step reads, FP32: what the floor adds to the weights.
-    notes |= {"tiles": f"{rows}x{cols} + 1", "prompt_tokens": len(prompt),
+    kind = cap.manifest.preprocess.get("kind")  # what rows x cols count: SmolVLM's tiles, Qwen2-VL's features
+    seen = {"tiles": f"{rows}x{cols} tiles + 1", "grid": f"{rows}x{cols} features"}.get(kind, "one image")
+    notes |= {"tiles": seen, "prompt_tokens": len(prompt),
               "cache_mib_mid_answer": round(2 * d.layers * d.kv_heads * d.head_dim * 4 * (len(prompt) + tokens // 2) / 2**20, 1)}
     cfg = cap.generation_config(max_new_tokens=tokens)
     first = replace(cfg, max_new_tokens=1)
@@ -463,13 +465,14 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
         from runtime.preprocess import upright
 
         inputs = ref.family.reference_inputs(args.chat, [upright(i) for i in batch], cap.manifest.chat["question"])
-        return ref.model.model.get_image_features(pixel_values=inputs.pixel_values)
+        grid = {"image_grid_thw": inputs.image_grid_thw} if "image_grid_thw" in inputs else {}  # Qwen2-VL's
+        return ref.model.model.get_image_features(pixel_values=inputs.pixel_values, **grid)
 
     variants = {"transformers generate": Variant(in_torch(lambda b: ref.generate(b, cfg), threads), in_torch(hf_vision, threads),
                                                  in_torch(lambda b: ref.generate(b, first), threads),
                                                  decoder_weight_bytes(package)),
                 **{f"runtime {name}": chat_variant(c, tokens) for name, c in caps.items()}}
-    scenarios = {f"{args.chat.name}, one photo ({rows}x{cols} tiles + 1, {len(prompt)}-token prompt), {tokens} tokens, "
+    scenarios = {f"{args.chat.name}, one photo ({seen}, {len(prompt)}-token prompt), {tokens} tokens, "
                  f"greedy, {threads} threads": (variants, [[image]])}
     runs = {"transformers generate": lambda: process_run(HF_CHAT_PROCESS, args.chat, package, image, tokens),
             **{f"runtime {name}": (lambda folder=folder: process_run(CHAT_PROCESS, folder, image, tokens, threads))
@@ -637,7 +640,7 @@ def report(scenarios: dict, meta: dict) -> str:
         results = next(iter(scenarios.values()))
         rates = {name: meta["prompt_tokens"] / (r["first_token_ms"]["median"] - r["vision_ms"]["median"]) * 1000
                  for name, r in results.items()}
-        lines += ["", f"Prompt: {meta['tiles']} tiles, {meta['prompt_tokens']} tokens. Prefill (time to first token less the "
+        lines += ["", f"Prompt: {meta['tiles']}, {meta['prompt_tokens']} tokens. Prefill (time to first token less the "
                   "vision column): " + "; ".join(f"{name} {rate:.0f} tokens/s" for name, rate in rates.items())
                   + f". The floor counts the decoder's weights only; a step mid-answer also reads "
                   f"{meta['cache_mib_mid_answer']:.0f} MiB of FP32 cache."]
