@@ -100,42 +100,6 @@ def image_processor(src: Path):
         raise ExportError(f"{src}: no usable preprocessor_config.json ({str(e).splitlines()[0]})") from None
 
 
-def chat_processor(src: Path, family: str):
-    """A chat family's transformers processor with its PIL-backend image processor (the runtime
-    resizes with Pillow too)."""
-    from transformers import AutoImageProcessor, AutoProcessor
-
-    try:
-        proc = AutoProcessor.from_pretrained(src, local_files_only=True)
-        proc.image_processor = AutoImageProcessor.from_pretrained(src, local_files_only=True, backend="pil")
-    except (OSError, ValueError, ImportError) as e:
-        raise ExportError(f"{src}: no usable {family} processor ({str(e).splitlines()[0]})") from None
-    return proc
-
-
-def chat_section(src: Path, proc, question: str, image: dict) -> dict:
-    """The manifest's `chat`: the processor's chat template, the question asked when none is, and
-    how an image is laid out in the prompt (runtime.prompting)."""
-    if not proc.chat_template:
-        raise ExportError(f"{src}: the processor has no chat template")
-    return {"template": proc.chat_template, "question": question, "image": image}
-
-
-def chat_prompt_and_eos(src: Path, family: str, model, prompt: str | None) -> tuple[list, object]:
-    """A chat family asks its question at run time: no prompt at export, the checkpoint's ends."""
-    if prompt:
-        raise ExportError(f"{src}: a {family} takes its question at run time (--question), not a prompt at export")
-    return [], model.generation_config.eos_token_id
-
-
-def chat_reference_inputs(proc, images, question: str):
-    """transformers' processor on these images (one per row, as `images` nests them) asked `question`
-    in its chat template, as the model cards call it."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = proc.apply_chat_template(messages, add_generation_prompt=True)
-    return proc(text=[text] * len(images), images=images, return_tensors="pt")
-
-
 def pixel_settings(src: Path, proc) -> dict:
     """The resample filter, rescale, mean and std of an image processor that resizes, rescales and
     normalizes as the runtime does; ExportError for settings it does not implement."""

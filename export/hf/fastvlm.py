@@ -8,11 +8,8 @@ The image is one fixed-size picture (the CLIP image processor: shortest edge, th
 so preprocessing is the manifest's "fixed" kind; the chat section lays the image out as its
 features' count of <image> tokens (layout "repeat"), as LlavaProcessor expands the placeholder."""
 
-from pathlib import Path
-
 from torch import nn
 
-from .common import chat_section
 from .llm import ChatCaptioner, ChatFamily
 
 
@@ -48,15 +45,12 @@ class FastVlm(ChatFamily):
     def describe(self, model) -> str:
         return f"{type(model).__name__} ({model.config.vision_config.architecture} + {model.config.text_config.model_type})"
 
-    def chat(self, src: Path) -> dict:
-        """The manifest's `chat`: the chat template, and the image as its features' count of <image>
-        tokens (counted in what the processor makes of a picture)."""
+    def image_layout(self, proc) -> dict:
+        """Its features' count of <image> tokens (counted in what the processor makes of a picture)."""
         from PIL import Image
 
-        proc = self.processor(src)
         ids = proc(text=proc.image_token, images=[Image.new("RGB", (64, 48))], return_tensors="np").input_ids[0]
-        return chat_section(src, proc, self.DEFAULT_QUESTION, {"layout": "repeat", "tokens": int((ids == proc.image_token_id).sum()),
-                                                          "image": proc.image_token})
+        return {"layout": "repeat", "tokens": int((ids == proc.image_token_id).sum()), "image": proc.image_token}
 
     def reference_logits(self, model, inputs, ids):
         """transformers' own forward over prompt ids that hold one image's placeholders per row."""

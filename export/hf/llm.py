@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..kv import cached_attention, pick, rms_norm, rotary, window
-from .common import Family, chat_processor, chat_prompt_and_eos, chat_reference_inputs
+from ..check import ExportError
+from .common import Family
 
 
 def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,7 @@ class ChatCaptioner(nn.Module):
 class ChatFamily(Family):
     """An LLM-based family: image features in place of the prompt's image tokens ("embeddings"
     memory), a chat template, transformers' processor as the reference. NAME is the processor's
-    family name in messages."""
+    family name in messages; a family says how an image is laid out in the prompt (image_layout)."""
 
     MEMORY, QUESTION = "embeddings", "chat"
     NAME = ""
@@ -130,15 +131,43 @@ class ChatFamily(Family):
         return AutoModelForImageTextToText
 
     def processor(self, src: Path):
-        return chat_processor(src, self.NAME)
+        """transformers' processor with its PIL-backend image processor (the runtime resizes with Pillow too)."""
+        from transformers import AutoImageProcessor, AutoProcessor
 
-    def chat(self, src: Path) -> dict:
-        """The manifest's `chat` section."""
+        try:
+            proc = AutoProcessor.from_pretrained(src, local_files_only=True)
+            proc.image_processor = AutoImageProcessor.from_pretrained(src, local_files_only=True, backend="pil")
+        except (OSError, ValueError, ImportError) as e:
+            raise ExportError(f"{src}: no usable {self.NAME} processor ({str(e).splitlines()[0]})") from None
+        return proc
+
+    def image_layout(self, proc) -> dict:
+        """How one image is laid out in the prompt: the manifest's chat.image (runtime.prompting.image_layout)."""
         raise NotImplementedError
 
+    def chat(self, src: Path) -> dict:
+        """The manifest's `chat`: the processor's chat template, the question asked when none is, and
+        how an image is laid out in the prompt (runtime.prompting)."""
+        proc = self.processor(src)
+        if not proc.chat_template:
+            raise ExportError(f"{src}: the processor has no chat template")
+        return {"template": proc.chat_template, "question": self.DEFAULT_QUESTION, "image": self.image_layout(proc)}
+
     def prompt_and_eos(self, src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
-        return chat_prompt_and_eos(src, self.NAME, model, prompt)
+        """A chat family asks its question at run time: no prompt at export, the checkpoint's ends."""
+        if prompt:
+            raise ExportError(f"{src}: a {self.NAME} takes its question at run time (--question), not a prompt at export")
+        return [], model.generation_config.eos_token_id
+
+    def reference_rows(self, images) -> list:
+        """The images as the processor takes them, one per row."""
+        return list(images)
 
     def reference_inputs(self, src: Path, images, question: str):
-        """transformers' processor on these images (one per row) and question, as the model card calls it."""
-        return chat_reference_inputs(self.processor(src), list(images), question)
+        """transformers' processor on these images (one per row) asked `question` in its chat
+        template, as the model cards call it."""
+        proc = self.processor(src)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = proc.apply_chat_template(messages, add_generation_prompt=True)
+        rows = self.reference_rows(images)
+        return proc(text=[text] * len(rows), images=rows, return_tensors="pt")

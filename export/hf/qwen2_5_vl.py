@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..kv import attend, rotary
-from .common import chat_section, pixel_settings
+from .common import pixel_settings
 from .llm import ChatCaptioner, ChatFamily, norm
 
 
@@ -103,11 +103,9 @@ class Qwen2_5_VL(ChatFamily):
         return {"kind": "grid", "factor": int(ip.patch_size * ip.merge_size), "min_pixels": int(ip.size["shortest_edge"]),
                 "max_pixels": int(ip.size["longest_edge"]), **pixel_settings(src, ip)}
 
-    def chat(self, src: Path) -> dict:
-        """The manifest's `chat`: the chat template, and the image as one <|image_pad|> per feature
-        (layout "grid": merged rows x cols of this photo)."""
-        proc = self.processor(src)
-        return chat_section(src, proc, self.DEFAULT_QUESTION, {"layout": "grid", "image": proc.image_token})
+    def image_layout(self, proc) -> dict:
+        """One <|image_pad|> per feature (layout "grid": merged rows x cols of this photo)."""
+        return {"layout": "grid", "image": proc.image_token}
 
     def reference_logits(self, model, inputs, ids):
         """transformers' own forward over prompt ids that hold one image's placeholders per row."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .common import chat_reference_inputs, chat_section, pixel_settings
+from .common import pixel_settings
 from .llm import ChatCaptioner, ChatFamily
 
 
@@ -57,16 +57,12 @@ class SmolVLM(ChatFamily):
         return {"kind": "tiles", "longest_edge": int(ip.size["longest_edge"]), "tile": int(ip.max_image_size["longest_edge"]),
                 "split": bool(ip.do_image_splitting), **pixel_settings(src, ip)}
 
-    def chat(self, src: Path) -> dict:
-        """The manifest's `chat`: the processor's chat template and how an image is laid out in the prompt."""
-        proc = self.processor(src)
-        return chat_section(src, proc, self.DEFAULT_QUESTION, {"layout": "tiles", "tokens": int(proc.image_seq_len),
-                                                          "image": proc.image_token, "around": proc.fake_image_token,
-                                                          "global": proc.global_image_token})
+    def image_layout(self, proc) -> dict:
+        return {"layout": "tiles", "tokens": int(proc.image_seq_len), "image": proc.image_token,
+                "around": proc.fake_image_token, "global": proc.global_image_token}
 
-    def reference_inputs(self, src: Path, images, question: str):
-        """transformers' processor on these images (one per row) and question, as the model card calls it."""
-        return chat_reference_inputs(self.processor(src), [[image] for image in images], question)
+    def reference_rows(self, images) -> list:
+        return [[image] for image in images]  # SmolVLM's processor takes each row's images as a list
 
     def reference_logits(self, model, inputs, ids):
         """transformers' own forward over prompt ids that hold one tile's placeholders per row."""
