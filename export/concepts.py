@@ -100,9 +100,9 @@ def group_members() -> dict[str, tuple[int, ...]]:
 
 
 @lru_cache(maxsize=1)
-def worn_ids() -> frozenset[int]:
-    """The classes of WORN; by id, as "cardigan" is also a dog (worn things are in no group)."""
-    return frozenset(i for i, (n, g) in enumerate(zip(class_names(), class_groups())) if n in WORN and g is None)
+def worn_ids() -> tuple[int, ...]:
+    """The classes of WORN, in id order; by id, as "cardigan" is also a dog (worn things are in no group)."""
+    return tuple(i for i, (n, g) in enumerate(zip(class_names(), class_groups())) if n in WORN and g is None)
 
 
 @lru_cache(maxsize=1)
@@ -267,7 +267,7 @@ def sample_scene(rng: np.random.Generator) -> Signals:
             n = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
             faces[:n, 0] = rng.uniform(PERSON_P, 1.0, n)
             faces[:n, 1] = rng.uniform(0.09, 0.6, n)
-            objects = (int(rng.choice(sorted(worn_ids()))), *objects) if rng.random() < 0.5 or not objects else objects
+            objects = (int(rng.choice(worn_ids())), *objects) if rng.random() < 0.5 or not objects else objects
         ids, probs = class_distribution(rng, objects[0], TOP_K, objects[1:])
         regions = []
         for _ in range(REGIONS):

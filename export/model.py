@@ -111,7 +111,7 @@ class ConceptDecoder(nn.Module):
         nouns = [cfg.num_classes + group_index[g] if g else c for c, g in enumerate(groups)]
         self.register_buffer("nouns", torch.tensor(nouns), persistent=False)
         worn = torch.zeros(len(names), dtype=torch.bool)
-        worn[sorted(worn_ids())] = True
+        worn[list(worn_ids())] = True
         self.register_buffer("worn", worn, persistent=False)
         for block in self.blocks:  # GPT-2's scaled init of the residual projections
             for proj in (block.self_proj, block.cross_proj, block.mlp[2]):
