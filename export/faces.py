@@ -169,12 +169,13 @@ class FaceDetector(nn.Module):
         self.onet = DenseNet([(3, 32, 3, 3), (32, 64, 3, 3), (64, 64, 3, 2), (64, 128, 2, 0)], 1152, 256)
         # The pyramid as one mosaic, each scaled crop at an even column (P-Net's stride), so that
         # P-Net runs once: the windows that lie inside one scaled crop are kept, the rest masked.
-        self.sides = [int(IMAGE_SIZE * scale + 1) for scale in pyramid()]
+        scales = pyramid()
+        self.sides = [int(IMAGE_SIZE * scale + 1) for scale in scales]
         starts = [sum(side + side % 2 for side in self.sides[:i]) for i in range(len(self.sides))]
         rows, cols = self.cells(self.sides[0]), self.cells(starts[-1] + self.sides[-1])
         r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
         valid, windows = torch.zeros(rows, cols, dtype=torch.bool), torch.zeros(rows, cols, 4)
-        for scale, side, start in zip(pyramid(), self.sides, starts):
+        for scale, side, start in zip(scales, self.sides, starts):
             inside = (2 * c >= start) & (2 * c + 12 <= start + side) & (2 * r + 12 <= side)
             x = 2 * c - start
             box = torch.stack([((x + 1) / scale).floor(), ((2 * r + 1) / scale).floor(),
