@@ -160,7 +160,7 @@ def bundled_scenarios(args, threads: int) -> dict:
     # The INT8 variant beside FP32 when the bundled model is measured.
     int8 = {n: Captioner(BUNDLED["int8"], provider="cpu", threads=n) for n in captioners} if args.model is None else {}
     first = next(iter(captioners.values()))
-    ref = Reference(checkpoint_for(first.manifest.data, DEFAULT_CHECKPOINT.parent), first.manifest.data)
+    ref = Reference(checkpoint_for(first.manifest, DEFAULT_CHECKPOINT.parent), first.manifest)
     images = sorted(SAMPLES.glob("*.jpg"))
 
     def variants(n_threads: int, beams: int) -> dict[str, Variant]:
@@ -224,7 +224,7 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     quantize_package(package, "int8", work / "int8", calibration=16)
     cap = Captioner(package, provider="cpu", threads=threads)
     cap_int8 = Captioner(work / "int8", provider="cpu", threads=threads)
-    ref = HFReference(args.hf, cap.manifest.data)
+    ref = HFReference(args.hf, cap.manifest)
     images = sorted(SAMPLES.glob("*.jpg"))
     peer = Peer(args.peer_python, args.hf, work / "optimum", threads) if args.peer_python else None
     notes = {"hf_folder": str(args.hf), "optimum": peer.version if peer else "not run (no --peer-python)"}
@@ -314,7 +314,7 @@ def capacity_sweep(cap, image: Path, task: str, capacities: list[int], tokens: i
 
     prompt, inputs = cap.prompting.ask(task=task)
     memory = cap.graphs.encode(load_pixels(image, cap.manifest.preprocess)[None], *(x[None] for x in inputs))
-    eos, step, samples, first, calls = cap.manifest.tokenizer["eos_id"], cached(cap.graphs.step), {}, {}, []
+    eos, step, samples, first, calls = cap.manifest.tokenizer.eos_ids, cached(cap.graphs.step), {}, {}, []
 
     def counted(state, ids):
         calls.append(ids.shape)
@@ -363,7 +363,7 @@ def florence2_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     cap, cap_int8 = (Captioner(p, provider="cpu", threads=threads) for p in (package, int8))
     notes["int8_vision"] = {k: cap_int8.manifest.data["source"]["quantization"]["vision"][k]
                             for k in ("calibration_agreement", "calibration_tokens", "int8_compute_matmuls")}
-    ref = HFReference(args.florence2, cap.manifest.data)
+    ref = HFReference(args.florence2, cap.manifest)
     images, weights, scenarios = sorted(SAMPLES.glob("*.jpg")), decoder_weight_bytes(package), {}
     encoder = ImageAndPrompt(ref.model)
     for task in ("<CAPTION>", "<OD>"):
@@ -443,7 +443,7 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     notes |= {f"{name.lower()}_package_mib": round(sum(f.stat().st_size for f in folder.iterdir()) / 2**20, 1)
               for name, folder in variants_dirs.items()}
     cap = caps["FP32"]
-    ref = HFReference(args.chat, cap.manifest.data)
+    ref = HFReference(args.chat, cap.manifest)
     # A random model's answers end wherever its EOS happens to fall; a step's cost wants every answer
     # `tokens` long, so every engine here runs with the EOS off (the processes below too).
     for c in caps.values():
@@ -464,7 +464,7 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     def hf_vision(batch):  # the processor and the vision tower, as generate runs them before its first step
         from runtime.preprocess import upright
 
-        inputs = ref.family.reference_inputs(args.chat, [upright(i) for i in batch], cap.manifest.chat["question"])
+        inputs = ref.family.reference_inputs(args.chat, [upright(i) for i in batch], cap.manifest.prompting.chat["question"])
         grid = {"image_grid_thw": inputs.image_grid_thw} if "image_grid_thw" in inputs else {}  # Qwen2-VL's
         return ref.model.model.get_image_features(pixel_values=inputs.pixel_values, **grid)
 
@@ -481,7 +481,7 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     notes["processes"] = {name: {"cold_start_s": round(statistics.median(t for t, _ in m), 2),
                                  "peak_rss_mib": round(max(r for _, r in m), 1)} for name, m in measured.items()}
     if args.llama_mtmd:
-        notes["llama_cpp"] = llama_cpp_runs(args.llama_mtmd, args.gguf, image, cap.manifest.chat["question"], tokens,
+        notes["llama_cpp"] = llama_cpp_runs(args.llama_mtmd, args.gguf, image, cap.manifest.prompting.chat["question"], tokens,
                                             threads, args.rounds)
     return scenarios, notes
 
@@ -536,9 +536,9 @@ from export import DEFAULT_CHECKPOINT
 from runtime.manifest import load_manifest
 from runtime import DEFAULT_MODEL
 from runtime.search import GenerationConfig
-manifest = load_manifest(DEFAULT_MODEL).data
+manifest = load_manifest(DEFAULT_MODEL)
 ref = Reference(checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)
-print(ref.decode(ref.generate([sys.argv[1]], GenerationConfig(manifest["generation"]["max_new_tokens"]))[0]))
+print(ref.decode(ref.generate([sys.argv[1]], GenerationConfig(manifest.generation.max_new_tokens))[0]))
 """
 # transformers' own processor and generate on a Hugging Face folder: folder, package, image, task and
 # the generation settings as JSON.
@@ -547,7 +547,7 @@ import json, sys
 from export.hf import HFReference
 from runtime.manifest import load_manifest
 from runtime.search import GenerationConfig
-ref = HFReference(sys.argv[1], load_manifest(sys.argv[2]).data)
+ref = HFReference(sys.argv[1], load_manifest(sys.argv[2]))
 print(ref.generate([sys.argv[3]], GenerationConfig(**json.loads(sys.argv[5])), task=sys.argv[4]))
 """
 # A chat model's one answer, its EOS off (see chat_scenarios): transformers on its folder (folder,
@@ -557,7 +557,7 @@ import sys
 from export.hf import HFReference
 from runtime.manifest import load_manifest
 from runtime.search import GenerationConfig
-ref = HFReference(sys.argv[1], load_manifest(sys.argv[2]).data)
+ref = HFReference(sys.argv[1], load_manifest(sys.argv[2]))
 ref.eos_id, ref.model.generation_config.eos_token_id = [-1], None
 print(ref.generate([sys.argv[3]], GenerationConfig(int(sys.argv[4]))))
 """

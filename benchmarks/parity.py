@@ -35,11 +35,12 @@ from export.concepts import primary_concept
 from export.evaluation import evaluation_images, heldout_images
 from runtime import Captioner, ImageError, PackageError, ProviderError
 from runtime.cli import expand
+from runtime.manifest import Manifest
 from runtime.preprocess import load_pixels
 from runtime.search import prefix_logits, take_rows
 
 
-def load_reference(reference: Path | None, manifest: dict):
+def load_reference(reference: Path | None, manifest: Manifest):
     """A Hugging Face folder, a training checkpoint, or (bundled model) the recorded checkpoint."""
     if reference is not None and (reference / "config.json").is_file():
         from export.hf import HFReference
@@ -85,10 +86,10 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
     captioner = Captioner(model)
     manifest = captioner.manifest.data
     cfg = captioner.generation_config(max_new_tokens, num_beams, question=question, task=task, text=text)
-    if captioner.manifest.tasks is not None:
-        task = task or captioner.manifest.tasks["default"]  # the reference has no default of its own
+    if captioner.manifest.prompting.tasks is not None:
+        task = task or captioner.manifest.prompting.tasks["default"]  # the reference has no default of its own
     asked = {k: v for k, v in {"question": question, "task": task, "text": text}.items() if v is not None}
-    ref = load_reference(reference, manifest)
+    ref = load_reference(reference, captioner.manifest)
     usable, pixels = [], []
     for image in images:
         try:

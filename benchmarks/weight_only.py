@@ -53,8 +53,8 @@ def answer_and_logits(cap: Captioner, features: np.ndarray, grid: tuple[int, int
 
 def gate(model: Path, reference: Path, photos: list[str], max_new_tokens: int) -> dict:
     cap, ref = Captioner(model), Captioner(reference)
-    if cap.manifest.chat is None:
-        raise PackageError(f"{model} is not a chat model's package (no chat section in its manifest)")
+    if cap.manifest.prompting.chat is None:
+        raise PackageError(f"{model} is not a chat model's package (its manifest's prompting has no chat)")
     if ref.manifest.data["precision"] != "fp32":
         raise PackageError(f"{reference} is a {ref.manifest.data['precision']} package; the reference is the FP32 one")
     pairs, agree, positions, worst_rel, margins = [], 0, 0, 0.0, []
@@ -72,7 +72,7 @@ def gate(model: Path, reference: Path, photos: list[str], max_new_tokens: int) -
             margins += ((top2[:, 1] - top2[:, 0])[differ] / scale).tolist()
             agree, positions = agree + int((~differ).sum()), positions + len(differ)
             worst_rel = max(worst_rel, float(np.abs(logits - fp32).max()) / scale)
-            pairs.append({"photo": Path(photo).name, "question": question or cap.manifest.chat["question"],
+            pairs.append({"photo": Path(photo).name, "question": question or cap.manifest.prompting.chat["question"],
                           "same": got == want, "fp32": ref.decode(want), "package": cap.decode(got)})
     same = sum(p["same"] for p in pairs)
     three = photos[:3]
@@ -81,7 +81,7 @@ def gate(model: Path, reference: Path, photos: list[str], max_new_tokens: int) -
     return {"package": str(model), "model": cap.manifest.data["source"]["model"],
             "precision": cap.manifest.data["precision"], "vision_compute": vision,
             "reference": str(reference),
-            "photos": len(photos), "questions": [q or cap.manifest.chat["question"] for q in QUESTIONS],
+            "photos": len(photos), "questions": [q or cap.manifest.prompting.chat["question"] for q in QUESTIONS],
             "max_new_tokens": max_new_tokens, "same_answer": same / len(pairs), "same_answer_ci95": wilson(same, len(pairs)),
             "teacher_forced_top1": agree / positions, "answer_positions": positions,
             "max_rel_logit_diff": worst_rel,

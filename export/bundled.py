@@ -7,7 +7,7 @@ from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
-from runtime.manifest import Decoder, sha256
+from runtime.manifest import Decoder, Generation, Prompting, TokenizerSpec, sha256
 from runtime.search import capacity
 
 from .check import Tolerance
@@ -37,11 +37,10 @@ def export_package(checkpoint: Path, out: Path, tol: Tolerance = Tolerance()) ->
             "dims": shape.dims(capacity(1, cfg.max_positions)),
             "decoder": asdict(shape.decoder),
             "preprocess": EFFICIENTNET_LITE0,
-            "tokenizer": {"file": "tokenizer.json", "eos_id": special["eos_id"], "clean_up_spaces": False},
-            "generation": {"prompt_ids": [special["bos_id"]], "max_new_tokens": cfg.max_positions, "num_beams": 1,
-                           "length_penalty": 1.0, "early_stopping": False,
-                           # A guard: no training sentence repeats a token 3-gram (checked on 20,000)
-                           "no_repeat_ngram_size": 3},
+            "tokenizer": asdict(TokenizerSpec("tokenizer.json", [special["eos_id"]], clean_up_spaces=False)),
+            # A guard: no training sentence repeats a token 3-gram (checked on 20,000)
+            "generation": asdict(Generation(cfg.max_positions, no_repeat_ngram_size=3)),
+            "prompting": asdict(Prompting("none", [special["bos_id"]])),
             "source": {
                 "model": "EfficientNet-Lite0 (ImageNet) -> top-5 concept tokens for the photo, top-3 for each "
                          "quadrant; MTCNN -> 3 face tokens; 3-layer GPT-style decoder",

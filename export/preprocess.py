@@ -14,7 +14,6 @@ EFFICIENTNET_LITE0 = {
     "rescale": 1 / 255,
     "mean": [127 / 255] * 3,
     "std": [128 / 255] * 3,
-    "layout": "NCHW",
 }
 RESAMPLE = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 

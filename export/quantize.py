@@ -324,7 +324,7 @@ class Request:
 
     prompt: np.ndarray
     inputs: list[np.ndarray]
-    eos_id: int
+    eos: list[int]
     cfg: GenerationConfig
     decoder: Decoder
 
@@ -333,9 +333,9 @@ class Request:
         """The package's default request: a caption, the default task (Florence-2), or
         CALIBRATION_QUESTION where a question must be given (BLIP VQA)."""
         captioner = Captioner(src, provider="cpu")
-        asked = {"question": CALIBRATION_QUESTION} if captioner.manifest.question == "encoder" else {}
+        asked = {"question": CALIBRATION_QUESTION} if captioner.manifest.prompting.input == "encoder" else {}
         cfg = captioner.generation_config(num_beams=1, **asked)
-        return cls(*captioner.prompting.ask(**asked), captioner.manifest.tokenizer["eos_id"],
+        return cls(*captioner.prompting.ask(**asked), captioner.manifest.tokenizer.eos_ids,
                    replace(cfg, max_new_tokens=min(cfg.max_new_tokens, CALIBRATION_TOKENS)), captioner.manifest.decoder)
 
     def vision_feeds(self, graph: onnx.ModelProto, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -346,7 +346,7 @@ class Request:
 
     def captions(self, vision: ort.InferenceSession, decoder: ort.InferenceSession, pixels: np.ndarray):
         """Greedy captions of `pixels` through the given sessions."""
-        return Graphs(vision, decoder, self.decoder).generate(pixels, self.prompt, self.eos_id, self.cfg,
+        return Graphs(vision, decoder, self.decoder).generate(pixels, self.prompt, self.eos, self.cfg,
                                                               inputs=self.rows(len(pixels)))
 
 
@@ -469,7 +469,7 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
                 progress.update(i, f"{name} converted and checked")
             method = {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
                       "fp32_ops": FP32_OPS}
-        elif manifest.get("chat") is not None:  # an LLM-based model: its language model is what a step reads
+        elif manifest["prompting"]["input"] == "chat":  # an LLM-based model: its language model is what a step reads
             model = onnx.load(str(src / vision))
             computing = int8_matmuls(model) if vision_compute == "int8" else 0
             save_graph(model, package / vision)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.manifest import Decoder, sha256
+from runtime.manifest import Decoder, Manifest, sha256
 from runtime.search import GenerationConfig, cached, capacity, generate, memory_feeds, prefix_logits, start
 
 from .model import bundled, load_decoder
@@ -45,13 +45,12 @@ def torch_graph_step(model, decoder: Decoder):
 class Reference:
     """Eager PyTorch captioner, configured from a model package's manifest."""
 
-    def __init__(self, checkpoint: Path, manifest: dict):
+    def __init__(self, checkpoint: Path, manifest: Manifest):
         decoder, self.tokenizer, _ = load_decoder(checkpoint)
         self.model = bundled(decoder)
-        self.spec = manifest["preprocess"]
-        self.prompt = np.array(manifest["generation"]["prompt_ids"], dtype=np.int64)
-        self.eos_id = manifest["tokenizer"]["eos_id"]
-        self.decoder = Decoder(**manifest["decoder"])
+        self.spec, self.decoder = manifest.preprocess, manifest.decoder
+        self.prompt = np.array(manifest.prompting.prefix, dtype=np.int64)
+        self.eos_id = manifest.tokenizer.eos_ids
         self.graph_step = torch_graph_step(decoder, self.decoder)
 
     def pixels(self, images) -> torch.Tensor:
@@ -76,9 +75,9 @@ class Reference:
         return self.tokenizer.decode(tokens)
 
 
-def checkpoint_for(manifest: dict, search_dir: Path) -> Path:
+def checkpoint_for(manifest: Manifest, search_dir: Path) -> Path:
     """The training checkpoint a package was exported from, found by its recorded SHA-256."""
-    want = manifest["source"]["decoder_checkpoint"]
+    want = manifest.data["source"]["decoder_checkpoint"]
     path = search_dir / want["file"]
     if not path.is_file() or sha256(path) != want["sha256"]:
         raise FileNotFoundError(f"checkpoint {want['file']} (sha256 {want['sha256'][:12]}...) not found in {search_dir}; "

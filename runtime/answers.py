@@ -4,7 +4,7 @@ Florence-2's: what `Florence2Processor.post_process_generation(text, task, image
 returns, rule for rule. Boxes, quad boxes and polygons are written as <loc_N> tokens, N in 0..999
 bins of the image's width and height; they come back in pixels of the original image.
 
-    parse(text, "<OD>", (640, 480), manifest.tasks) -> {"bboxes": [[x0, y0, x1, y1], ...], "labels": [...]}
+    parse(text, "<OD>", (640, 480), manifest.prompting.tasks) -> {"bboxes": [[x0, y0, x1, y1], ...], "labels": [...]}
     draw(image, result) -> the image with the result's boxes, quad boxes and polygons
 """
 

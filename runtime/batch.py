@@ -37,7 +37,7 @@ from .manifest import PackageError, load_manifest
 WRITER_CPUS = 0.25  # the Parquet writer's share: actors must leave it room, or the job waits forever
 PART = re.compile(r"edgecap-[0-9a-f]+_\d{6}(-\d+)?\.parquet")  # the parts this job writes (part_names)
 MAGIC = b"PAR1"  # a Parquet file starts and ends with it; the end comes last, with the footer
-ASKED = ("question", "task", "text")  # what a row may ask (Manifest.text_inputs)
+ASKED = ("question", "task", "text")  # what a row may ask (Prompting.text_inputs)
 
 
 class BatchError(Exception):
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         if args.batch_size < 1:
             raise BatchError("--batch-size must be at least 1")
         # A bad package or what it cannot be asked is refused here, not in every actor.
-        takes = load_manifest(args.model or DEFAULT_MODEL).text_inputs
+        takes = load_manifest(args.model or DEFAULT_MODEL).prompting.text_inputs
         options = {"question": args.question, "task": args.task, "text": args.text}
         # Paths must mean the same files to every actor: relative ones are made absolute here.
         inputs = apply_options([{**row, "path": os.path.abspath(row["path"])} for row in list_inputs(args.input)],

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         captioner.generation_config(**cfg)  # reject bad options before any image is read
         if args.draw:
-            if captioner.manifest.tasks is None:
+            if captioner.manifest.prompting.tasks is None:
                 raise ValueError("--draw draws the boxes and polygons of a task; this model has no tasks")
             args.draw.mkdir(parents=True, exist_ok=True)
         vtt = VttWriter(args.vtt, args.every) if args.vtt else None

@@ -103,7 +103,7 @@ def image_bytes(url) -> bytes:
 
 def what_is_asked(text: str, takes: dict[str, bool], tasks: list[str]) -> tuple[dict, str | None]:
     """(Captioner.caption's question/task/text, a note or None) for the message's text, as the
-    package reads text (Manifest.text_inputs)."""
+    package reads text (Prompting.text_inputs)."""
     if "task" in takes:
         if not text:
             return {}, None

@@ -27,7 +27,7 @@ def add_model_options(parser: argparse.ArgumentParser, precision: bool = True,
 
 def add_asking_options(parser: argparse.ArgumentParser) -> None:
     """--question, --task and --text: what a package that takes text is asked of every image
-    (Manifest.text_inputs says which a package takes)."""
+    (Prompting.text_inputs says which a package takes)."""
     parser.add_argument("--question", default=None,
                         help="answer this question about each image instead of captioning it (VQA and chat models)")
     parser.add_argument("--task", default=None, help="the task, for models that do several (Florence-2: <CAPTION>, "

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,13 +102,12 @@ class Captioner:
         self.graphs = Graphs(vision, decoder, self.manifest.decoder,
                              None if not use_binding else ("cpu" if self.provider == "CPU" else "cuda"))
         try:
-            self.tokenizer = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer["file"])))
+            self.tokenizer = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer.file)))
         except Exception as e:
             raise PackageError(f"{self.manifest.root}: unusable tokenizer: {str(e).splitlines()[0]}") from None
-        self.defaults = GenerationConfig(**{f.name: self.manifest.generation[f.name] for f in fields(GenerationConfig)
-                                            if f.name in self.manifest.generation})
+        self.defaults = GenerationConfig(**asdict(self.manifest.generation))
         self.prompting = Prompter(self.manifest, self.tokenizer)
-        self.eos = np.array(self.manifest.eos_ids, dtype=np.int64)
+        self.eos = np.array(self.manifest.tokenizer.eos_ids, dtype=np.int64)
 
     def _load(self, names: list[str], explicit: bool, opts, max_batch: int):
         """Both sessions on the first provider that initialises: an explicit provider that
@@ -188,13 +187,13 @@ class Captioner:
         its answer. A package whose special tokens carry meaning (Florence-2's <loc_N>) keeps
         them: the text its processor parses, without the decoder's start and forced BOS. A chat
         model's answer is its tokens alone, without the spaces around them."""
-        if self.manifest.chat is not None:
+        if self.manifest.prompting.input == "chat":
             return self.tokenizer.decode(tokens).strip()
-        if not self.manifest.tokenizer.get("skip_special_tokens", True):
+        if not self.manifest.tokenizer.skip_special_tokens:
             forced = self.defaults.forced_bos_token_id
             return self.tokenizer.decode(tokens[1:] if tokens[:1] == [forced] else tokens, skip_special_tokens=False)
         text = self.tokenizer.decode([*self.prompting.prefix.tolist(), *tokens])
-        return clean_up_tokenization(text) if self.manifest.tokenizer["clean_up_spaces"] else text
+        return clean_up_tokenization(text) if self.manifest.tokenizer.clean_up_spaces else text
 
     def encode(self, image) -> tuple[np.ndarray, np.ndarray]:
         """The image's memory keys and values in host memory, every layer's stacked: (layers, 1,
@@ -244,7 +243,7 @@ class Captioner:
         ids, limit = self.tokenizer.encode(text, add_special_tokens=False).ids, self.manifest.max_positions - len(prompt)
         if not 1 <= len(ids) <= limit:
             raise ValueError(f"text {text!r} is {len(ids)} tokens; this model scores 1 to {limit}")
-        return np.array([*prompt, *ids, self.manifest.tokenizer["eos_id"]], dtype=np.int64)
+        return np.array([*prompt, *ids, self.manifest.tokenizer.eos_ids[0]], dtype=np.int64)
 
     def caption(self, images, max_new_tokens=None, num_beams=None, length_penalty=None, batch_size: int = 8,
                 question: str | None = None, task: str | None = None, text: str | None = None, cache: bool = True,
@@ -259,7 +258,7 @@ class Captioner:
         asked = {"question": question, "task": task, "text": text}
         cfg = self.generation_config(max_new_tokens, num_beams, length_penalty, **asked, temperature=temperature,
                                      top_p=top_p, top_k=top_k, seed=seed)
-        batch = self._answer_batch if self.manifest.chat is not None else self._caption_batch
+        batch = self._answer_batch if self.manifest.prompting.input == "chat" else self._caption_batch
         if not isinstance(images, (list, tuple)):
             result = batch([images], cfg, asked, cache)[0]
             if result.error:
@@ -347,7 +346,7 @@ class Captioner:
             yield result.text
             return result
         start = time.perf_counter()
-        if self.manifest.chat is not None:
+        if self.manifest.prompting.input == "chat":
             prompt, features, grid = self.chat_input(image, question, cfg)
             state = self.graphs.start(self.chat_memory(features[None], prompt, grid), capacity(len(prompt), cfg.max_new_tokens))
         else:
@@ -369,15 +368,16 @@ class Captioner:
             yield rest
         result = Caption(image=name_of(image), text=self.decode(tokens), question=question, tokens=tokens,
                          prompt_tokens=len(prompt), ms=(time.perf_counter() - start) * 1000)
-        if self.manifest.tasks is not None:
-            result.task = task or self.manifest.tasks["default"]
-            result.result = parse(result.text, result.task, rgb.size, self.manifest.tasks)
+        if (tasks := self.manifest.prompting.tasks) is not None:
+            result.task = task or tasks["default"]
+            result.result = parse(result.text, result.task, rgb.size, tasks)
         return result
 
     def _caption_batch(self, images, cfg: GenerationConfig, asked: dict, cache: bool) -> list[Caption]:
         start = time.perf_counter()
         results, pixels, sizes = [], [], []
-        task = asked["task"] or (self.manifest.tasks or {}).get("default")
+        tasks = self.manifest.prompting.tasks
+        task = asked["task"] or (tasks or {}).get("default")
         for image in images:
             results.append(Caption(image=name_of(image), question=asked["question"], task=task))
             try:
@@ -392,6 +392,6 @@ class Captioner:
             ms, prompt_tokens = (time.perf_counter() - start) * 1000 / len(ok), len(self.prompting.ask(**asked)[0])
             for r, t, size in zip(ok, tokens, sizes, strict=True):
                 r.tokens, r.text, r.ms, r.prompt_tokens = t, self.decode(t), ms, prompt_tokens
-                if self.manifest.tasks is not None:
-                    r.result = parse(r.text, task, size, self.manifest.tasks)
+                if tasks is not None:
+                    r.result = parse(r.text, task, size, tasks)
         return results

@@ -1,26 +1,35 @@
 """The model package contract: `manifest.json` beside the graphs and the tokenizer.
 
-The runtime learns everything from here. A package is refused, with a one-line
-reason, before ONNX Runtime reads any graph: wrong format or version, a missing
-field, a file that is missing, outside the package or whose SHA-256 differs.
+The runtime learns everything from here, and this module alone defines the format: each section
+the runtime reads is a dataclass below, which export builds and writes (dataclasses.asdict) and
+load_manifest reads back, field by field, of the declared types. A package is refused, with a
+one-line reason, before ONNX Runtime reads any graph: wrong format or version, a missing,
+unknown or mistyped field, a file that is missing, outside the package or whose SHA-256 differs.
 """
 
 import hashlib
 import json
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from types import UnionType
+from typing import get_args, get_origin, get_type_hints
 
 from .answers import PARSERS
 from .onnx_graph import ProtoError, graph_facts
 
 FORMAT = "edgecap-model-package"
 # 2: prompt_ids, HF generation settings, exact-size resize; 3: fixed-capacity KV cache; 4: per-layer caches
-# written in place (TensorScatter), graph inputs and outputs bound by role name, kv_heads, name required
-FORMAT_VERSION = 4
+# written in place (TensorScatter), graph inputs and outputs bound by role name, kv_heads, name required;
+# 5: one `prompting` section (where asked text goes, the prompt prefix, tasks, chat) and typed sections
+# (tokenizer.eos_ids alone, no unread fields)
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 WEIGHT_ONLY = ("int8", "int4")  # precisions whose weights alone are quantized, activations FP32 (export.quantize)
 REQUIRED = ("format", "format_version", "name", "precision", "files", "graphs", "dims", "decoder", "preprocess",
-            "tokenizer", "generation")
+            "tokenizer", "generation", "prompting")
+GRAPHS = ("vision", "decoder")
+MEMORY_KINDS, ROPES = ("cross", "prefix", "embeddings"), ("1d", "mrope")
+PROMPT_INPUTS = ("none", "prompt", "encoder", "task", "chat")
 
 
 class PackageError(Exception):
@@ -47,6 +56,123 @@ class Decoder:
     # computes from the 1-D ones and an `image_grid` input (runtime.search.image_grid)
     rope: str = "1d"
 
+    def __post_init__(self):
+        if self.memory not in MEMORY_KINDS:
+            raise ValueError(f"manifest field decoder.memory must be one of {', '.join(MEMORY_KINDS)}")
+        if self.rope not in ROPES or (self.rope == "mrope" and self.memory != "embeddings"):
+            raise ValueError(f"manifest field decoder.rope must be one of {', '.join(ROPES)} (mrope with embeddings memory)")
+        if min(self.layers, self.heads, self.kv_heads, self.head_dim, self.vocab_size, self.max_positions) < 1 \
+                or self.heads % self.kv_heads or (self.memory == "embeddings") != (self.image_token is not None):
+            raise ValueError("manifest field decoder is malformed")
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The tokenizer file and how its ids become text: `eos_ids` end a sequence (the first also
+    fills finished rows); `clean_up_spaces` is transformers' clean_up_tokenization; special tokens
+    are dropped unless `skip_special_tokens` is false (Florence-2's answers keep its location tokens)."""
+
+    file: str
+    eos_ids: list[int]
+    clean_up_spaces: bool
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if not self.file or not self.eos_ids:
+            raise ValueError("manifest field tokenizer.file and tokenizer.eos_ids must not be empty")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The checkpoint's generate() defaults, with Hugging Face's meaning (runtime.search.GenerationConfig)."""
+
+    max_new_tokens: int
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    no_repeat_ngram_size: int = 0
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.num_beams < 1 or self.early_stopping not in (True, False, "never"):
+            raise ValueError("manifest field generation is malformed")
+
+
+# A chat section (runtime.prompting): the checkpoint's chat template, the question asked when none is
+# given, and how one image is laid out: "tiles" (SmolVLM's, runtime.prompting.tile_layout), "repeat"
+# (LLaVA's: `tokens` image tokens) or "grid" (one image token per feature of the image's grid: Qwen2-VL's).
+CHAT = {"template": str, "question": str, "image": dict}
+CHAT_IMAGE = {"tiles": {"layout": str, "tokens": int, "image": str, "around": str, "global": str},
+              "repeat": {"layout": str, "tokens": int, "image": str}, "grid": {"layout": str, "image": str}}
+
+
+@dataclass(frozen=True)
+class Prompting:
+    """How a prompt is built (runtime.prompting.Prompter) and where the text a request sends goes
+    (`input`): "none" (a captioner), "prompt" (a question's tokens follow `prefix`, as GIT reads
+    one), "encoder" (a question, required, into the vision graph's `text_ids`, as BLIP VQA reads
+    one), "task" (a task's prompt from `tasks` into `text_ids`: Florence-2) or "chat" (the question
+    and the images in `chat`'s template: the LLM-based families). `prefix`: the ids every decoder
+    prompt starts with (none for chat, whose prompt is built per request). `tasks`: {"default":
+    task, "prompts": {task: {"prompt", "parse"}}, "parse": the processor's post_processor_config};
+    a prompt's "{input}" is replaced by the task's text; "parse" names a parser in runtime.answers."""
+
+    input: str
+    prefix: list[int]
+    tasks: dict | None = None
+    chat: dict | None = None
+
+    def __post_init__(self):
+        if self.input not in PROMPT_INPUTS:
+            raise ValueError(f"manifest field prompting.input must be one of {', '.join(PROMPT_INPUTS)}")
+        if (self.tasks is not None) != (self.input == "task") or (self.chat is not None) != (self.input == "chat") \
+                or bool(self.prefix) == (self.input == "chat"):
+            raise ValueError(f"manifest field prompting does not fit its input {self.input!r} (tasks go with task, "
+                             "chat with chat, a prefix with every other)")
+        if self.tasks is not None:
+            prompts = self.tasks["prompts"]
+            if self.tasks["default"] not in prompts or \
+                    not all(isinstance(p["prompt"], str) and isinstance(p["parse"], str) for p in prompts.values()):
+                raise ValueError("manifest field prompting.tasks is malformed")
+            unknown = sorted({p["parse"] for p in prompts.values()} - set(PARSERS))
+            if unknown:
+                raise ValueError(f"this runtime cannot parse answers of kind {', '.join(unknown)} "
+                                 f"(it knows {', '.join(PARSERS)}): update edgecap")
+        if self.chat is not None:
+            check_fields("prompting.chat", self.chat, CHAT)
+            layout = self.chat["image"].get("layout")
+            if layout not in CHAT_IMAGE:
+                raise ValueError(f"manifest field prompting.chat.image.layout has an unknown value {layout!r}")
+            check_fields("prompting.chat.image", self.chat["image"], CHAT_IMAGE[layout])
+
+    @property
+    def vision_text(self) -> bool:
+        """Whether the vision graph reads text (`text_ids`): a question or a task's prompt."""
+        return self.input in ("encoder", "task")
+
+    @property
+    def text_inputs(self) -> dict[str, bool]:
+        """The text a request may send beside its image, each with whether it is required: a chat
+        model's question, Florence-2's task and its text, a VQA model's question (required where it
+        feeds the vision graph, as BLIP VQA's does), none for a captioner. The service and the
+        batch job take these."""
+        return {"none": {}, "prompt": {"question": False}, "encoder": {"question": True},
+                "task": {"task": False, "text": False}, "chat": {"question": False}}[self.input]
+
+
+# preprocess, by kind. "fixed" (the default): one picture of a fixed size. resize: an int sets the
+# shorter side (aspect kept), [h, w] an exact size, as torchvision's Resize. crop_offset: "round" is
+# torchvision's CenterCrop, "floor" transformers' center_crop. "tiles" (SmolVLM's, runtime.preprocess.
+# to_tiles): the longest edge resized to `longest_edge`, then (`split`) cut into tiles of `tile` pixels
+# plus the whole image as one more tile. "grid" (Qwen2-VL's smart_resize, runtime.preprocess.to_grid):
+# sides multiples of `factor`, the area between min_pixels and max_pixels; one feature per factor x factor.
+PIXELS = {"resample": str, "rescale": float, "mean": list, "std": list}
+PREPROCESS = {"fixed": {"resize": (int, list), "crop": (list, type(None)), "crop_offset": str, **PIXELS},
+              "tiles": {"longest_edge": int, "tile": int, "split": bool, **PIXELS},
+              "grid": {"factor": int, "min_pixels": int, "max_pixels": int, **PIXELS}}
+CHOICES = {"resample": ("bilinear", "bicubic", "lanczos"), "crop_offset": ("round", "floor")}
+
 
 def memory_roles(decoder: Decoder) -> list[str]:
     """The vision graph's outputs: what the decoder step reads (cross, embeddings) or its cache
@@ -68,8 +194,16 @@ def roles(decoder: Decoder, text_input: bool) -> dict[str, tuple[list[str], list
 
 @dataclass(frozen=True)
 class Manifest:
+    """A vetted package: its typed sections, and `data`, the manifest as read (files, graphs, dims
+    and source, which reports and the providers' profiles read)."""
+
     root: Path
     data: dict
+    decoder: Decoder
+    preprocess: dict
+    tokenizer: TokenizerSpec
+    generation: Generation
+    prompting: Prompting
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -80,60 +214,8 @@ class Manifest:
         return sha256(self.path(MANIFEST))
 
     @property
-    def preprocess(self) -> dict:
-        return self.data["preprocess"]
-
-    @property
-    def generation(self) -> dict:
-        return self.data["generation"]
-
-    @property
-    def tokenizer(self) -> dict:
-        return self.data["tokenizer"]
-
-    @property
-    def decoder(self) -> Decoder:
-        return Decoder(**self.data["decoder"])
-
-    @property
     def max_positions(self) -> int:
-        return self.data["decoder"]["max_positions"]
-
-    @property
-    def tasks(self) -> dict | None:
-        """Florence-2's tasks: {"default": task, "prompts": {task: {"prompt", "parse"}}, "parse":
-        the processor's post_processor_config}; a task's prompt, with "{input}" replaced by the
-        task's text where it takes one, feeds the vision graph's second input."""
-        return self.data.get("tasks")
-
-    @property
-    def chat(self) -> dict | None:
-        """A chat model's prompting (runtime.prompting): {"template", "question", "image": layout}."""
-        return self.data.get("chat")
-
-    @property
-    def eos_ids(self) -> list[int]:
-        """Every id that ends a sequence (the first also fills finished rows)."""
-        return self.tokenizer.get("eos_ids", [self.tokenizer["eos_id"]])
-
-    @property
-    def question(self) -> str | None:
-        """Where a question goes: "prompt" (its tokens follow the prompt, as GIT reads one),
-        "encoder" (with the tokenizer's special tokens, into the vision graph's second input,
-        as BLIP VQA reads one: the model then needs a question), or None (a captioner)."""
-        return self.data.get("question", {}).get("input")
-
-    @property
-    def text_inputs(self) -> dict[str, bool]:
-        """The text a request may send beside its image, each with whether it is required: a chat
-        model's question, Florence-2's task and its text, a VQA model's question (required where it
-        feeds the vision graph, as BLIP VQA's does), none for a captioner. The service and the
-        batch job take these."""
-        if self.chat is not None:
-            return {"question": False}
-        if self.tasks is not None:
-            return {"task": False, "text": False}
-        return {} if self.question is None else {"question": self.question == "encoder"}
+        return self.decoder.max_positions
 
     def graph(self, role: str) -> dict:
         return self.data["graphs"][role]
@@ -157,131 +239,76 @@ def package_file(root: Path, name: str) -> Path:
     return path
 
 
-# Every field the runtime reads, with its type: checked up front so that a malformed
-# manifest is one clear error, not a KeyError deep in session setup.
-SCHEMA = {
-    # kind "fixed" (the default): one picture of a fixed size. resize: an int sets the shorter side
-    # (aspect kept), [h, w] an exact size, as torchvision's Resize. crop_offset: "round" is
-    # torchvision's CenterCrop, "floor" transformers' center_crop. Kind "tiles": PREPROCESS_TILES.
-    "preprocess": {"resize": (int, list), "crop": (list, type(None)), "crop_offset": str, "resample": str,
-                   "rescale": float, "mean": list, "std": list},
-    "tokenizer": {"file": str, "eos_id": int, "clean_up_spaces": bool},
-    "generation": {"prompt_ids": list, "max_new_tokens": int, "num_beams": int, "length_penalty": (int, float),
-                   "early_stopping": (bool, str), "no_repeat_ngram_size": int},
-    "decoder": {"layers": int, "heads": int, "kv_heads": int, "head_dim": int, "vocab_size": int, "max_positions": int,
-                "memory": str},
-}
-# SmolVLM's tiles (runtime.preprocess.to_tiles): the longest edge resized to `longest_edge`, then
-# (`split`) cut into tiles of `tile` pixels plus the whole image as one more tile.
-PREPROCESS_TILES = {"longest_edge": int, "tile": int, "split": bool, "resample": str, "rescale": float, "mean": list,
-                    "std": list}
-# Qwen2-VL's smart_resize (runtime.preprocess.to_grid): sides multiples of `factor`, the area between
-# min_pixels and max_pixels; one feature per factor x factor pixels.
-PREPROCESS_GRID = {"factor": int, "min_pixels": int, "max_pixels": int, "resample": str, "rescale": float, "mean": list,
-                   "std": list}
-PREPROCESS = {"fixed": SCHEMA["preprocess"], "tiles": PREPROCESS_TILES, "grid": PREPROCESS_GRID}
-# A chat model's prompt (runtime.prompting): its chat template, the question asked when none is
-# given, and how one image is laid out ("tiles": SmolVLM's).
-CHAT = {"template": str, "question": str, "image": dict}
-# "tiles": SmolVLM's (runtime.prompting.tile_layout); "repeat": the LLaVA layout, `tokens` image tokens;
-# "grid": one image token per feature of the image's grid (Qwen2-VL's).
-CHAT_IMAGE = {"tiles": {"layout": str, "tokens": int, "image": str, "around": str, "global": str},
-              "repeat": {"layout": str, "tokens": int, "image": str}, "grid": {"layout": str, "image": str}}
-GRAPHS = ("vision", "decoder")
-QUESTION_INPUTS, MEMORY_KINDS = (None, "prompt", "encoder"), ("cross", "prefix", "embeddings")
-CHOICES = {("preprocess", "resample"): ("bilinear", "bicubic", "lanczos"), ("preprocess", "crop_offset"): ("round", "floor"),
-           ("generation", "early_stopping"): (True, False, "never"), ("chat.image", "layout"): tuple(CHAT_IMAGE)}
-ROPES = ("1d", "mrope")
+def conforms(value, hint) -> bool:
+    """`value`, as json.load gives it, is of the annotated type `hint` (a bool is not a number)."""
+    if get_origin(hint) is UnionType:
+        return any(conforms(value, h) for h in get_args(hint))
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(conforms(v, get_args(hint)[0]) for v in value)
+    if value is None or isinstance(value, bool):
+        return hint is type(value)
+    return isinstance(value, (int, float) if hint is float else hint)
 
 
-def has_type(value, kind) -> bool:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return bool in kinds if isinstance(value, bool) else isinstance(value, kinds)
+def typed(cls, section: str, values):
+    """A manifest section as its dataclass: every field of its declared type, the required ones
+    present and no others; the dataclass checks the values themselves."""
+    known, hints = {f.name: f for f in fields(cls)}, get_type_hints(cls)
+    if not isinstance(values, dict):
+        raise ValueError(f"manifest field {section} has the wrong type")
+    odd = [k for k, f in known.items() if f.default is MISSING and k not in values] + sorted(set(values) - set(known))
+    if odd:
+        raise ValueError(f"manifest field {section}.{odd[0]} is {'unknown' if odd[0] in values else 'missing'}")
+    for key, value in values.items():
+        if not conforms(value, hints[key]):
+            raise ValueError(f"manifest field {section}.{key} has the wrong type")
+    return cls(**values)
 
 
-def check_question(root: Path, data: dict) -> None:
-    """The optional `question` and `decoder.memory` fields, and the vision graph's inputs they imply."""
-    question = data.get("question", {"input": None})
-    if not isinstance(question, dict) or question.get("input") not in QUESTION_INPUTS:
-        raise PackageError(f"{root}: manifest field question.input must be one of {', '.join(QUESTION_INPUTS[1:])}")
-    if data["decoder"]["memory"] not in MEMORY_KINDS:
-        raise PackageError(f"{root}: manifest field decoder.memory must be one of {', '.join(MEMORY_KINDS)}")
-    for key in ("forced_bos_token_id", "forced_eos_token_id"):
-        if not has_type(data["generation"].get(key), (int, type(None))):
-            raise PackageError(f"{root}: manifest field generation.{key} has the wrong type")
-    tasks = data.get("tasks")
-    if tasks is not None:
-        prompts = tasks["prompts"]
-        if question["input"] or tasks["default"] not in prompts or \
-                not all(isinstance(p["prompt"], str) and isinstance(p["parse"], str) for p in prompts.values()):
-            raise PackageError(f"{root}: manifest field tasks is malformed")
-        unknown = sorted({p["parse"] for p in prompts.values()} - set(PARSERS))
-        if unknown:
-            raise PackageError(f"{root}: this runtime cannot parse answers of kind {', '.join(unknown)} "
-                               f"(it knows {', '.join(PARSERS)}): update edgecap")
-    if (data.get("chat") is not None) != (data["decoder"]["memory"] == "embeddings") or \
-            (data["preprocess"].get("kind") in ("tiles", "grid") and data.get("chat") is None):
-        raise PackageError(f"{root}: manifest fields chat, preprocess.kind and decoder.memory do not fit together")
-    decoder = data["decoder"]
-    required = {f.name for f in fields(Decoder) if f.default is MISSING}
-    if not required <= set(decoder) <= {f.name for f in fields(Decoder)} or decoder["heads"] % decoder["kv_heads"] \
-            or (decoder["memory"] == "embeddings") != has_type(decoder.get("image_token"), int) \
-            or decoder.get("rope", "1d") not in ROPES or (decoder.get("rope") == "mrope" and decoder["memory"] != "embeddings"):
-        raise PackageError(f"{root}: manifest field decoder is malformed")
-    expected = roles(Decoder(**decoder), question["input"] == "encoder" or tasks is not None)
-    for role, (inputs, outputs) in expected.items():
+def check_fields(section: str, values: dict, schema: dict) -> None:
+    """Exactly the fields of `schema` in `values`, each of its type (bool is no number), none empty."""
+    if set(values) != set(schema):
+        odd = sorted(set(values) ^ set(schema))
+        raise ValueError(f"manifest field {section}.{odd[0]} is {'unknown' if odd[0] in values else 'missing'}")
+    for key, kind in schema.items():
+        value, kinds = values[key], kind if isinstance(kind, tuple) else (kind,)
+        if not (bool in kinds if isinstance(value, bool) else isinstance(value, kinds)) or value in ([], ""):
+            raise ValueError(f"manifest field {section}.{key} has the wrong type")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ValueError(f"manifest field {section}.{key} has an unknown value {value!r}")
+
+
+def check_preprocess(spec) -> None:
+    kind = spec.get("kind", "fixed") if isinstance(spec, dict) else None
+    if kind not in PREPROCESS:
+        raise ValueError(f"manifest field preprocess.kind has an unknown value {kind!r}")
+    check_fields("preprocess", {k: v for k, v in spec.items() if k != "kind"}, PREPROCESS[kind])
+
+
+def check_graph_roles(data: dict, decoder: Decoder, prompting: Prompting) -> None:
+    """Every graph's inputs and outputs are the roles this package's decoder and prompting imply."""
+    for role, (inputs, outputs) in roles(decoder, prompting.vision_text).items():
         graph = data["graphs"][role]
+        if not isinstance(graph["file"], str) or not all(isinstance(i["name"], str) for i in graph["inputs"] + graph["outputs"]):
+            raise ValueError(f"manifest entry for the {role} graph is malformed")
         declared = [i["name"] for i in graph["inputs"]], [o["name"] for o in graph["outputs"]]
         for kind, want, got in (("inputs", inputs, declared[0]), ("outputs", outputs, declared[1])):
             if sorted(got) != sorted(want):
                 missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-                raise PackageError(f"{root}: the {role} graph's {kind} do not fit this package "
-                                   f"(missing {', '.join(missing[:4]) or 'none'}; unexpected {', '.join(extra[:4]) or 'none'})")
+                raise ValueError(f"the {role} graph's {kind} do not fit this package "
+                                 f"(missing {', '.join(missing[:4]) or 'none'}; unexpected {', '.join(extra[:4]) or 'none'})")
 
 
-def check_fields(root: Path, section: str, values: dict, schema: dict, empty: tuple = ()) -> None:
-    """Every field of `schema` in `values`, of its type, not empty unless named in `empty`."""
-    for key, kind in schema.items():
-        value = values[key]
-        if not has_type(value, kind) or (value in ([], "") and key not in empty):
-            raise PackageError(f"{root}: manifest field {section}.{key} has the wrong type")
-        if (section, key) in CHOICES and value not in CHOICES[section, key]:
-            raise PackageError(f"{root}: manifest field {section}.{key} has an unknown value {value!r}")
-
-
-def check_schema(root: Path, data: dict) -> None:
-    chat = data.get("chat")
-    kind = data["preprocess"].get("kind", "fixed")
-    if kind not in PREPROCESS:
-        raise PackageError(f"{root}: manifest field preprocess.kind has an unknown value {kind!r}")
-    for section, schema in SCHEMA.items():
-        schema = PREPROCESS[kind] if section == "preprocess" else schema
-        # A chat model's prompt is built per request (runtime.prompting): it has no fixed prompt ids.
-        check_fields(root, section, data[section], schema, ("prompt_ids",) if chat is not None else ())
-    if chat is not None:
-        check_fields(root, "chat", chat, CHAT)
-        check_fields(root, "chat.image", chat["image"], {"layout": str})
-        check_fields(root, "chat.image", chat["image"], CHAT_IMAGE[chat["image"]["layout"]])
-    if not all(has_type(i, int) for i in data["generation"]["prompt_ids"]):
-        raise PackageError(f"{root}: manifest field generation.prompt_ids must list token ids")
-    if not all(has_type(i, int) for i in data["tokenizer"].get("eos_ids", [0])):
-        raise PackageError(f"{root}: manifest field tokenizer.eos_ids must list token ids")
-    for role in GRAPHS:
-        graph = data["graphs"][role]
-        if not isinstance(graph["file"], str) or not all(isinstance(i["name"], str) for i in graph["inputs"] + graph["outputs"]):
-            raise PackageError(f"{root}: manifest entry for the {role} graph is malformed")
+def check_dims(data: dict) -> None:
     for name, dim in data["dims"].items():
-        if not all(has_type(dim[k], int) for k in ("min", "opt")) or not (dim["max"] is None or has_type(dim["max"], int)):
-            raise PackageError(f"{root}: manifest dims.{name} is malformed")
+        if not all(isinstance(dim[k], int) for k in ("min", "opt")) or not (dim["max"] is None or isinstance(dim["max"], int)):
+            raise ValueError(f"manifest dims.{name} is malformed")
     symbols = {d for role in GRAPHS for i in data["graphs"][role]["inputs"] for d in i["shape"] if isinstance(d, str)}
-    if not isinstance(data["name"], str) or not data["name"]:
-        raise PackageError(f"{root}: manifest field name must be a non-empty string")
     if symbols - set(data["dims"]):
-        raise PackageError(f"{root}: manifest dims do not cover {', '.join(sorted(symbols - set(data['dims'])))}")
+        raise ValueError(f"manifest dims do not cover {', '.join(sorted(symbols - set(data['dims'])))}")
     for name, meta in data["files"].items():
         if not isinstance(meta["sha256"], str) or not isinstance(meta["bytes"], int):
-            raise PackageError(f"{root}: manifest entry for {name} is malformed")
-    check_question(root, data)
+            raise ValueError(f"manifest entry for {name} is malformed")
 
 
 def check_files(root: Path, data: dict) -> None:
@@ -314,8 +341,24 @@ def check_graphs(root: Path, data: dict) -> None:
                                    "which is not a file of the package")
 
 
+def read_sections(root: Path, data: dict) -> Manifest:
+    """The manifest's typed sections, each checked, and how they fit together."""
+    decoder = typed(Decoder, "decoder", data["decoder"])
+    prompting = typed(Prompting, "prompting", data["prompting"])
+    check_preprocess(data["preprocess"])
+    if (prompting.input == "chat") != (decoder.memory == "embeddings") or \
+            (data["preprocess"].get("kind") in ("tiles", "grid") and prompting.input != "chat"):
+        raise ValueError("manifest fields prompting.input, preprocess.kind and decoder.memory do not fit together")
+    if not isinstance(data["name"], str) or not data["name"]:
+        raise ValueError("manifest field name must be a non-empty string")
+    check_graph_roles(data, decoder, prompting)
+    check_dims(data)
+    return Manifest(root, data, decoder, data["preprocess"], typed(TokenizerSpec, "tokenizer", data["tokenizer"]),
+                    typed(Generation, "generation", data["generation"]), prompting)
+
+
 def load_manifest(root: Path | str) -> Manifest:
-    """Read and vet a package: format, schema, every file's SHA-256 (about 35 ms for
+    """Read and vet a package: format, sections, every file's SHA-256 (about 35 ms for
     the bundled 33 MB package, so it is done at every load), then the graphs."""
     root = Path(root)
     try:
@@ -333,9 +376,11 @@ def load_manifest(root: Path | str) -> Manifest:
     if missing:
         raise PackageError(f"{root}: manifest is missing {', '.join(missing)}")
     try:
-        check_schema(root, data)
-        check_files(root, data)
+        manifest = read_sections(root, data)
+    except ValueError as e:
+        raise PackageError(f"{root}: {e}") from None
     except (KeyError, TypeError, AttributeError) as e:
         raise PackageError(f"{root}: manifest is malformed ({type(e).__name__}: {e})") from None
+    check_files(root, data)
     check_graphs(root, data)
-    return Manifest(root, data)
+    return manifest

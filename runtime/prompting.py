@@ -1,7 +1,7 @@
-"""Every prompt a package is given, built in one place (Prompter) from its manifest's question,
-tasks or chat section and its tokenizer.
+"""Every prompt a package is given, built in one place (Prompter) from its manifest's `prompting`
+section and its tokenizer.
 
-Chat prompts, for the LLM-based families (a package with a `chat` section): the checkpoint's own
+Chat prompts, for the LLM-based families (prompting input "chat"): the checkpoint's own
 chat template, rendered with jinja2 the way transformers' apply_chat_template renders it (a
 sandbox, trim_blocks, lstrip_blocks, loop controls, its tojson and raise_exception), then each
 image placeholder of the text laid out as the family's processor lays it out, then tokenized
@@ -84,49 +84,48 @@ def chat_text(chat: dict, question: str, grids: list[tuple[int, int]]) -> str:
 
 class Prompter:
     """What a package is asked (nothing, a question, or a task and its text) as the decoder's
-    prompt ids and the vision graph's text input, as its manifest says each is read; a one-line
-    ValueError for what the package does not take, lacks or cannot fit."""
+    prompt ids and the vision graph's text input, as its manifest's `prompting` says each is
+    read; a one-line ValueError for what the package does not take, lacks or cannot fit."""
 
     def __init__(self, manifest: Manifest, tokenizer: Tokenizer):
-        self.manifest, self.tokenizer = manifest, tokenizer
-        self.prefix = np.array(manifest.generation["prompt_ids"], dtype=np.int64)  # what every caption follows
+        self.spec, self.tokenizer, self.max_positions = manifest.prompting, tokenizer, manifest.max_positions
+        self.text_limit = manifest.data["dims"]["text"]["max"] if self.spec.vision_text else 0
+        self.prefix = np.array(self.spec.prefix, dtype=np.int64)  # what every caption follows
 
     def ask(self, question: str | None = None, task: str | None = None,
             text: str | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """(prompt, the vision graph's inputs beyond pixels, per image) for what the model is
-        asked: nothing (a caption), a `question`, or a `task` and its `text`, as the package says
-        they are read (Manifest.question, Manifest.tasks). ValueError for what the model does not
-        take, lacks or cannot fit. A chat model's prompt is laid out for each image's tiles
-        (`chat`): here, for an untiled image (the shortest)."""
-        if self.manifest.chat is not None:
-            if task is not None or text is not None:
-                raise ValueError("this model takes a question (--question), not a task or text")
-            if question is not None and not question.strip():
-                raise ValueError("the question is empty")
-            prompt = self.chat(question, [(0, 0)])
-            if len(prompt) >= self.manifest.max_positions:
-                raise ValueError(f"the question makes a {len(prompt)}-token prompt even for an untiled image; this "
-                                 f"model reads {self.manifest.max_positions} tokens")
-            return prompt, []
-        if self.manifest.tasks is not None:
+        asked: nothing (a caption), a `question`, or a `task` and its `text`, where the package
+        reads each (Prompting.input). ValueError for what the model does not take, lacks or
+        cannot fit. A chat model's prompt is laid out for each image's tiles (`chat`): here, for
+        an untiled image (the shortest)."""
+        where = self.spec.input
+        if where == "task":
             if question is not None:
                 raise ValueError("this model takes a task (--task), not a question")
             return self.prefix, [self.encoder_text(self.task(task, text))]
         if task is not None or text is not None:
-            raise ValueError("this model takes no task or text" + ("; ask with --question" if self.manifest.question else ""))
-        kind = self.manifest.question
+            raise ValueError("this model takes " + ("a question (--question), not a task or text" if where == "chat" else
+                                                    "no task or text" + ("; ask with --question" if where != "none" else "")))
         if question is None:
-            if kind == "encoder":
+            if where == "encoder":
                 raise ValueError("this model answers questions: give it one (--question)")
-            return self.prefix, []
-        if kind is None:
+            if where != "chat":
+                return self.prefix, []
+        elif where == "none":
             raise ValueError("this model captions; it does not take questions")
-        if not question.strip():
+        elif not question.strip():
             raise ValueError("the question is empty")
-        if kind == "encoder":
+        if where == "chat":
+            prompt = self.chat(question, [(0, 0)])
+            if len(prompt) >= self.max_positions:
+                raise ValueError(f"the question makes a {len(prompt)}-token prompt even for an untiled image; this "
+                                 f"model reads {self.max_positions} tokens")
+            return prompt, []
+        if where == "encoder":
             return self.prefix, [self.encoder_text(question, "question")]
         ids = self.tokenizer.encode(question, add_special_tokens=False).ids
-        limit = self.manifest.max_positions - len(self.prefix) - 1
+        limit = self.max_positions - len(self.prefix) - 1
         if not 1 <= len(ids) <= limit:
             raise ValueError(f"the question is {len(ids)} tokens; this model reads 1 to {limit}")
         return np.concatenate([self.prefix, np.array(ids, dtype=np.int64)]), []
@@ -134,13 +133,13 @@ class Prompter:
     def chat(self, question: str | None, grids: list[tuple[int, int]]) -> np.ndarray:
         """A chat model's prompt ids: the question (the package's default when None) about images
         tiled as `grids` ((rows, cols) each), in its chat template (runtime.prompting)."""
-        chat = self.manifest.chat
+        chat = self.spec.chat
         text = chat_text(chat, chat["question"] if question is None else question, grids)
         return np.array(self.tokenizer.encode(text).ids, dtype=np.int64)
 
     def task(self, task: str | None, text: str | None) -> str:
         """The prompt Florence2Processor builds for a task (the default one for None) and its text."""
-        tasks = self.manifest.tasks
+        tasks = self.spec.tasks
         task = tasks["default"] if task is None else task
         if task not in tasks["prompts"]:
             raise ValueError(f"unknown task {task!r}; this model does {', '.join(tasks['prompts'])}")
@@ -155,7 +154,7 @@ class Prompter:
 
     def encoder_text(self, text: str, what: str = "prompt") -> np.ndarray:
         """A text for the vision graph's second input, with the tokenizer's special tokens."""
-        ids, limit = self.tokenizer.encode(text).ids, self.manifest.data["dims"]["text"]["max"]
-        if len(ids) > limit:
-            raise ValueError(f"the {what} is {len(ids)} tokens; this model reads 1 to {limit}")
+        ids = self.tokenizer.encode(text).ids
+        if len(ids) > self.text_limit:
+            raise ValueError(f"the {what} is {len(ids)} tokens; this model reads 1 to {self.text_limit}")
         return np.array(ids, dtype=np.int64)

@@ -75,7 +75,7 @@ def search(captioner: Captioner, cache: MemoryCache, images: list[str], queries:
     """({query: [(image, log-likelihood)], likeliest first}, one-line errors of the images that
     failed). Images are taken `max_batch` at a time: each is loaded (or encoded) once for
     all the queries."""
-    if captioner.manifest.question == "encoder":
+    if captioner.manifest.prompting.input == "encoder":
         raise ValueError("this model answers questions; it does not rank images by a caption")
     for query in queries:
         captioner.scored_sequence(query)  # refuse an empty or over-long query before any image

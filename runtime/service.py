@@ -6,7 +6,7 @@ prometheus_client).
   in JSON, base64 strings) and output `caption` (BYTES), in the JSON encoding or with the
   binary-data extension that `tritonclient.http` uses by default.
   Optional BYTES inputs `question`, `task` and `text` (one element for the request or one per
-  image), as the package takes them (Manifest.text_inputs); output `result` (each image's structured
+  image), as the package takes them (Prompting.text_inputs); output `result` (each image's structured
   answer as JSON: Florence-2's boxes and polygons in the original image's pixels) for a package
   with tasks.
 - OpenAI's chat completions (`POST /v1/chat/completions`, `GET /v1/models`; runtime/openai.py):
@@ -381,8 +381,8 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
         check_model(request.path_params["model"])
         return JSONResponse({"name": model, "ready": True})
 
-    takes = captioner.manifest.text_inputs
-    outputs = ["caption", *(["result"] if captioner.manifest.tasks is not None else [])]
+    takes = captioner.manifest.prompting.text_inputs
+    outputs = ["caption", *(["result"] if captioner.manifest.prompting.tasks is not None else [])]
 
     async def metadata(request):
         check_model(request.path_params["model"])
@@ -425,7 +425,7 @@ def build_app(captioner: Captioner, cfg: ServiceConfig) -> Starlette:
         try:
             given = json.loads(body)
             chat = parse_chat(given)
-            asked, note = what_is_asked(chat.text, takes, list((captioner.manifest.tasks or {}).get("prompts", {})))
+            asked, note = what_is_asked(chat.text, takes, list((captioner.manifest.prompting.tasks or {}).get("prompts", {})))
         except (ValueError, ChatRequestError) as e:  # json's errors are ValueErrors too
             raise HTTPError(400, str(e).splitlines()[0]) from None
         if given.get("model", model) != model:

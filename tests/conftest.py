@@ -50,5 +50,4 @@ def reference(captioner):
     from export import DEFAULT_CHECKPOINT
     from export.reference import Reference, checkpoint_for
 
-    manifest = captioner.manifest.data
-    return Reference(checkpoint_for(manifest, DEFAULT_CHECKPOINT.parent), manifest)
+    return Reference(checkpoint_for(captioner.manifest, DEFAULT_CHECKPOINT.parent), captioner.manifest)

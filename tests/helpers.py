@@ -129,7 +129,7 @@ def reference_scores(ref, image, captioner, texts: list[str], question: str | No
 
     asked = {} if question is None else {"question": question}
     prompt, eos = [int(i) for i in ref.ask(question)[0]] if asked else captioner.prompting.prefix.tolist(), \
-        captioner.manifest.tokenizer["eos_id"]
+        captioner.manifest.tokenizer.eos_ids[0]
     scores = []
     for text in texts:
         seq = np.array([[*prompt, *captioner.tokenizer.encode(text, add_special_tokens=False).ids, eos]])

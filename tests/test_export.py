@@ -37,7 +37,7 @@ def test_export_reproduces_the_committed_package(tmp_path, photo_paths):
     out = tmp_path / "pkg"
     export_package(DEFAULT_CHECKPOINT, out)
     fresh, committed = load_manifest(out).data, load_manifest(DEFAULT_MODEL).data
-    for key in ("graphs", "decoder", "preprocess", "tokenizer", "generation"):
+    for key in ("graphs", "decoder", "preprocess", "tokenizer", "generation", "prompting"):
         assert fresh[key] == committed[key], key
     assert fresh["files"]["tokenizer.json"] == committed["files"]["tokenizer.json"]
     a, b = Captioner(out), Captioner(DEFAULT_MODEL)

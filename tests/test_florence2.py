@@ -54,10 +54,10 @@ def run(captioner, paths, cfg, task, cache=True):
 def test_every_task_equals_transformers_generate(florence, photo_paths, name, num_beams):
     captioner, ref = pair(florence, name)
     paths, outputs = list(photo_paths.values()), {}
-    assert set(captioner.manifest.tasks["prompts"]) == {*TEXTS, "<OCR>", "<OCR_WITH_REGION>", "<CAPTION>",
+    assert set(captioner.manifest.prompting.tasks["prompts"]) == {*TEXTS, "<OCR>", "<OCR_WITH_REGION>", "<CAPTION>",
                                                         "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OD>",
                                                         "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>"}
-    for task in captioner.manifest.tasks["prompts"]:
+    for task in captioner.manifest.prompting.tasks["prompts"]:
         cfg = captioner.generation_config(num_beams=num_beams, max_new_tokens=12, task=task, text=TEXTS.get(task))
         single = [run(captioner, [p], cfg, task)[0] for p in paths[:3]]
         assert single == [ref.generate([p], cfg, task=task, text=TEXTS.get(task))[0] for p in paths[:3]], task
@@ -75,7 +75,7 @@ def test_generation_follows_the_checkpoint(florence):
     captioner = Captioner(florence["florence2-w2"][1], provider="cpu")
     cfg = captioner.defaults
     assert (cfg.num_beams, cfg.no_repeat_ngram_size, cfg.forced_bos_token_id, cfg.forced_eos_token_id) == (3, 3, 0, 2)
-    assert captioner.manifest.generation["prompt_ids"] == [2]
+    assert captioner.manifest.prompting.prefix == [2]
 
 
 @pytest.mark.parametrize("task", ["<CAPTION>", "<OD>", "<CAPTION_TO_PHRASE_GROUNDING>"])
@@ -241,7 +241,7 @@ def test_results_equal_the_processors_post_processing(florence, photo_paths, siz
 
     captioner, _ = pair(florence, "florence2-w2")
     processor = Florence2Processor.from_pretrained(florence["florence2-w2"][0])
-    tasks = captioner.manifest.tasks
+    tasks = captioner.manifest.prompting.tasks
     for task in tasks["prompts"]:
         written = [c.text for c in captioner.caption(list(photo_paths.values())[:2], max_new_tokens=12, task=task,
                                                      text=TEXTS.get(task))]
@@ -268,7 +268,7 @@ def test_draw_outlines_each_instance_and_the_cli_writes_the_drawings(florence, p
     from runtime.answers import COLORS, draw, parse
     from runtime.preprocess import open_image
 
-    tasks = Captioner(florence["florence2-w2"][1], provider="cpu").manifest.tasks
+    tasks = Captioner(florence["florence2-w2"][1], provider="cpu").manifest.prompting.tasks
     image = open_image(photo_paths["chelsea"])
     result = parse(CRAFTED[0], "<OD>", image.size, tasks)
     drawn = draw(image, result)

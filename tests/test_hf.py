@@ -99,10 +99,10 @@ def test_realistic_models_have_a_trained_checkpoints_scale(exported):
     for name in ("vit-gpt2-real", "blip-real"):
         src, pkg = exported[name]
         family, model = load_model(src)
-        manifest = Captioner(pkg, provider="cpu").manifest.data
+        manifest = Captioner(pkg, provider="cpu").manifest
         encoder, lm = (model.vision_model, model.text_decoder) if family.MODEL_TYPE == "blip" else (model.encoder, model.decoder)
-        pixels = torch.randn(2, 3, *manifest["graphs"]["vision"]["inputs"][0]["shape"][2:])
-        ids = torch.tensor([[*manifest["generation"]["prompt_ids"], 5, 6, 7]] * 2)
+        pixels = torch.randn(2, 3, *manifest.graph("vision")["inputs"][0]["shape"][2:])
+        ids = torch.tensor([[*manifest.prompting.prefix, 5, 6, 7]] * 2)
         with torch.inference_mode():
             out = lm(input_ids=ids, encoder_hidden_states=encoder(pixel_values=pixels)[0], output_hidden_states=True)
         assert 50 < float(out.logits.abs().max()) < 1000, name
@@ -167,7 +167,7 @@ def test_blip_prompt_is_handled_like_the_pipeline(exported, photo_paths, tmp_pat
     captioner = Captioner(tmp_path / "pkg", provider="cpu")
     ref = HFReference(src, captioner.manifest.data)
     prompt = ref.tokenizer("a photo of").input_ids
-    assert captioner.manifest.generation["prompt_ids"] == [ref.model.config.text_config.bos_token_id, *prompt[1:-1]]
+    assert captioner.manifest.prompting.prefix == [ref.model.config.text_config.bos_token_id, *prompt[1:-1]]
     paths = list(photo_paths.values())
     for num_beams in (1, 4):
         cfg = captioner.generation_config(num_beams=num_beams)

@@ -73,7 +73,7 @@ def test_truncated_graph_is_refused(package):
     refused(package, "decoder.onnx does not match")
 
 
-@pytest.mark.parametrize("version", [3, 99])  # 3: a package from before the in-place cache
+@pytest.mark.parametrize("version", [4, 99])  # 4: a package from before the prompting section
 def test_another_format_version_is_refused_with_what_to_do(package, version):
     rewrite_manifest(package, lambda d: d.update(format_version=version))
     refused(package, f"format version {version} is not supported .*export it again")
@@ -158,9 +158,23 @@ def test_declared_io_must_be_the_graphs_own(package, kind):
     refused(package, f"decoder.onnx has {kind} .*, not the ones the manifest declares")
 
 
-def test_malformed_manifest_values_are_one_line_errors(package):
-    rewrite_manifest(package, lambda d: d["tokenizer"].update(eos_id="2"))
-    refused(package, "tokenizer.eos_id has the wrong type")
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d["tokenizer"].update(eos_ids="2"), "tokenizer.eos_ids has the wrong type"),
+    (lambda d: d["tokenizer"].update(eos_ids=[True]), "tokenizer.eos_ids has the wrong type"),
+    (lambda d: d["tokenizer"].update(eos_id=2), "tokenizer.eos_id is unknown"),  # format 4's field
+    (lambda d: d["generation"].pop("max_new_tokens"), "generation.max_new_tokens is missing"),
+    (lambda d: d["generation"].update(early_stopping="sometimes"), "generation is malformed"),
+    (lambda d: d["prompting"].update(input="telepathy"), "prompting.input must be one of"),
+    (lambda d: d["prompting"].update(input="chat"), "prompting does not fit its input 'chat'"),
+    (lambda d: d["prompting"].update(input="encoder"), "vision graph's inputs do not fit .*missing text_ids"),
+    (lambda d: d["preprocess"].update(layout="NCHW"), "preprocess.layout is unknown"),
+    (lambda d: d["preprocess"].update(resample="nearest"), "preprocess.resample has an unknown value"),
+    (lambda d: d["decoder"].update(kv_heads=3), "decoder is malformed"),
+], ids=["eos-type", "eos-bool", "old-field", "missing", "early-stopping", "input", "chat-without-template",
+        "input-without-graph-input", "unknown", "resample", "kv-heads"])
+def test_malformed_manifest_values_are_one_line_errors(package, change, match):
+    rewrite_manifest(package, change)
+    refused(package, match)
 
 
 def test_graph_onnx_runtime_rejects_is_a_one_line_error(package):

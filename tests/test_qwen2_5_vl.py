@@ -110,7 +110,7 @@ def test_m_rope_positions_are_what_transformers_assigns(qwen, images):
     for path in images:
         _, (rows, cols) = captioner.chat_tiles(path)
         prompt = captioner.prompting.chat(None, [(rows, cols)])
-        inputs = FAMILY.reference_inputs(src, [open_image(path)], captioner.manifest.chat["question"])
+        inputs = FAMILY.reference_inputs(src, [open_image(path)], captioner.manifest.prompting.chat["question"])
         want, delta = ref.model.model.get_rope_index(inputs.input_ids, inputs.mm_token_type_ids, inputs.image_grid_thw)
         grid = torch.from_numpy(image_grid(prompt[None], captioner.manifest.decoder.image_token, (rows, cols)))
         positions = torch.arange(len(prompt) + 5)[None]

@@ -90,7 +90,7 @@ def test_the_realistic_model_is_exact_and_its_logits_agree_relative_to_their_sca
     tokens = [c.tokens for c in captioner.caption(images)]
     assert tokens == [ref.generate([p], cfg)[0] for p in images]
     image = open_image(images[1])
-    inputs = FAMILY.reference_inputs(src, [image], captioner.manifest.chat["question"])
+    inputs = FAMILY.reference_inputs(src, [image], captioner.manifest.prompting.chat["question"])
     ids = np.concatenate([inputs.input_ids[0].numpy(), tokens[1]])[None]
     with torch.inference_mode():
         want = ref.model(input_ids=torch.from_numpy(ids), pixel_values=inputs.pixel_values).logits.numpy()[0]

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import numpy as np
 import torch
 
-from runtime.manifest import Decoder
+from runtime.manifest import Decoder, Manifest, Prompting, TokenizerSpec
 from runtime.preprocess import smart_size, upright
 from runtime.prompting import chat_text
 from runtime.search import GenerationConfig, State, cached, capacity, prefix_logits, start, until_eos
@@ -75,12 +75,12 @@ def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, in
     image_token = model.config.image_token_id if family.MEMORY == "embeddings" else None
     decoder = Decoder(layers, heads, kv_heads, head_dim, text.vocab_size, positions, family.MEMORY, image_token,
                       family.ROPE)
-    shape = GraphShape(decoder, 0, image_size, positions if family.QUESTION in ("encoder", "task") else 0, tiles, width,
+    shape = GraphShape(decoder, 0, image_size, positions if family.INPUT in ("encoder", "task") else 0, tiles, width,
                        grid_factor)
     inputs = shape.vision_inputs(1, torch.Generator())
     with torch.inference_mode():
         memory_tokens = captioner.memory(*inputs).shape[1] - sum(t.shape[1] for t in inputs[1:])
-    if family.QUESTION == "task":  # the image's tokens and the prompt share the encoder's positions
+    if family.INPUT == "task":  # the image's tokens and the prompt share the encoder's positions
         return replace(shape, memory_tokens=memory_tokens, text_positions=positions - memory_tokens)
     return replace(shape, memory_tokens=memory_tokens)
 
@@ -124,14 +124,14 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
     # Eager attention traces everywhere (Swin's sdpa path does not decompose for ONNX).
     # Everything read from the folder's small files is checked before the weights are loaded.
     family = family_of(src)
-    tasks = {"tasks": family.tasks(src)} if family.QUESTION == "task" else {}
-    chat = {"chat": family.chat(src)} if family.QUESTION == "chat" else {}
+    tasks = family.tasks(src) if family.INPUT == "task" else None
+    chat = family.chat(src) if family.INPUT == "chat" else None
     tokenizer = load_tokenizer(src)
     spec = family.preprocess_spec(src)
     family, model = load_model(src, attention="eager")
     prompt_ids, eos = family.prompt_and_eos(src, model, tokenizer, prompt)
     eos = eos_ids(src, prompt_ids, eos, chat)
-    generation, ignored = generation_settings(model, prompt_ids, eos[0])
+    generation, ignored = generation_settings(model, prompt_ids)
     captioner = family.captioner(model)
     grid_factor = spec["factor"] if spec.get("kind") == "grid" else 0
     if spec.get("kind") == "tiles":
@@ -146,7 +146,7 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
     shape = graph_shape(family, model, captioner, image_size, tiles, grid_factor)
     wrapper = check_wrappers(family, model, captioner, shape, tol)
     # A chat model's check prompt: its default question about one untiled image, as the runtime builds it.
-    checked = tokenizer(chat_text(chat["chat"], chat["chat"]["question"], [shape.grid])).input_ids if chat else prompt_ids
+    checked = tokenizer(chat_text(chat, chat["question"], [shape.grid])).input_ids if chat else prompt_ids
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         seen = trace(captioner, shape, folder, progress, tol, checked)
@@ -154,16 +154,14 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
         manifest = write_package(folder, out, {
             "name": src.name,
             "precision": "fp32",
-            "dims": shape.dims(capacity(len(checked) + (tiles - 1) * shape.memory_tokens, generation["max_new_tokens"])),
+            "dims": shape.dims(capacity(len(checked) + (tiles - 1) * shape.memory_tokens, generation.max_new_tokens)),
             "decoder": asdict(shape.decoder),
             "preprocess": spec,
-            "tokenizer": {"file": "tokenizer.json", "eos_id": eos[0], **({"eos_ids": eos} if len(eos) > 1 else {}),
-                          "clean_up_spaces": bool(tokenizer.clean_up_tokenization_spaces),
-                          **({"skip_special_tokens": False} if family.QUESTION == "task" else {})},
-            "generation": generation,
-            **({"question": {"input": family.QUESTION}} if family.QUESTION in ("prompt", "encoder") else {}),
-            **tasks,
-            **chat,
+            # Florence-2's answers keep its location tokens for the parsers
+            "tokenizer": asdict(TokenizerSpec("tokenizer.json", eos, bool(tokenizer.clean_up_tokenization_spaces),
+                                              skip_special_tokens=family.INPUT != "task")),
+            "generation": asdict(generation),
+            "prompting": asdict(Prompting(family.INPUT, [int(i) for i in prompt_ids], tasks, chat)),
             "source": {
                 "model": family.describe(model),
                 "folder": src.name,
@@ -185,17 +183,17 @@ class HFReference:
     """transformers' own image processor (PIL backend) and `generate`: the parity reference
     for a package exported from `src`."""
 
-    def __init__(self, src: Path, manifest: dict):
+    def __init__(self, src: Path, manifest: Manifest):
         from transformers.utils import logging
 
         logging.set_verbosity_error()  # generate's advice about max_length and masks
         self.src, (self.family, self.model) = Path(src), load_model(Path(src))
         self.tokenizer = load_tokenizer(Path(src))
-        self.prompt = np.array(manifest["generation"]["prompt_ids"], dtype=np.int64)
-        self.eos_id = manifest["tokenizer"].get("eos_ids", manifest["tokenizer"]["eos_id"])
-        self.chat = manifest.get("chat")
+        self.prompt = np.array(manifest.prompting.prefix, dtype=np.int64)
+        self.eos_id = manifest.tokenizer.eos_ids
+        self.chat = manifest.prompting.chat
         self.processor = image_processor(Path(src))
-        if self.family.QUESTION == "task":  # Florence-2's processor builds the task prompts
+        if self.family.INPUT == "task":  # Florence-2's processor builds the task prompts
             from transformers import Florence2Processor
 
             self.tasks = Florence2Processor.from_pretrained(Path(src), local_files_only=True)
@@ -217,7 +215,7 @@ class HFReference:
             return self.prompt, [ids[:, int((ids[0] == self.tasks.image_token_id).sum()) :]]
         if question is None:
             return self.prompt, []
-        if self.family.QUESTION == "prompt":
+        if self.family.INPUT == "prompt":
             return np.array([*self.prompt, *self.tokenizer(question, add_special_tokens=False).input_ids]), []
         return self.prompt, [torch.tensor([self.tokenizer(question).input_ids])]
 

@@ -28,7 +28,7 @@ class QuestionEncoder(nn.Module):
 class BlipVqa(Family):
     ARCHITECTURE, MODEL_TYPE = "BlipForQuestionAnswering", "blip"
     SUPPORTS = "BlipForQuestionAnswering"
-    QUESTION = "encoder"
+    INPUT = "encoder"
 
     def model_class(self):
         from transformers import BlipForQuestionAnswering

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from runtime.manifest import Generation
+
 from ..check import ExportError
 
 RESAMPLE = {1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor configs store them
@@ -43,9 +45,7 @@ class Family:
     MODEL_TYPE = ""  # config.json's model_type, for folders that name no architecture
     SUPPORTS = ""  # its line in the refusal message
     MEMORY = "cross"  # how the decoder reads the vision graph: runtime.manifest.Decoder.memory
-    # Where the text a request asks goes: None (a captioner), "prompt" or "encoder" (runtime.manifest's
-    # question.input), "task" (a task's prompt feeds the encoder: `tasks`), "chat" (`chat`)
-    QUESTION: str | None = None
+    INPUT = "none"  # where the text a request asks goes: runtime.manifest.Prompting.input
     ROPE = "1d"  # runtime.manifest.Decoder.rope
 
     def unsupported(self, config: dict) -> str | None:
@@ -122,7 +122,7 @@ def preprocess_spec(src: Path) -> dict:
         resize = size["shortest_edge"]
     if getattr(proc, "do_center_crop", False):
         crop = [proc.crop_size["height"], proc.crop_size["width"]]
-    return {"resize": resize, "crop": crop, "crop_offset": "floor", **pixel_settings(src, proc), "layout": "NCHW"}
+    return {"resize": resize, "crop": crop, "crop_offset": "floor", **pixel_settings(src, proc)}
 
 
 # Settings that change which tokens `generate` picks and that the runtime does not do.
@@ -131,9 +131,9 @@ UNSUPPORTED_GENERATION = ("do_sample", "repetition_penalty", "min_length", "min_
                           "begin_suppress_tokens", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty")
 
 
-def generation_settings(model, prompt_ids: list[int], eos) -> tuple[dict, list[str]]:
+def generation_settings(model, prompt_ids: list[int]) -> tuple[Generation, list[str]]:
     """(manifest `generation`, settings ignored) from the checkpoint's generation config, for a
-    prompt and EOS the family has worked out."""
+    prompt the family has worked out."""
     from transformers import GenerationConfig as HFGenerationConfig
 
     gc, default = model.generation_config, HFGenerationConfig()
@@ -145,12 +145,12 @@ def generation_settings(model, prompt_ids: list[int], eos) -> tuple[dict, list[s
         return default if value is None else value
 
     max_new = setting("max_new_tokens", None) or setting("max_length", 20) - len(prompt_ids)
-    return {"prompt_ids": [int(i) for i in prompt_ids], "max_new_tokens": int(max_new),
-            "num_beams": int(setting("num_beams", 1)), "length_penalty": float(setting("length_penalty", 1.0)),
-            "early_stopping": setting("early_stopping", False),
-            "no_repeat_ngram_size": int(setting("no_repeat_ngram_size", 0)),
-            "forced_bos_token_id": setting("forced_bos_token_id", None),
-            "forced_eos_token_id": setting("forced_eos_token_id", None)}, ignored
+    return Generation(int(max_new), num_beams=int(setting("num_beams", 1)),
+                      length_penalty=float(setting("length_penalty", 1.0)),
+                      early_stopping=setting("early_stopping", False),
+                      no_repeat_ngram_size=int(setting("no_repeat_ngram_size", 0)),
+                      forced_bos_token_id=setting("forced_bos_token_id", None),
+                      forced_eos_token_id=setting("forced_eos_token_id", None)), ignored
 
 
 def eos_ids(src: Path, prompt_ids: list, eos, chat: dict) -> list[int]:

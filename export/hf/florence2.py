@@ -64,7 +64,7 @@ class ImageAndPrompt(nn.Module):
 class Florence2(Family):
     ARCHITECTURE, MODEL_TYPE = "Florence2ForConditionalGeneration", "florence2"
     SUPPORTS = "Florence2ForConditionalGeneration (transformers' native Florence-2)"
-    QUESTION = "task"
+    INPUT = "task"
 
     def unsupported(self, config: dict) -> str | None:
         if config.get("auto_map"):

@@ -26,7 +26,7 @@ class ImageTokens(nn.Module):
 class Git(Family):
     ARCHITECTURE, MODEL_TYPE = "GitForCausalLM", "git"
     SUPPORTS = "GitForCausalLM (image checkpoints)"
-    MEMORY, QUESTION = "prefix", "prompt"
+    MEMORY, INPUT = "prefix", "prompt"
 
     def unsupported(self, config: dict) -> str | None:
         if config.get("num_image_with_embedding"):

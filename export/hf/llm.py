@@ -121,7 +121,7 @@ class ChatFamily(Family):
     memory), a chat template, transformers' processor as the reference. NAME is the processor's
     family name in messages; a family says how an image is laid out in the prompt (image_layout)."""
 
-    MEMORY, QUESTION = "embeddings", "chat"
+    MEMORY, INPUT = "embeddings", "chat"
     NAME = ""
     DEFAULT_QUESTION = ""  # what the package asks when a request asks nothing (its model card's)
 
