@@ -40,7 +40,7 @@ from PIL import Image
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from runtime import Captioner
-from runtime.graphs import CPU, Graphs, session_options
+from runtime.graphs import Graphs, cpu_session
 from runtime.manifest import GRAPHS, WEIGHT_ONLY, Decoder, load_manifest
 from runtime.preprocess import load_pixels, to_grid
 from runtime.search import GenerationConfig, cached, chat_memory
@@ -106,7 +106,7 @@ def session(model: onnx.ModelProto | Path, folder: Path, outputs: list[str] = ()
         onnx.save(model, str(path), save_as_external_data=True, location="probe.onnx.data")
     else:
         path = model
-    return ort.InferenceSession(str(path), session_options("int8"), providers=CPU)
+    return cpu_session(path, "int8")
 
 
 def weight_rows(w: np.ndarray, axis: int) -> np.ndarray:

@@ -9,22 +9,17 @@ A Captioner holds no per-call state, and ONNX Runtime sessions may be run from
 several threads at once, so one instance can serve many threads.
 """
 
-import logging
-import re
 import time
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from . import providers as prov
-from .gpu import tensorrt_version
 from .graphs import Graphs, host, session_options
-from .providers import ProviderError
-from .manifest import GRAPHS, PackageError, load_manifest
+from .manifest import PackageError, load_manifest
 from .answers import parse
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_pixels, open_image, to_grid, to_pixels, to_tiles
 from .prompting import Prompter
@@ -34,12 +29,6 @@ DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
 # The bundled model's variants. INT8 passes the fidelity gate (README "Quantization"), so it
 # is the default on the CPU; GPU providers get FP32 (its int8 Conv weights are CPU-folded).
 BUNDLED = {"fp32": DEFAULT_MODEL, "int8": DEFAULT_MODEL.parent / "default-int8"}
-log = logging.getLogger("edgecap")
-
-
-class _LoadError(Exception):
-    def __init__(self, path: Path, reason: str):
-        self.path, self.reason = path, reason
 
 
 @dataclass
@@ -91,7 +80,7 @@ class Captioner:
         names = prov.for_package(names, self.manifest.data["precision"], provider != "auto")
         self.max_pixels = max_pixels
         opts = session_options(self.manifest.data["precision"], threads)
-        (vision, decoder), fallbacks = self._load(names, provider != "auto", opts, max_batch)
+        (vision, decoder), fallbacks = prov.open_sessions(self.manifest, names, provider != "auto", opts, max_batch)
         # `notes`: a provider this onnxruntime has failed to start (news, always shown); `info`: which
         # providers the build lacks (expected with the CPU wheel: shown with --verbose and by doctor).
         self.notes = [n for n in fallbacks if n]
@@ -108,39 +97,6 @@ class Captioner:
         self.defaults = GenerationConfig(**asdict(self.manifest.generation))
         self.prompting = Prompter(self.manifest, self.tokenizer)
         self.eos = np.array(self.manifest.tokenizer.eos_ids, dtype=np.int64)
-
-    def _load(self, names: list[str], explicit: bool, opts, max_batch: int):
-        """Both sessions on the first provider that initialises: an explicit provider that
-        fails is an error; `auto` moves down the list, one line per provider that failed."""
-        notes = []
-        while True:
-            if names[0] == prov.ORT_NAMES["tensorrt"] and tensorrt_version() and (build := prov.engine_note(self.manifest, max_batch)):
-                log.warning(build)
-            try:
-                sessions = tuple(self._session(role, opts, [(n, prov.provider_options(n, self.manifest, role, max_batch))
-                                                            for n in names]) for role in GRAPHS)
-            except _LoadError as e:
-                if names[0] == prov.ORT_NAMES["cpu"]:
-                    raise PackageError(f"{e.path}: ONNX Runtime cannot load it: {e.reason}") from None
-                failed = prov.LABELS[names[0]]
-                if explicit:
-                    raise ProviderError(f"{failed} failed to initialise: {e.reason}") from None
-                notes.append(f"provider: {failed} failed to initialise ({e.reason}); falling back to {prov.LABELS[names[1]]}")
-                names = names[1:]
-                continue
-            # Either session may have fallen back alone: ONNX Runtime places each graph's nodes apart.
-            return sessions, [*notes, *(prov.check_session(s, names, explicit, role) for role, s in zip(GRAPHS, sessions))]
-
-    def _session(self, role: str, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
-        path = self.manifest.path(self.manifest.graph(role)["file"])
-        try:
-            # onnxruntime's own fallback prints to stdout (it would corrupt --json) and hides the
-            # reason; ours says in one line which provider failed and why.
-            return ort.InferenceSession(str(path), opts, providers=providers, enable_fallback=0)
-        except Exception as e:
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
-            # "/onnxruntime_src/...cc:729 void f(Args&) Please install ..." -> "Please install ..."
-            raise _LoadError(path, re.sub(r"^\S+\.cc:\d+ [^)]*\)\s*", "", reason)) from None
 
     def generation_config(self, max_new_tokens=None, num_beams=None, length_penalty=None, question: str | None = None,
                           task: str | None = None, text: str | None = None, temperature: float | None = None,
@@ -173,12 +129,14 @@ class Captioner:
     def generate(self, pixels: np.ndarray, cfg: GenerationConfig, cache: bool = True, question: str | None = None,
                  task: str | None = None, text: str | None = None) -> list[list[int]]:
         """Tokens per image, in forward passes of at most `images_per_pass` images."""
-        n, eos = self.images_per_pass(cfg.num_beams), self.eos
-        prompt, inputs = self.prompting.ask(question, task, text)
-        tokens = []
+        return self._generate(pixels, cfg, cache, *self.prompting.ask(question, task, text))
+
+    def _generate(self, pixels: np.ndarray, cfg: GenerationConfig, cache: bool, prompt: np.ndarray,
+                  inputs: list[np.ndarray]) -> list[list[int]]:
+        tokens, n = [], self.images_per_pass(cfg.num_beams)
         for i in range(0, len(pixels), n):
             chunk = pixels[i : i + n]
-            tokens += self.graphs.generate(chunk, prompt, eos, cfg, cache, [np.tile(x, (len(chunk), 1)) for x in inputs])
+            tokens += self.graphs.generate(chunk, prompt, self.eos, cfg, cache, [np.tile(x, (len(chunk), 1)) for x in inputs])
         return tokens
 
     def decode(self, tokens: list[int]) -> str:
@@ -388,10 +346,11 @@ class Captioner:
                 results[-1].error = str(e)
         ok = [r for r in results if r.error is None]
         if ok:
-            tokens = self.generate(np.stack(pixels), cfg, cache, **asked)
-            ms, prompt_tokens = (time.perf_counter() - start) * 1000 / len(ok), len(self.prompting.ask(**asked)[0])
+            prompt, inputs = self.prompting.ask(**asked)
+            tokens = self._generate(np.stack(pixels), cfg, cache, prompt, inputs)
+            ms = (time.perf_counter() - start) * 1000 / len(ok)
             for r, t, size in zip(ok, tokens, sizes, strict=True):
-                r.tokens, r.text, r.ms, r.prompt_tokens = t, self.decode(t), ms, prompt_tokens
+                r.tokens, r.text, r.ms, r.prompt_tokens = t, self.decode(t), ms, len(prompt)
                 if tasks is not None:
                     r.result = parse(r.text, task, size, tasks)
         return results

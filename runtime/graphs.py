@@ -37,6 +37,12 @@ def session_options(precision: str, threads: int | None = None) -> ort.SessionOp
     return opts
 
 
+def cpu_session(path: Path, precision: str = "fp32") -> ort.InferenceSession:
+    """A CPU session on one graph file, set up as the runtime sets one up for `precision`: how the
+    export side's checks and quantization run the graphs of a package being built."""
+    return ort.InferenceSession(str(path), session_options(precision), providers=CPU)
+
+
 class DeviceTensor:
     """An OrtValue left on the execution device, shaped like the numpy arrays the search
     functions take: memory and caches stay on the GPU between steps. Taking rows (beams)
@@ -102,8 +108,7 @@ class Graphs:
     @classmethod
     def open(cls, vision: Path, decoder: Path, spec: Decoder, precision: str = "fp32") -> "Graphs":
         """CPU sessions on two graph files, as the runtime would set them up for `precision`."""
-        opts = session_options(precision)
-        return cls(*(ort.InferenceSession(str(path), opts, providers=CPU) for path in (vision, decoder)), spec)
+        return cls(cpu_session(vision, precision), cpu_session(decoder, precision), spec)
 
     def encode(self, pixels: np.ndarray, *inputs: np.ndarray) -> tuple[list, list]:
         """(N, 3, H, W) [+ the graph's other inputs, such as question ids (N, Q)] -> per-layer

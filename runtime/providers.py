@@ -1,4 +1,5 @@
-"""Execution provider choice: `auto` tries TensorRT, then CUDA, then CPU.
+"""Execution provider choice, and a package's two sessions opened on it: `auto` tries
+TensorRT, then CUDA, then CPU.
 
 Only providers compiled into the installed onnxruntime are tried; a provider that is
 compiled in but fails to initialise (missing CUDA/TensorRT libraries) is caught
@@ -6,13 +7,15 @@ after session creation, from what the session really uses.
 """
 
 import hashlib
+import logging
 import os
+import re
 from pathlib import Path
 
 import onnxruntime as ort
 
 from .gpu import gpu, tensorrt_version
-from .manifest import GRAPHS, WEIGHT_ONLY
+from .manifest import GRAPHS, WEIGHT_ONLY, Manifest, PackageError
 
 ORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 CHOICES = ("auto", *ORT_NAMES)
@@ -21,6 +24,11 @@ LABELS = {"TensorrtExecutionProvider": "TensorRT", "CUDAExecutionProvider": "CUD
 
 class ProviderError(Exception):
     """An explicitly requested provider that cannot be used (a usage error, exit 2)."""
+
+
+class LoadError(Exception):
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
 
 
 def cache_dir(manifest, max_batch: int) -> Path | None:
@@ -129,3 +137,40 @@ def check_session(session: ort.InferenceSession, requested: list[str], explicit:
                             "python -m runtime.doctor shows why")
     return (f"provider: {label} failed to initialise for the {role} graph; running it on {fallback} "
             "(python -m runtime.doctor shows why)")
+
+
+def open_session(path: Path, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    try:
+        # onnxruntime's own fallback prints to stdout (it would corrupt --json) and hides the
+        # reason; ours says in one line which provider failed and why.
+        return ort.InferenceSession(str(path), opts, providers=providers, enable_fallback=0)
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        # "/onnxruntime_src/...cc:729 void f(Args&) Please install ..." -> "Please install ..."
+        raise LoadError(path, re.sub(r"^\S+\.cc:\d+ [^)]*\)\s*", "", reason)) from None
+
+
+def open_sessions(manifest: Manifest, names: list[str], explicit: bool, opts: ort.SessionOptions,
+                  max_batch: int) -> tuple[tuple[ort.InferenceSession, ort.InferenceSession], list[str]]:
+    """(vision, decoder) sessions on the first provider of `names` that initialises, and a line
+    for each provider that failed: an explicit provider that fails is an error; `auto` moves down
+    the list. PackageError where even the CPU cannot load a graph."""
+    notes = []
+    while True:
+        if names[0] == ORT_NAMES["tensorrt"] and tensorrt_version() and (build := engine_note(manifest, max_batch)):
+            logging.getLogger("edgecap").warning(build)
+        try:
+            sessions = tuple(open_session(manifest.path(manifest.graph(role)["file"]), opts,
+                                          [(n, provider_options(n, manifest, role, max_batch)) for n in names])
+                             for role in GRAPHS)
+        except LoadError as e:
+            if names[0] == ORT_NAMES["cpu"]:
+                raise PackageError(f"{e.path}: ONNX Runtime cannot load it: {e.reason}") from None
+            failed = LABELS[names[0]]
+            if explicit:
+                raise ProviderError(f"{failed} failed to initialise: {e.reason}") from None
+            notes.append(f"provider: {failed} failed to initialise ({e.reason}); falling back to {LABELS[names[1]]}")
+            names = names[1:]
+            continue
+        # Either session may have fallen back alone: ONNX Runtime places each graph's nodes apart.
+        return sessions, [*notes, *(check_session(s, names, explicit, role) for role, s in zip(GRAPHS, sessions))]

@@ -1,6 +1,7 @@
 """Provider choice, fallback and TensorRT/CUDA settings, proven on CPU with the provider
 lists and failures a GPU or Jetson build would produce."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ def test_tensorrt_precision_flags_follow_the_package(manifest, known_gpu):
     options = provider_options(TRT, manifest, "decoder", 8)
     assert options["trt_fp16_enable"] is False and "trt_int8_enable" not in options
     assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
-    fp16 = type(manifest)(manifest.root, {**manifest.data, "precision": "fp16"})
+    fp16 = replace(manifest, data={**manifest.data, "precision": "fp16"})
     assert provider_options(TRT, fp16, "decoder", 8)["trt_fp16_enable"] is True
     assert provider_options(CPU, manifest, "decoder", 8) == {}
 
@@ -136,7 +137,7 @@ def test_engine_cache_is_keyed_by_graphs_profiles_runtime_tensorrt_and_gpu(manif
     base = prov.cache_dir(manifest, 8)
     assert base.parent == tmp_path / "tensorrt"
     changed = {**manifest.data, "files": {**manifest.data["files"], "decoder.onnx": {"sha256": "0" * 64, "bytes": 1}}}
-    assert prov.cache_dir(type(manifest)(manifest.root, changed), 8) != base
+    assert prov.cache_dir(replace(manifest, data=changed), 8) != base
     assert prov.cache_dir(manifest, 4) != base  # another profile: an engine built for batch 8 is not reused
     with monkeypatch.context() as m:
         m.setattr(prov.ort, "__version__", "0.0.0")
