@@ -118,7 +118,7 @@ def hf_pair(src, pkg):
     from runtime import Captioner
 
     captioner = Captioner(pkg, provider="cpu")
-    return captioner, HFReference(src, captioner.manifest.data)
+    return captioner, HFReference(src, captioner.manifest)
 
 
 def reference_scores(ref, image, captioner, texts: list[str], question: str | None = None) -> list[float]:

@@ -150,7 +150,7 @@ def test_checkpoint_generation_config_becomes_the_default(exported, photo_paths,
     captioner = Captioner(tmp_path / "pkg", provider="cpu")
     assert captioner.defaults == replace(captioner.defaults, max_new_tokens=11, num_beams=3, no_repeat_ngram_size=2,
                                          length_penalty=1.5, early_stopping=True)
-    ref = HFReference(custom, captioner.manifest.data)
+    ref = HFReference(custom, captioner.manifest)
     paths = list(photo_paths.values())
     with torch.inference_mode():
         out = ref.model.generate(pixel_values=ref.pixels(paths))[:, 1:].tolist()
@@ -165,7 +165,7 @@ def test_blip_prompt_is_handled_like_the_pipeline(exported, photo_paths, tmp_pat
     src = exported["blip"][0]
     export_hf(src, tmp_path / "pkg", prompt="a photo of")
     captioner = Captioner(tmp_path / "pkg", provider="cpu")
-    ref = HFReference(src, captioner.manifest.data)
+    ref = HFReference(src, captioner.manifest)
     prompt = ref.tokenizer("a photo of").input_ids
     assert captioner.manifest.prompting.prefix == [ref.model.config.text_config.bos_token_id, *prompt[1:-1]]
     paths = list(photo_paths.values())
