@@ -448,7 +448,7 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     # `tokens` long, so every engine here runs with the EOS off (the processes below too).
     for c in caps.values():
         c.eos = NO_EOS
-    ref.eos_id, ref.model.generation_config.eos_token_id = NO_EOS.tolist(), None
+    ref.eos, ref.model.generation_config.eos_token_id = NO_EOS.tolist(), None
     image = SAMPLES / "chelsea.jpg"
     _, (rows, cols) = cap.chat_tiles(image)
     prompt = cap.prompting.chat(None, [(rows, cols)])
@@ -558,7 +558,7 @@ from export.hf import HFReference
 from runtime.manifest import load_manifest
 from runtime.search import GenerationConfig
 ref = HFReference(sys.argv[1], load_manifest(sys.argv[2]))
-ref.eos_id, ref.model.generation_config.eos_token_id = [-1], None
+ref.eos, ref.model.generation_config.eos_token_id = [-1], None
 print(ref.generate([sys.argv[3]], GenerationConfig(int(sys.argv[4]))))
 """
 CHAT_PROCESS = """

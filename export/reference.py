@@ -50,7 +50,7 @@ class Reference:
         self.model = bundled(decoder)
         self.spec, self.decoder = manifest.preprocess, manifest.decoder
         self.prompt = np.array(manifest.prompting.prefix, dtype=np.int64)
-        self.eos_id = manifest.tokenizer.eos_ids
+        self.eos = manifest.tokenizer.eos_ids
         self.graph_step = torch_graph_step(decoder, self.decoder)
 
     def pixels(self, images) -> torch.Tensor:
@@ -65,7 +65,7 @@ class Reference:
 
     def generate(self, images, cfg: GenerationConfig) -> list[list[int]]:
         state = self.start(self.pixels(images), capacity(len(self.prompt), cfg.max_new_tokens))
-        return generate(cached(self.graph_step), state, np.tile(self.prompt, (len(images), 1)), self.eos_id, cfg)
+        return generate(cached(self.graph_step), state, np.tile(self.prompt, (len(images), 1)), self.eos, cfg)
 
     def logits(self, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:
         """Teacher-forced logits (N, T, V) for token rows that start with the prompt."""

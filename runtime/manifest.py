@@ -299,6 +299,21 @@ def check_graph_roles(data: dict, decoder: Decoder, prompting: Prompting) -> Non
                                  f"(missing {', '.join(missing[:4]) or 'none'}; unexpected {', '.join(extra[:4]) or 'none'})")
 
 
+def check_shapes(data: dict, decoder: Decoder) -> None:
+    """The graphs' declared shapes agree with the decoder's fields, where they are numbers: each
+    layer's cache (batch, kv_heads, slots, head_dim), cross-attention memory (batch, heads, tokens,
+    head_dim) and prefix (as the cache it fills), and the logits' vocabulary."""
+    cache = {1: decoder.kv_heads, 3: decoder.head_dim}
+    want = {"logits": {2: decoder.vocab_size}, "cross": {1: decoder.heads, 3: decoder.head_dim},
+            "past": cache, "present": cache, "prefix": cache}
+    for role in GRAPHS:
+        for tensor in data["graphs"][role]["inputs"] + data["graphs"][role]["outputs"]:
+            fixed, shape = want.get(tensor["name"].split("_")[0], {}), tensor["shape"]
+            if any(axis >= len(shape) or isinstance(shape[axis], int) and shape[axis] != size for axis, size in fixed.items()):
+                raise ValueError(f"the {role} graph's {tensor['name']} {tensor['shape']} does not fit the manifest's "
+                                 "decoder (heads, kv_heads, head_dim, vocab_size)")
+
+
 def check_dims(data: dict) -> None:
     for name, dim in data["dims"].items():
         if not all(isinstance(dim[k], int) for k in ("min", "opt")) or not (dim["max"] is None or isinstance(dim["max"], int)):
@@ -352,6 +367,7 @@ def read_sections(root: Path, data: dict) -> Manifest:
     if not isinstance(data["name"], str) or not data["name"]:
         raise ValueError("manifest field name must be a non-empty string")
     check_graph_roles(data, decoder, prompting)
+    check_shapes(data, decoder)
     check_dims(data)
     return Manifest(root, data, decoder, data["preprocess"], typed(TokenizerSpec, "tokenizer", data["tokenizer"]),
                     typed(Generation, "generation", data["generation"]), prompting)

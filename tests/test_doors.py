@@ -24,17 +24,8 @@ QUESTION = "what is in the picture?"
 
 
 @pytest.fixture(scope="module")
-def packages(tmp_path_factory) -> dict:
-    from export.hf import export_hf
-    from export.hf_random import build_blip, build_florence2, build_smolvlm
-
-    root, out = tmp_path_factory.mktemp("doors"), {}
-    for name, build in {"vqa": lambda p: build_blip(p, vqa=True), "florence": build_florence2,
-                        "chat": build_smolvlm}.items():
-        build(root / name)
-        export_hf(root / name, root / f"{name}.pkg")
-        out[name] = root / f"{name}.pkg"
-    return out
+def packages(hf_model) -> dict:
+    return {"vqa": hf_model("blip-vqa")[1], "florence": hf_model("florence2-w2")[1], "chat": hf_model("smolvlm")[1]}
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,7 @@ from runtime import Captioner
 from runtime.preprocess import load_pixels
 from runtime.search import until_eos
 
-# (encoder, decoder, seed, realistic): seeds whose random weights give a meaningful subject (checked below).
-FAMILIES = {"vit-gpt2": ("vit", "gpt2", 0, False), "deit-bert": ("deit", "bert", 0, False),
-            "swin-gpt2": ("swin", "gpt2", 1, False), "blip": ("blip", None, 0, False),
-            "vit-gpt2-real": ("vit", "gpt2", 4, True), "blip-real": ("blip", None, 3, True), "git": ("git", None, 4, False)}
+FAMILIES = ["vit-gpt2", "deit-bert", "swin-gpt2", "blip", "vit-gpt2-real", "blip-real", "git"]  # conftest.TEST_MODELS
 
 
 def export_cli(*args):
@@ -34,23 +31,9 @@ def export_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """name -> (HF folder, package), built and exported once per module."""
-    from export.hf import export_hf
-    from export.hf_random import build_blip, build_git, build_vision_encoder_decoder
-
-    root, out = tmp_path_factory.mktemp("hf"), {}
-    for name, (encoder, decoder, seed, realistic) in FAMILIES.items():
-        src = root / name
-        if encoder == "blip":
-            build_blip(src, seed=seed, realistic=realistic)
-        elif encoder == "git":
-            build_git(src, seed=seed)
-        else:
-            build_vision_encoder_decoder(src, encoder, decoder, seed=seed, realistic=realistic)
-        export_hf(src, root / f"{name}.pkg")
-        out[name] = (src, root / f"{name}.pkg")
-    return out
+def exported(hf_model):
+    """name -> (HF folder, package)."""
+    return {name: hf_model(name) for name in FAMILIES}
 
 
 def pair(exported, name):
@@ -59,21 +42,6 @@ def pair(exported, name):
 
 def runtime_tokens(captioner, paths, cfg):
     return captioner.generate(np.stack([load_pixels(p, captioner.manifest.preprocess) for p in paths]), cfg)
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("num_beams", [1, 4])
-def test_tokens_equal_transformers_generate(exported, photo_paths, name, num_beams):
-    captioner, ref = pair(exported, name)
-    cfg = captioner.generation_config(num_beams=num_beams)
-    paths = list(photo_paths.values())
-    single = [runtime_tokens(captioner, [p], cfg)[0] for p in paths]
-    assert single == [ref.generate([p], cfg)[0] for p in paths]
-    for batch in (paths[:3], paths[3:]):
-        assert runtime_tokens(captioner, batch, cfg) == ref.generate(batch, cfg)
-    # A meaningful subject: captions differ by image, and some end before the limit.
-    assert len({tuple(t) for t in single}) == len(paths)
-    assert min(map(len, single)) < cfg.max_new_tokens
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -154,7 +122,7 @@ def test_checkpoint_generation_config_becomes_the_default(exported, photo_paths,
     paths = list(photo_paths.values())
     with torch.inference_mode():
         out = ref.model.generate(pixel_values=ref.pixels(paths))[:, 1:].tolist()
-    want = [until_eos(row, ref.eos_id) for row in out]
+    want = [until_eos(row, ref.eos) for row in out]
     assert [c.tokens for c in captioner.caption(paths)] == want
 
 

@@ -170,8 +170,10 @@ def test_declared_io_must_be_the_graphs_own(package, kind):
     (lambda d: d["preprocess"].update(layout="NCHW"), "preprocess.layout is unknown"),
     (lambda d: d["preprocess"].update(resample="nearest"), "preprocess.resample has an unknown value"),
     (lambda d: d["decoder"].update(kv_heads=3), "decoder is malformed"),
+    (lambda d: d["decoder"].update(vocab_size=1000), "logits .* does not fit the manifest's decoder"),
+    (lambda d: d["decoder"].update(heads=2, kv_heads=2), "cross_key.0 .* does not fit the manifest's decoder"),
 ], ids=["eos-type", "eos-bool", "old-field", "missing", "early-stopping", "input", "chat-without-template",
-        "input-without-graph-input", "unknown", "resample", "kv-heads"])
+        "input-without-graph-input", "unknown", "resample", "kv-heads", "vocabulary", "heads"])
 def test_malformed_manifest_values_are_one_line_errors(package, change, match):
     rewrite_manifest(package, change)
     refused(package, match)

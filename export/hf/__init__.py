@@ -190,7 +190,7 @@ class HFReference:
         self.src, (self.family, self.model) = Path(src), load_model(Path(src))
         self.tokenizer = load_tokenizer(Path(src))
         self.prompt = np.array(manifest.prompting.prefix, dtype=np.int64)
-        self.eos_id = manifest.tokenizer.eos_ids
+        self.eos = manifest.tokenizer.eos_ids
         self.chat = manifest.prompting.chat
         self.processor = image_processor(Path(src))
         if self.family.INPUT == "task":  # Florence-2's processor builds the task prompts
@@ -228,13 +228,13 @@ class HFReference:
         if self.chat is not None:  # the processor lays out tiles and prompt; one image per row
             inputs = self.family.reference_inputs(self.src, [upright(i) for i in images], question or self.chat["question"])
             out = self.model.generate(**inputs, **kwargs)
-            return [until_eos(row, self.eos_id) for row in out[:, inputs.input_ids.shape[1]:].tolist()]
+            return [until_eos(row, self.eos) for row in out[:, inputs.input_ids.shape[1]:].tolist()]
         pixels = self.pixels(images)
         prompt, asked = self.ask(question, task, text, images)
         inputs = [pixels, *(q.repeat(len(pixels), 1) for q in asked)]
         out = self.family.generate(self.model, inputs, torch.from_numpy(np.tile(prompt, (len(pixels), 1))),
-                                   self.eos_id, **kwargs)
-        return [until_eos(row, self.eos_id) for row in out[:, len(prompt):].tolist()]
+                                   self.eos, **kwargs)
+        return [until_eos(row, self.eos) for row in out[:, len(prompt):].tolist()]
 
     @torch.inference_mode()
     def logits(self, pixels: torch.Tensor, ids: np.ndarray, question: str | None = None, task: str | None = None,

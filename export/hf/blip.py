@@ -31,9 +31,9 @@ class Blip(Family):
         memory = model.vision_model(pixel_values=inputs[0])[0]
         return model.text_decoder(input_ids=ids, encoder_hidden_states=memory).logits
 
-    def generate(self, model, inputs, prompt, eos_id: int, **kwargs):
-        # Its generate drops the last prompt token (the [SEP] a processor adds).
-        sep = torch.full((prompt.shape[0], 1), eos_id)
+    def generate(self, model, inputs, prompt, eos: list[int], **kwargs):
+        # Its generate drops the last prompt token (the [SEP] a processor adds: its one EOS).
+        sep = torch.full((prompt.shape[0], 1), eos[0])
         return model.generate(pixel_values=inputs[0], input_ids=torch.cat([prompt, sep], dim=1), **kwargs)
 
 

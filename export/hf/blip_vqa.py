@@ -50,7 +50,7 @@ class BlipVqa(Family):
         pixels, question = inputs
         return model.text_decoder(input_ids=ids, encoder_hidden_states=QuestionEncoder(model)(pixels, question)[0]).logits
 
-    def generate(self, model, inputs, prompt, eos_id: int, **kwargs):
+    def generate(self, model, inputs, prompt, eos: list[int], **kwargs):
         pixels, question = inputs
         return model.generate(input_ids=question, pixel_values=pixels, **kwargs)
 

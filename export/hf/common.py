@@ -76,8 +76,8 @@ class Family:
         """transformers' own teacher-forced logits for the vision graph's `inputs` and token rows `ids`."""
         raise NotImplementedError
 
-    def generate(self, model, inputs, prompt, eos_id: int, **kwargs):
-        """transformers' own generate from the vision graph's `inputs`."""
+    def generate(self, model, inputs, prompt, eos: list[int], **kwargs):
+        """transformers' own generate from the vision graph's `inputs`; `eos`: every id that ends a sequence."""
         raise NotImplementedError
 
 

@@ -12,8 +12,42 @@ import torch
 from torch import nn
 
 from ..check import ExportError
-from . import decoders
+from ..kv import attend, cached_attention, pick, window
+from ..model import merge_heads, split_heads
 from .common import Family, HFCaptioner
+
+
+class BartDecoder(nn.Module):
+    """BART's decoder (post-LN: self-attention, cross-attention, MLP, each followed by its
+    LayerNorm; learned positions offset by 2; scaled token embeddings) and an LM head, as a
+    decoder step over per-layer caches. Florence-2's text decoder."""
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.decoder, self.lm_head, self.n_head = decoder, lm_head, decoder.layers[0].self_attn.num_heads
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[list, list]:
+        layers = self.decoder.layers
+        return ([split_heads(layer.encoder_attn.k_proj(memory), self.n_head) for layer in layers],
+                [split_heads(layer.encoder_attn.v_proj(memory), self.n_head) for layer in layers])
+
+    def forward(self, input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values, cross_keys,
+                cross_values):
+        d = self.decoder
+        x = d.layernorm_embedding(d.embed_tokens(input_ids) + d.embed_positions.weight[position_ids + d.embed_positions.offset])
+        keys, values, w = [], [], window(cache_lengths, input_ids.shape[1])
+        for i, layer in enumerate(d.layers):
+            sa, ca = layer.self_attn, layer.encoder_attn
+            q, k, v = (split_heads(f(x), self.n_head) for f in (sa.q_proj, sa.k_proj, sa.v_proj))
+            a, k, v = cached_attention(q, k, v, past_keys[i], past_values[i], w, sa.scaling)
+            x = layer.self_attn_layer_norm(x + sa.out_proj(merge_heads(a)))
+            q = split_heads(ca.q_proj(x), self.n_head)
+            x = layer.encoder_attn_layer_norm(x + ca.out_proj(merge_heads(
+                attend(q, cross_keys[i], cross_values[i], ca.scaling))))
+            x = layer.final_layer_norm(x + layer.fc2(layer.activation_fn(layer.fc1(x))))
+            keys.append(k)
+            values.append(v)
+        return self.lm_head(pick(x, logit_index)), keys, values
 
 
 class ChannelAttention(nn.Module):
@@ -80,7 +114,7 @@ class Florence2(Family):
 
     def captioner(self, model) -> HFCaptioner:
         lm = model.model.language_model
-        return HFCaptioner(ImageAndPrompt(model, for_export=True), nn.Identity(), decoders.BartDecoder(lm.decoder, model.lm_head)).eval()
+        return HFCaptioner(ImageAndPrompt(model, for_export=True), nn.Identity(), BartDecoder(lm.decoder, model.lm_head)).eval()
 
     def prompt_and_eos(self, src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
         if prompt:
@@ -122,7 +156,7 @@ class Florence2(Family):
             height, width = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
         return height * width + 1
 
-    def generate(self, model, inputs, prompt, eos_id: int, **kwargs):
+    def generate(self, model, inputs, prompt, eos: list[int], **kwargs):
         pixels, text = inputs
         placeholders = torch.full((len(text), self.image_tokens(model, pixels)), model.config.image_token_id)
         return model.generate(input_ids=torch.cat([placeholders, text], dim=1), pixel_values=pixels,

@@ -1,15 +1,53 @@
 """Family: `GitForCausalLM` (microsoft/git-base, git-base-coco, git-base-vqav2, git-large-*): a
 CLIP ViT whose projected patch tokens are a prefix of the text decoder's self-attention
-("prefix" memory: decoders.GitDecoder). Any GIT takes a question as prompt tokens after [CLS],
+("prefix" memory: GitDecoder). Any GIT takes a question as prompt tokens after [CLS],
 as transformers' VQA example feeds one; the VQA checkpoints are trained to answer it."""
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..check import ExportError
-from . import decoders
+from ..kv import cached_attention, pick, window
+from ..model import merge_heads, split_heads
 from .common import Family, HFCaptioner
+
+
+class GitDecoder(nn.Module):
+    """`GitForCausalLM`'s text side (BERT-style post-LN layers): the image tokens are a prefix of
+    every layer's self-attention, which they see whole and the text sees causally after them.
+    They never attend to text, so their keys and values depend on the image alone: `memory_kv`
+    runs the layers over them once per image, and they fill the cache's first slots ("prefix"
+    memory): a step's causal attention over the cache is then GIT's [image tokens; text] mask.
+    Text positions count from 0, after the prefix."""
+
+    def __init__(self, git: nn.Module):
+        super().__init__()
+        self.git, self.n_head = git, git.config.num_attention_heads
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[list, list]:
+        keys, values, layers, x = [], [], self.git.git.encoder.layer, memory
+        for i, layer in enumerate(layers):
+            keys.append(split_heads(layer.attention.self.key(x), self.n_head))
+            values.append(split_heads(layer.attention.self.value(x), self.n_head))
+            if i < len(layers) - 1:
+                x = layer(x)  # no mask: image tokens attend to each other bidirectionally
+        return keys, values
+
+    def forward(self, input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values):
+        emb = self.git.git.embeddings
+        x = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(position_ids))
+        keys, values, w = [], [], window(cache_lengths, input_ids.shape[1])
+        for i, layer in enumerate(self.git.git.encoder.layer):
+            sa = layer.attention.self
+            q, k, v = (split_heads(f(x), self.n_head) for f in (sa.query, sa.key, sa.value))
+            a, k, v = cached_attention(q, k, v, past_keys[i], past_values[i], w)
+            a = layer.attention.output(merge_heads(a), x)
+            x = layer.output(layer.intermediate(a), a)
+            keys.append(k)
+            values.append(v)
+        return self.git.output(pick(x, logit_index)), keys, values
 
 
 class ImageTokens(nn.Module):
@@ -39,7 +77,7 @@ class Git(Family):
         return GitForCausalLM
 
     def captioner(self, model) -> HFCaptioner:
-        return HFCaptioner(ImageTokens(model.git), model.git.visual_projection, decoders.GitDecoder(model)).eval()
+        return HFCaptioner(ImageTokens(model.git), model.git.visual_projection, GitDecoder(model)).eval()
 
     def text_config(self, model):
         return model.config
@@ -55,8 +93,8 @@ class Git(Family):
         logits = model(input_ids=ids, pixel_values=inputs[0]).logits
         return logits[:, -ids.shape[1] :]
 
-    def generate(self, model, inputs, prompt, eos_id: int, **kwargs):
-        return model.generate(pixel_values=inputs[0], input_ids=prompt, eos_token_id=eos_id, **kwargs)
+    def generate(self, model, inputs, prompt, eos: list[int], **kwargs):
+        return model.generate(pixel_values=inputs[0], input_ids=prompt, eos_token_id=eos, **kwargs)
 
 
 FAMILY = Git()

@@ -55,7 +55,7 @@ class VisionEncoderDecoder(Family):
         """transformers' own forward, no cache: what the wrappers must reproduce."""
         return model(pixel_values=inputs[0], decoder_input_ids=ids).logits
 
-    def generate(self, model, inputs, prompt, eos_id: int, **kwargs):
+    def generate(self, model, inputs, prompt, eos: list[int], **kwargs):
         return model.generate(pixel_values=inputs[0], decoder_input_ids=prompt, **kwargs)
 
 
