@@ -142,7 +142,7 @@ class Stub:
     """A captioner whose forward passes wait until the test lets them go (`release`): what is
     queued, timed out or refused is then decided by events, never by how fast this machine is."""
 
-    manifest = SimpleNamespace(data={"name": "stub"}, text_inputs={}, tasks=None)
+    manifest = SimpleNamespace(data={"name": "stub"}, prompting=SimpleNamespace(text_inputs={}, tasks=None))
     max_pixels = 10_000_000
 
     def __init__(self, per_pass: int = 8, fail: Exception | None = None):

@@ -75,6 +75,7 @@ def test_the_realistic_model_is_exact_and_its_logits_agree_relative_to_their_sca
 def test_the_cli_answers_without_torch(smolvlm, images):
     """--question, --beams and --max-tokens reach the search: beam 3 answers here differ from greedy ones."""
     _, pkg = smolvlm["tiny"]
+    images = images[:3]  # three tilings
     r = caption_without_torch("--model", pkg, *images, "--question", "What is in the image?", "--json", "--beams", "3",
                               "--max-tokens", "6")
     assert r.returncode == 0, r.stderr
@@ -99,7 +100,7 @@ def test_refusals_are_one_line_and_lose_no_other_image(smolvlm, images, tmp_path
     fits_3x4 = captioner.manifest.max_positions - len(captioner.prompting.chat(None, [(3, 4)])) + 1
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a photo")
-    results = captioner.caption([*images, broken], max_new_tokens=fits_3x4)
+    results = captioner.caption([*images[:3], broken], max_new_tokens=fits_3x4)
     assert "4x4 grid makes a" in results[0].error and "beyond the model's" in results[0].error
     assert results[1].error is None and results[2].error is None and "not an image" in results[3].error
 
