@@ -46,3 +46,17 @@ def test_soak_records_rss_at_each_checkpoint(tmp_path):
     assert [s["images"] for s in result["samples"]] == [20, 40, 60]
     assert result["failed_as_expected"] == 1  # image 49 is truncated on purpose
     assert all(s["rss_mib"] > 0 for s in result["samples"])
+
+
+def test_step_profile_splits_the_bundled_steps_by_op_type(tmp_path):
+    """Every decode step of the answer is profiled (the prefill is not), and the int8 package's
+    weights are read by MatMulNBits where FP32's are read by MatMul or Gemm."""
+    from benchmarks.step_profile import main
+    from runtime.engine import BUNDLED
+
+    assert main([str(BUNDLED["fp32"]), str(BUNDLED["int8"]), "--tokens", "4", "--out", str(tmp_path)]) == 0
+    fp32, int8 = json.loads(next(tmp_path.glob("step-profile-*.json")).read_text())["packages"]
+    assert fp32["steps"] == int8["steps"] == 3 * 3 and fp32["prompt_tokens"] == 1  # 3 rounds of 3 steps
+    assert "MatMulNBits" in int8["ops_ms"] and "MatMulNBits" not in fp32["ops_ms"]
+    assert 0 < fp32["weights_ms"] <= fp32["nodes_ms"]
+    assert next(tmp_path.glob("step-profile-*.md")).read_text().startswith("# Decoder step profile")
