@@ -454,7 +454,7 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
     prompt = cap.prompting.chat(None, [(rows, cols)])
     d = cap.manifest.decoder
     # The cache a mid-answer step reads, FP32: what the floor adds to the weights.
-    kind = cap.manifest.preprocess.get("kind")  # what rows x cols count: SmolVLM's tiles, Qwen2-VL's features
+    kind = cap.manifest.preprocess.kind  # what rows x cols count: SmolVLM's tiles, Qwen2-VL's features
     seen = {"tiles": f"{rows}x{cols} tiles + 1", "grid": f"{rows}x{cols} features"}.get(kind, "one image")
     notes |= {"tiles": seen, "prompt_tokens": len(prompt),
               "cache_mib_mid_answer": round(2 * d.layers * d.kv_heads * d.head_dim * 4 * (len(prompt) + tokens // 2) / 2**20, 1)}

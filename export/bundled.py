@@ -36,7 +36,7 @@ def export_package(checkpoint: Path, out: Path, tol: Tolerance = Tolerance()) ->
             "precision": "fp32",
             "dims": shape.dims(capacity(1, cfg.max_positions)),
             "decoder": asdict(shape.decoder),
-            "preprocess": EFFICIENTNET_LITE0,
+            "preprocess": asdict(EFFICIENTNET_LITE0),
             "tokenizer": asdict(TokenizerSpec("tokenizer.json", [special["eos_id"]], clean_up_spaces=False)),
             # A guard: no training sentence repeats a token 3-gram (checked on 20,000)
             "generation": asdict(Generation(cfg.max_positions, no_repeat_ngram_size=3)),

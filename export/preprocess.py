@@ -3,33 +3,27 @@ record: what the runtime's Pillow + numpy pipeline must reproduce exactly."""
 
 from torchvision import transforms as T
 
+from runtime.manifest import FixedSize
 from runtime.preprocess import open_image
 
 # EfficientNet-Lite0's own training preprocessing: (x - 127) / 128 on 0..255 pixels.
-EFFICIENTNET_LITE0 = {
-    "resize": 256,
-    "crop": [224, 224],
-    "crop_offset": "round",
-    "resample": "bilinear",
-    "rescale": 1 / 255,
-    "mean": [127 / 255] * 3,
-    "std": [128 / 255] * 3,
-}
+EFFICIENTNET_LITE0 = FixedSize(resample="bilinear", rescale=1 / 255, mean=[127 / 255] * 3, std=[128 / 255] * 3,
+                               resize=256, crop=[224, 224], crop_offset="round")
 RESAMPLE = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
-def reference_transform(spec: dict):
-    assert abs(spec["rescale"] - 1 / 255) < 1e-12, "ToTensor rescales by 1/255"
-    assert spec["crop_offset"] == "round", "CenterCrop rounds the offsets"
+def reference_transform(spec: FixedSize):
+    assert abs(spec.rescale - 1 / 255) < 1e-12, "ToTensor rescales by 1/255"
+    assert spec.crop_offset == "round", "CenterCrop rounds the offsets"
     return T.Compose([
-        T.Resize(spec["resize"], interpolation=RESAMPLE[spec["resample"]]),
-        T.CenterCrop(spec["crop"]),
+        T.Resize(spec.resize, interpolation=RESAMPLE[spec.resample]),
+        T.CenterCrop(spec.crop),
         T.ToTensor(),
-        T.Normalize(spec["mean"], spec["std"]),
+        T.Normalize(spec.mean, spec.std),
     ])
 
 
-def reference_pixels(source, spec: dict):
+def reference_pixels(source, spec: FixedSize):
     """Decoding policy (formats, limits, EXIF, modes) is the runtime's own; what is
     reimplemented independently here is the numeric pipeline."""
     return reference_transform(spec)(open_image(source))

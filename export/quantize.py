@@ -423,7 +423,7 @@ def check_finite(folder: Path, manifest: dict, precision: str, request: Request)
     """Random images through both graphs, prefill and one cached step: no NaN or Inf."""
     graphs = Graphs.open(*(folder / manifest["graphs"][role]["file"] for role in GRAPHS), request.decoder, precision)
     shape, spec, rng = manifest["graphs"]["vision"]["inputs"][0]["shape"], manifest["preprocess"], np.random.default_rng(0)
-    if spec.get("kind") == "grid":  # a vision graph at the photo's own size (Qwen2-VL's): a 640 x 480 photo's
+    if spec.kind == "grid":  # a vision graph at the photo's own size (Qwen2-VL's): a 640 x 480 photo's
         one, rows, cols = to_grid(Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)), spec)
         pixels = np.repeat(one[None], 3, axis=0)
     else:

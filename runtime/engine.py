@@ -233,8 +233,8 @@ class Captioner:
         grid), or the one resized image of a fixed-size tower (0, 0). ImageError for an image that
         does not decode."""
         rgb, spec = open_image(image, self.max_pixels), self.manifest.preprocess
-        if spec.get("kind") in ("tiles", "grid"):
-            tiles, rows, cols = (to_tiles if spec["kind"] == "tiles" else to_grid)(rgb, spec)
+        if spec.kind != "fixed":
+            tiles, rows, cols = (to_tiles if spec.kind == "tiles" else to_grid)(rgb, spec)
             return tiles.reshape(-1, *tiles.shape[-3:]), (rows, cols)
         return to_pixels(rgb, spec)[None], (0, 0)
 

@@ -161,17 +161,69 @@ class Prompting:
                 "task": {"task": False, "text": False}, "chat": {"question": False}}[self.input]
 
 
-# preprocess, by kind. "fixed" (the default): one picture of a fixed size. resize: an int sets the
-# shorter side (aspect kept), [h, w] an exact size, as torchvision's Resize. crop_offset: "round" is
-# torchvision's CenterCrop, "floor" transformers' center_crop. "tiles" (SmolVLM's, runtime.preprocess.
-# to_tiles): the longest edge resized to `longest_edge`, then (`split`) cut into tiles of `tile` pixels
-# plus the whole image as one more tile. "grid" (Qwen2-VL's smart_resize, runtime.preprocess.to_grid):
-# sides multiples of `factor`, the area between min_pixels and max_pixels; one feature per factor x factor.
-PIXELS = {"resample": str, "rescale": float, "mean": list, "std": list}
-PREPROCESS = {"fixed": {"resize": (int, list), "crop": (list, type(None)), "crop_offset": str, **PIXELS},
-              "tiles": {"longest_edge": int, "tile": int, "split": bool, **PIXELS},
-              "grid": {"factor": int, "min_pixels": int, "max_pixels": int, **PIXELS}}
-CHOICES = {"resample": ("bilinear", "bicubic", "lanczos"), "crop_offset": ("round", "floor")}
+RESAMPLE_FILTERS, CROP_OFFSETS = ("bilinear", "bicubic", "lanczos"), ("round", "floor")
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """How a sized picture becomes pixel values (runtime.preprocess.normalized): Pillow's `resample`
+    filter for the resize, then x * rescale, minus mean, over std, per channel."""
+
+    resample: str
+    rescale: float
+    mean: list[float]
+    std: list[float]
+
+    def __post_init__(self):
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"manifest field preprocess.resample has an unknown value {self.resample!r}")
+        if not self.rescale > 0 or len(self.mean) != 3 or len(self.std) != 3 or not all(self.std):
+            raise ValueError("manifest field preprocess is malformed")
+
+
+@dataclass(frozen=True)
+class FixedSize(Pixels):
+    """One picture of a fixed size (runtime.preprocess.to_pixels): `resize` an int sets the shorter
+    side (aspect kept), [h, w] an exact size, as torchvision's Resize; then a center `crop` [h, w] or
+    none, its offsets rounded ("round", torchvision's CenterCrop) or floored ("floor", transformers')."""
+
+    resize: int | list[int]
+    crop: list[int] | None
+    crop_offset: str
+    kind: str = "fixed"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.crop_offset not in CROP_OFFSETS:
+            raise ValueError(f"manifest field preprocess.crop_offset has an unknown value {self.crop_offset!r}")
+        if any(isinstance(size, list) and len(size) != 2 for size in (self.resize, self.crop)):
+            raise ValueError("manifest field preprocess is malformed")
+
+
+@dataclass(frozen=True)
+class Tiles(Pixels):
+    """SmolVLM's tiles (runtime.preprocess.to_tiles): the longest edge resized to `longest_edge`,
+    then (`split`) cut into tiles of `tile` pixels plus the whole image as one more tile."""
+
+    longest_edge: int
+    tile: int
+    split: bool
+    kind: str = "tiles"
+
+
+@dataclass(frozen=True)
+class Grid(Pixels):
+    """Qwen2-VL's smart_resize (runtime.preprocess.to_grid): sides multiples of `factor`, the area
+    between min_pixels and max_pixels; one feature per factor x factor pixels."""
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+    kind: str = "grid"
+
+
+PREPROCESS = {cls.kind: cls for cls in (FixedSize, Tiles, Grid)}
+Preprocess = FixedSize | Tiles | Grid
 
 
 def memory_roles(decoder: Decoder) -> list[str]:
@@ -200,7 +252,7 @@ class Manifest:
     root: Path
     data: dict
     decoder: Decoder
-    preprocess: dict
+    preprocess: Preprocess
     tokenizer: TokenizerSpec
     generation: Generation
     prompting: Prompting
@@ -274,15 +326,13 @@ def check_fields(section: str, values: dict, schema: dict) -> None:
         value, kinds = values[key], kind if isinstance(kind, tuple) else (kind,)
         if not (bool in kinds if isinstance(value, bool) else isinstance(value, kinds)) or value in ([], ""):
             raise ValueError(f"manifest field {section}.{key} has the wrong type")
-        if key in CHOICES and value not in CHOICES[key]:
-            raise ValueError(f"manifest field {section}.{key} has an unknown value {value!r}")
 
 
-def check_preprocess(spec) -> None:
-    kind = spec.get("kind", "fixed") if isinstance(spec, dict) else None
+def read_preprocess(values) -> Preprocess:
+    kind = values.get("kind", "fixed") if isinstance(values, dict) else None
     if kind not in PREPROCESS:
         raise ValueError(f"manifest field preprocess.kind has an unknown value {kind!r}")
-    check_fields("preprocess", {k: v for k, v in spec.items() if k != "kind"}, PREPROCESS[kind])
+    return typed(PREPROCESS[kind], "preprocess", values)
 
 
 def check_graph_roles(data: dict, decoder: Decoder, prompting: Prompting) -> None:
@@ -360,16 +410,16 @@ def read_sections(root: Path, data: dict) -> Manifest:
     """The manifest's typed sections, each checked, and how they fit together."""
     decoder = typed(Decoder, "decoder", data["decoder"])
     prompting = typed(Prompting, "prompting", data["prompting"])
-    check_preprocess(data["preprocess"])
+    preprocess = read_preprocess(data["preprocess"])
     if (prompting.input == "chat") != (decoder.memory == "embeddings") or \
-            (data["preprocess"].get("kind") in ("tiles", "grid") and prompting.input != "chat"):
+            (preprocess.kind != "fixed" and prompting.input != "chat"):
         raise ValueError("manifest fields prompting.input, preprocess.kind and decoder.memory do not fit together")
     if not isinstance(data["name"], str) or not data["name"]:
         raise ValueError("manifest field name must be a non-empty string")
     check_graph_roles(data, decoder, prompting)
     check_shapes(data, decoder)
     check_dims(data)
-    return Manifest(root, data, decoder, data["preprocess"], typed(TokenizerSpec, "tokenizer", data["tokenizer"]),
+    return Manifest(root, data, decoder, preprocess, typed(TokenizerSpec, "tokenizer", data["tokenizer"]),
                     typed(Generation, "generation", data["generation"]), prompting)
 
 

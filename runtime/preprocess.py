@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .manifest import FixedSize, Grid, Pixels, Tiles
 # The allowed decoders, registered now rather than lazily at the first open: a process
 # that later drops privileges or is sandboxed must still be able to decode.
 from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, PpmImagePlugin  # noqa: F401
@@ -118,20 +120,20 @@ def crop_offset(size: int, crop: int, rule: str) -> int:
     return (size - crop) // 2 if rule == "floor" else int(round((size - crop) / 2.0))
 
 
-def normalized(image: Image.Image, spec: dict) -> np.ndarray:
+def normalized(image: Image.Image, spec: Pixels) -> np.ndarray:
     """RGB PIL image -> float32 (3, H, W): rescaled, minus the mean, over the std."""
-    x = np.asarray(image, dtype=np.float32) / np.float32(round(1 / spec["rescale"]))
-    x = (x - np.asarray(spec["mean"], dtype=np.float32)) / np.asarray(spec["std"], dtype=np.float32)
+    x = np.asarray(image, dtype=np.float32) / np.float32(round(1 / spec.rescale))
+    x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def to_pixels(image: Image.Image, spec: dict) -> np.ndarray:
+def to_pixels(image: Image.Image, spec: FixedSize) -> np.ndarray:
     """RGB PIL image -> float32 (3, H, W) as the manifest's `preprocess` says (a fixed size)."""
-    size = resized_size(*image.size, spec["resize"])
-    image = image.resize(size, RESAMPLE[spec["resample"]])
-    if spec["crop"]:
-        crop_h, crop_w = spec["crop"]
-        top, left = crop_offset(size[1], crop_h, spec["crop_offset"]), crop_offset(size[0], crop_w, spec["crop_offset"])
+    size = resized_size(*image.size, spec.resize)
+    image = image.resize(size, RESAMPLE[spec.resample])
+    if spec.crop:
+        crop_h, crop_w = spec.crop
+        top, left = crop_offset(size[1], crop_h, spec.crop_offset), crop_offset(size[0], crop_w, spec.crop_offset)
         image = image.crop((left, top, left + crop_w, top + crop_h))
     return normalized(image, spec)
 
@@ -165,14 +167,14 @@ def tile_multiple_size(width: int, height: int, tile: int) -> tuple[int, int]:
     return width, height
 
 
-def to_tiles(image: Image.Image, spec: dict) -> tuple[np.ndarray, int, int]:
+def to_tiles(image: Image.Image, spec: Tiles) -> tuple[np.ndarray, int, int]:
     """RGB PIL image -> (tiles (n, 3, tile, tile) float32, rows, cols) as SmolVLM's image processor
     (PIL backend) makes them: the longest edge resized, then (splitting) both sides to multiples
     of the tile, cut into rows x cols tiles in reading order plus the whole image resized to one
     tile last; an image no larger than one tile is that tile alone (0 x 0)."""
-    resample, tile = RESAMPLE[spec["resample"]], spec["tile"]
-    image = image.resize(longest_edge_size(*image.size, spec["longest_edge"]), resample)
-    if not spec["split"]:
+    resample, tile = RESAMPLE[spec.resample], spec.tile
+    image = image.resize(longest_edge_size(*image.size, spec.longest_edge), resample)
+    if not spec.split:
         return normalized(image.resize((tile, tile), resample), spec)[None], 0, 0
     image = image.resize(tile_multiple_size(*image.size, tile), resample)
     width, height = image.size
@@ -183,10 +185,10 @@ def to_tiles(image: Image.Image, spec: dict) -> tuple[np.ndarray, int, int]:
     return np.stack([normalized(t, spec) for t in (*crops, image.resize((tile, tile), resample))]), rows, cols
 
 
-def smart_size(width: int, height: int, spec: dict) -> tuple[int, int]:
+def smart_size(width: int, height: int, spec: Grid) -> tuple[int, int]:
     """(width, height) by Qwen2-VL's smart_resize: both sides multiples of `factor`, as near the
     image's as can be, the area between min_pixels and max_pixels."""
-    factor, low, high = spec["factor"], spec["min_pixels"], spec["max_pixels"]
+    factor, low, high = spec.factor, spec.min_pixels, spec.max_pixels
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > high:
         beta = math.sqrt(height * width / high)
@@ -197,14 +199,14 @@ def smart_size(width: int, height: int, spec: dict) -> tuple[int, int]:
     return w, h
 
 
-def to_grid(image: Image.Image, spec: dict) -> tuple[np.ndarray, int, int]:
+def to_grid(image: Image.Image, spec: Grid) -> tuple[np.ndarray, int, int]:
     """RGB PIL image -> (pixels (3, H, W) float32, rows, cols) as Qwen2-VL's image processor (PIL
     backend) makes them before cutting patches: smart_resize, then normalized; the image gives
     rows x cols features (H and W over `factor`)."""
     width, height = smart_size(*image.size, spec)
-    pixels = normalized(image.resize((width, height), RESAMPLE[spec["resample"]]), spec)
-    return pixels, height // spec["factor"], width // spec["factor"]
+    pixels = normalized(image.resize((width, height), RESAMPLE[spec.resample]), spec)
+    return pixels, height // spec.factor, width // spec.factor
 
 
-def load_pixels(source, spec: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_pixels(source, spec: FixedSize, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return to_pixels(open_image(source, max_pixels), spec)

@@ -80,7 +80,7 @@ def test_every_input_once_with_the_clis_captions_and_errors(library, tmp_path):
     with job(out, input_path=library) as proc:
         code, err = finish(proc)
     assert code == 1, err  # five rows carry errors
-    assert err.splitlines()[-1].startswith(f"305 images captioned (5 errors) in ") and \
+    assert err.splitlines()[-1].startswith("305 images captioned (5 errors) in ") and \
         err.splitlines()[-1].endswith(f"; 0 already in {out}; 305 rows there, 5 with errors")
     got = {r["path"]: r for r in rows(out)}
     assert len(got) == len(rows(out)) == 305

@@ -249,7 +249,7 @@ def test_draw_outlines_each_instance_and_the_cli_writes_the_drawings(florence, p
     image = open_image(photo_paths["chelsea"])
     result = parse(CRAFTED[0], "<OD>", image.size, tasks)
     drawn = draw(image, result)
-    (x0, y0, x1, y1), color = result["bboxes"][2], Image.new("RGB", (1, 1), COLORS[2]).getpixel((0, 0))
+    (x0, y0, _, y1), color = result["bboxes"][2], Image.new("RGB", (1, 1), COLORS[2]).getpixel((0, 0))
     assert drawn.size == image.size and drawn.getpixel((x0, (y0 + y1) // 2)) == color  # the third box's left edge
     assert np.array_equal(np.asarray(draw(image, "a text answer")), np.asarray(image))
     r = caption_without_torch("--model", florence["florence2-w2"][1], photo_paths["chelsea"], photo_paths["coffee"],

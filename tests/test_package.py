@@ -24,7 +24,7 @@ def test_default_package_is_complete_and_small():
         *(f"past_value.{i}" for i in layers), *(f"cross_key.{i}" for i in layers), *(f"cross_value.{i}" for i in layers)]
     assert [o["name"] for o in m.graph("decoder")["outputs"]] == [
         "logits", *(f"present_key.{i}" for i in layers), *(f"present_value.{i}" for i in layers)]
-    assert m.preprocess["crop"] == [224, 224]
+    assert m.preprocess.crop == [224, 224]
     for key in ("torch", "onnx", "onnxruntime"):
         assert key in m.data["source"]["versions"]
 
@@ -169,11 +169,15 @@ def test_declared_io_must_be_the_graphs_own(package, kind):
     (lambda d: d["prompting"].update(input="encoder"), "vision graph's inputs do not fit .*missing text_ids"),
     (lambda d: d["preprocess"].update(layout="NCHW"), "preprocess.layout is unknown"),
     (lambda d: d["preprocess"].update(resample="nearest"), "preprocess.resample has an unknown value"),
+    (lambda d: d["preprocess"].update(kind="mosaic"), "preprocess.kind has an unknown value"),
+    (lambda d: d["preprocess"].update(crop=[224]), "preprocess is malformed"),
+    (lambda d: d["preprocess"].update(kind="tiles"), "preprocess.longest_edge is missing"),
     (lambda d: d["decoder"].update(kv_heads=3), "decoder is malformed"),
     (lambda d: d["decoder"].update(vocab_size=1000), "logits .* does not fit the manifest's decoder"),
     (lambda d: d["decoder"].update(heads=2, kv_heads=2), "cross_key.0 .* does not fit the manifest's decoder"),
 ], ids=["eos-type", "eos-bool", "old-field", "missing", "early-stopping", "input", "chat-without-template",
-        "input-without-graph-input", "unknown", "resample", "kv-heads", "vocabulary", "heads"])
+        "input-without-graph-input", "unknown", "resample", "kind", "crop", "tiles-fields", "kv-heads", "vocabulary",
+        "heads"])
 def test_malformed_manifest_values_are_one_line_errors(package, change, match):
     rewrite_manifest(package, change)
     refused(package, match)

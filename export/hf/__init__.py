@@ -133,16 +133,16 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
     eos = eos_ids(src, prompt_ids, eos, chat)
     generation, ignored = generation_settings(model, prompt_ids)
     captioner = family.captioner(model)
-    grid_factor = spec["factor"] if spec.get("kind") == "grid" else 0
-    if spec.get("kind") == "tiles":
-        image_size, tiles = (spec["tile"], spec["tile"]), (spec["longest_edge"] // spec["tile"]) ** 2 + 1
+    grid_factor = spec.factor if spec.kind == "grid" else 0
+    if spec.kind == "tiles":
+        image_size, tiles = (spec.tile, spec.tile), (spec.longest_edge // spec.tile) ** 2 + 1
     elif grid_factor:  # an example size: a 640x480 photo's
         image_size, tiles = smart_size(640, 480, spec)[::-1], 0
-    elif not isinstance(spec["resize"], list) and spec["crop"] is None:
+    elif not isinstance(spec.resize, list) and spec.crop is None:
         raise ExportError(f"{src}: the image processor keeps the aspect ratio without a crop; "
                          "the vision graph needs a fixed size")
     else:
-        image_size, tiles = tuple(spec["crop"] or spec["resize"]), 0
+        image_size, tiles = tuple(spec.crop or spec.resize), 0
     shape = graph_shape(family, model, captioner, image_size, tiles, grid_factor)
     wrapper = check_wrappers(family, model, captioner, shape, tol)
     # A chat model's check prompt: its default question about one untiled image, as the runtime builds it.
@@ -156,7 +156,7 @@ def export_hf(src: Path, out: Path, prompt: str | None = None, precision: str = 
             "precision": "fp32",
             "dims": shape.dims(capacity(len(checked) + (tiles - 1) * shape.memory_tokens, generation.max_new_tokens)),
             "decoder": asdict(shape.decoder),
-            "preprocess": spec,
+            "preprocess": asdict(spec),
             # Florence-2's answers keep its location tokens for the parsers
             "tokenizer": asdict(TokenizerSpec("tokenizer.json", eos, bool(tokenizer.clean_up_tokenization_spaces),
                                               skip_special_tokens=family.INPUT != "task")),

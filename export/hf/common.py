@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.manifest import Generation
+from runtime.manifest import FixedSize, Generation, Preprocess
 
 from ..check import ExportError
 
@@ -65,7 +65,7 @@ class Family:
     def describe(self, model) -> str:
         return type(model).__name__
 
-    def preprocess_spec(self, src: Path) -> dict:
+    def preprocess_spec(self, src: Path) -> Preprocess:
         return preprocess_spec(src)
 
     def prompt_and_eos(self, src: Path, model, tokenizer, prompt: str | None) -> tuple[list, object]:
@@ -112,7 +112,7 @@ def pixel_settings(src: Path, proc) -> dict:
             "mean": [float(m) for m in proc.image_mean], "std": [float(s) for s in proc.image_std]}
 
 
-def preprocess_spec(src: Path) -> dict:
+def preprocess_spec(src: Path) -> FixedSize:
     """The image processor's settings in the manifest's terms."""
     proc = image_processor(src)
     size, crop = dict(proc.size), None
@@ -122,7 +122,7 @@ def preprocess_spec(src: Path) -> dict:
         resize = size["shortest_edge"]
     if getattr(proc, "do_center_crop", False):
         crop = [proc.crop_size["height"], proc.crop_size["width"]]
-    return {"resize": resize, "crop": crop, "crop_offset": "floor", **pixel_settings(src, proc)}
+    return FixedSize(**pixel_settings(src, proc), resize=resize, crop=crop, crop_offset="floor")
 
 
 # Settings that change which tokens `generate` picks and that the runtime does not do.

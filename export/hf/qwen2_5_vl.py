@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from runtime.manifest import Grid
+
 from ..kv import attend, rotary
 from .common import pixel_settings
 from .llm import ChatCaptioner, ChatFamily, norm
@@ -97,11 +99,11 @@ class Qwen2_5_VL(ChatFamily):
     def captioner(self, model) -> ChatCaptioner:
         return ChatCaptioner(ImageFeatures(model), model.model.language_model, model.lm_head).eval()
 
-    def preprocess_spec(self, src: Path) -> dict:
+    def preprocess_spec(self, src: Path) -> Grid:
         """The image processor's smart_resize in the manifest's terms (preprocess kind "grid")."""
         ip = self.processor(src).image_processor
-        return {"kind": "grid", "factor": int(ip.patch_size * ip.merge_size), "min_pixels": int(ip.size["shortest_edge"]),
-                "max_pixels": int(ip.size["longest_edge"]), **pixel_settings(src, ip)}
+        return Grid(**pixel_settings(src, ip), factor=int(ip.patch_size * ip.merge_size),
+                    min_pixels=int(ip.size["shortest_edge"]), max_pixels=int(ip.size["longest_edge"]))
 
     def image_layout(self, proc) -> dict:
         """One <|image_pad|> per feature (layout "grid": merged rows x cols of this photo)."""

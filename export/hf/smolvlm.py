@@ -16,6 +16,8 @@ from pathlib import Path
 
 from torch import nn
 
+from runtime.manifest import Tiles
+
 from .common import pixel_settings
 from .llm import ChatCaptioner, ChatFamily
 
@@ -51,11 +53,11 @@ class SmolVLM(ChatFamily):
     def captioner(self, model) -> ChatCaptioner:
         return ChatCaptioner(ImageFeatures(model), model.model.text_model, model.lm_head).eval()
 
-    def preprocess_spec(self, src: Path) -> dict:
+    def preprocess_spec(self, src: Path) -> Tiles:
         """The image processor's tiling in the manifest's terms (preprocess kind "tiles")."""
         ip = self.processor(src).image_processor
-        return {"kind": "tiles", "longest_edge": int(ip.size["longest_edge"]), "tile": int(ip.max_image_size["longest_edge"]),
-                "split": bool(ip.do_image_splitting), **pixel_settings(src, ip)}
+        return Tiles(**pixel_settings(src, ip), longest_edge=int(ip.size["longest_edge"]),
+                     tile=int(ip.max_image_size["longest_edge"]), split=bool(ip.do_image_splitting))
 
     def image_layout(self, proc) -> dict:
         return {"layout": "tiles", "tokens": int(proc.image_seq_len), "image": proc.image_token,
