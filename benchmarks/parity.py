@@ -93,7 +93,7 @@ def run(model: Path, reference: Path | None, images: list[str], num_beams: int =
     usable, pixels = [], []
     for image in images:
         try:
-            pixels.append(load_pixels(image, manifest["preprocess"]))
+            pixels.append(load_pixels(image, captioner.manifest.preprocess))
             usable.append(image)
         except ImageError as e:
             print(f"error: {e}", file=sys.stderr)

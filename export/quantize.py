@@ -41,7 +41,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from runtime import Captioner
 from runtime.graphs import Graphs, cpu_session
-from runtime.manifest import GRAPHS, WEIGHT_ONLY, Decoder, load_manifest
+from runtime.manifest import GRAPHS, WEIGHT_ONLY, Decoder, Manifest, load_manifest
 from runtime.preprocess import load_pixels, to_grid
 from runtime.search import GenerationConfig, cached, chat_memory
 
@@ -350,7 +350,7 @@ class Request:
                                                               inputs=self.rows(len(pixels)))
 
 
-def int8_vision(src: Path, manifest: dict, request: Request, folder: Path, calibration_images: int,
+def int8_vision(src: Path, manifest: Manifest, request: Request, folder: Path, calibration_images: int,
                 fp32_budget: float = FP32_BUDGET, vision_compute: str = "fp32") -> tuple[onnx.ModelProto, dict]:
     """The vision graph with int8 weights: Conv/Gemm bias-corrected, keeping FP32 the layers
     whose rounding moves the graph's output most, most sensitive first, while their weights fit
@@ -366,9 +366,9 @@ def int8_vision(src: Path, manifest: dict, request: Request, folder: Path, calib
     calibration.mkdir()
     # Seed 1: not the 200 evaluation inputs (seed 0) the fidelity gate is measured on.
     images = evaluation_images(calibration_images, calibration, seed=1)
-    pixels = np.stack([load_pixels(p, manifest["preprocess"]) for p in images])
-    model = onnx.load(str(src / manifest["graphs"]["vision"]["file"]))
-    vision, decoder = session(model, folder), session(src / manifest["graphs"]["decoder"]["file"], folder)
+    pixels = np.stack([load_pixels(p, manifest.preprocess) for p in images])
+    model = onnx.load(str(src / manifest.graph("vision")["file"]))
+    vision, decoder = session(model, folder), session(src / manifest.graph("decoder")["file"], folder)
     feeds = request.vision_feeds(model, pixels)
     reference = vision.run(None, feeds)
 
@@ -419,10 +419,10 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def check_finite(folder: Path, manifest: dict, precision: str, request: Request) -> None:
+def check_finite(folder: Path, manifest: Manifest, precision: str, request: Request) -> None:
     """Random images through both graphs, prefill and one cached step: no NaN or Inf."""
-    graphs = Graphs.open(*(folder / manifest["graphs"][role]["file"] for role in GRAPHS), request.decoder, precision)
-    shape, spec, rng = manifest["graphs"]["vision"]["inputs"][0]["shape"], manifest["preprocess"], np.random.default_rng(0)
+    graphs = Graphs.open(*(folder / manifest.graph(role)["file"] for role in GRAPHS), request.decoder, precision)
+    shape, spec, rng = manifest.graph("vision")["inputs"][0]["shape"], manifest.preprocess, np.random.default_rng(0)
     if spec.kind == "grid":  # a vision graph at the photo's own size (Qwen2-VL's): a 640 x 480 photo's
         one, rows, cols = to_grid(Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)), spec)
         pixels = np.repeat(one[None], 3, axis=0)
@@ -453,7 +453,8 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
     `vision_compute`: "int8" runs the vision graph's MatMuls in int8 (module docstring).
     Returns the one-line summary."""
     src = Path(src)
-    manifest = load_manifest(src).data
+    loaded = load_manifest(src)
+    manifest = loaded.data
     if manifest["precision"] != "fp32":
         raise ExportError(f"{src} is a {manifest['precision']} package; start from an fp32 one")
     check_vision_compute(precision, vision_compute)
@@ -488,7 +489,7 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
                                 + ("MatMuls -> per-token dynamic int8 MatMulInteger" if computing else "FP32"),
                       "vision": {"compute": vision_compute, "int8_compute_matmuls": computing}}
         else:
-            model, measured = int8_vision(src, manifest, request, scratch, calibration, fp32_budget, vision_compute)
+            model, measured = int8_vision(src, loaded, request, scratch, calibration, fp32_budget, vision_compute)
             save_graph(model, package / vision)
             progress.update(1, f"{vision}: {measured['int8_layers']} Conv/Gemm layers int8, "
                                f"{len(measured['fp32_layers'])} FP32, {measured['int8_compute_matmuls']} MatMuls "
@@ -505,7 +506,7 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
                                 "embedding tables -> int8 + DequantizeLinear"
                                 + ("; vision MatMuls -> per-token dynamic int8 MatMulInteger" if vision_compute == "int8" else ""),
                       "vision": measured}
-        check_finite(package, manifest, precision, request)
+        check_finite(package, loaded, precision, request)
         shutil.copy(src / manifest["tokenizer"]["file"], package / manifest["tokenizer"]["file"])
         fields = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files", "graphs")}
         written = write_package(package, out, {**fields, "precision": precision, "source": {
