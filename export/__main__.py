@@ -52,8 +52,13 @@ def run(args) -> str:
 
         return export_hf(args.src, args.out, args.prompt, args.precision, Tolerance(args.rtol, args.atol),
                          args.vision_compute)
-    from .hf_random import (build_blip, build_fastvlm, build_florence2, build_git, build_qwen2_5_vl, build_smolvlm,
-                            build_vision_encoder_decoder)
+    from .hf.blip import build_blip
+    from .hf.fastvlm import build_fastvlm
+    from .hf.florence2 import build_florence2
+    from .hf.git import build_git
+    from .hf.qwen2_5_vl import build_qwen2_5_vl
+    from .hf.smolvlm import build_smolvlm
+    from .hf.vision_encoder_decoder import build_vision_encoder_decoder
 
     # Tiny models are conditioned for parity tests; base ones keep transformers' own init
     # (tied embeddings, std 0.02): captions run to the length limit, a fixed workload to time.

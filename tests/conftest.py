@@ -72,7 +72,8 @@ def reference(captioner):
     return Reference(checkpoint_for(captioner.manifest, DEFAULT_CHECKPOINT.parent), captioner.manifest)
 
 
-# Every Hugging Face test model: name -> (export.hf_random builder, its settings[, export rtol]). Seeds
+# Every Hugging Face test model: name -> (its family's module under export/hf, whose build_<module> makes
+# it, the builder's settings[, export rtol]). Seeds
 # whose random weights answer differently by image and by question (the family tests check); "-real":
 # a trained checkpoint's magnitudes (export.hf_random: logits ~100, residual dimensions at +-400).
 TEST_MODELS = {
@@ -107,12 +108,13 @@ def hf_model(tmp_path_factory):
 
     def get(name: str) -> tuple[Path, Path]:
         if name not in made:
-            from export import hf_random
+            from importlib import import_module
+
             from export.check import Tolerance
             from export.hf import export_hf
 
-            kind, settings, *rtol = TEST_MODELS[name]
-            getattr(hf_random, f"build_{kind}")(root / name, **settings)
+            family, settings, *rtol = TEST_MODELS[name]
+            getattr(import_module(f"export.hf.{family}"), f"build_{family}")(root / name, **settings)
             export_hf(root / name, root / f"{name}.pkg", tol=Tolerance(rtol=rtol[0]) if rtol else Tolerance())
             made[name] = (root / name, root / f"{name}.pkg")
         return made[name]

@@ -1,7 +1,7 @@
 """FastVLM, a second LLM-based family over the same machinery: a convolutional vision tower (timm's
 fastvit_mci3 through transformers' timm wrapper) over one fixed-size image, a Qwen2 language model
 with grouped-query attention and q/k/v biases, the LLaVA prompt layout. Tiny random-weight folders
-built offline (export.hf_random.build_fastvlm), exact against transformers' generate (test_matrix)."""
+built offline (export.hf.fastvlm.build_fastvlm), exact against transformers' generate (test_matrix)."""
 
 import numpy as np
 import pytest

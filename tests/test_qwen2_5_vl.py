@@ -2,7 +2,7 @@
 windowed attention, a 2x2 merger) and a Qwen2 language model with 3-D rotary positions (M-RoPE),
 which the exports of peers get wrong (the issue's alibaba/MNN#3345, wangzhaode/llm-export#79).
 Tiny random-weight folders built offline with the real processor and chat template
-(export.hf_random.build_qwen2_5_vl), one also at a trained checkpoint's scale; exact against
+(export.hf.qwen2_5_vl.build_qwen2_5_vl), one also at a trained checkpoint's scale; exact against
 transformers' generate on photos of several sizes (grids), greedy and beam 3, three questions (test_matrix)."""
 
 import numpy as np

@@ -1,6 +1,6 @@
 """SmolVLM, an LLM-based vision-language model (a SigLIP encoder over tiles of the photo, a Llama
 language model with the tiles' features in its prompt): tiny random-weight folders built offline
-with the real processor, chat template and special tokens (export.hf_random.build_smolvlm), one
+with the real processor, chat template and special tokens (export.hf.smolvlm.build_smolvlm), one
 also at a trained checkpoint's scale. Tokens equal transformers' generate in test_matrix (greedy
 and beam 3, questions, batch, cache); here its tiles and prompts, its logits at scale, the CLI,
 refusals and streaming."""

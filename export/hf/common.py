@@ -37,8 +37,9 @@ class Family:
     """What export.hf needs of a Hugging Face architecture, with the defaults most families share. Each
     family module (export/hf/<family>.py) defines one subclass, FAMILY = its instance, and holds
     everything of that family: its wrappers over transformers' modules, its manifest sections, its
-    reference (transformers' own logits and generate, for parity). Adding a family is its module and
-    its line in export.hf.FAMILIES."""
+    reference (transformers' own logits and generate, for parity) and its random-weight folder
+    (build_<family>, over export.hf_random's shared tools). Adding a family is its module, its line in
+    export.hf.FAMILIES and its --encoder choice of `python -m export random-hf`."""
 
     ARCHITECTURE = ""  # config.json's architectures[0]
     ALSO: tuple[str, ...] = ()  # other architectures with the same layout

@@ -9,9 +9,11 @@ import copy
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 
 from ..check import ExportError
+from ..hf_random import corpus
 from ..kv import attend, cached_attention, pick, window
 from ..model import merge_heads, split_heads
 from .common import Family, HFCaptioner
@@ -164,3 +166,87 @@ class Florence2(Family):
 
 
 FAMILY = Florence2()
+
+
+# The random-weight folder of this family, built offline (tests, benchmarks: python -m export random-hf;
+# export.hf_random holds the tools the families share).
+FLORENCE2_BASE_VOCAB = 51289  # florence-community/Florence-2-base's config.json
+
+
+# Florence-2's added tokens: boxes and polygons are written with these (the task prompts are text).
+FLORENCE_TOKENS = ["<od>", "</od>", "<ocr>", "</ocr>", "<poly>", "</poly>", "<sep>",
+                   *(f"<loc_{i}>" for i in range(1000))]
+
+
+# The processor's parse settings, as Microsoft's checkpoints ship them.
+FLORENCE_PARSE = {"ocr": {"PATTERN": r"(.+?)<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>",
+                          "AREA_THRESHOLD": 0.0},
+                  "phrase_grounding": {"FILTER_BY_BLACK_LIST": True}, "pure_text": {}, "description_with_bboxes": {},
+                  "description_with_polygons": {}, "polygons": {}, "bboxes": {}, "description_with_bboxes_or_polygons": {}}
+
+
+def florence_tokenizer(vocab: int):
+    """BART's byte-level BPE (<s> 0, <pad> 1, </s> 2, <unk> 3; "<s> text </s>") plus Florence-2's
+    <image> placeholder, box, polygon and OCR tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tok.add_special_tokens(["<image>", *FLORENCE_TOKENS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    fast.add_special_tokens({"additional_special_tokens": FLORENCE_TOKENS})  # what the post-processor skips
+    return fast
+
+
+def build_florence2(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0, window: int = 2) -> Path:
+    """Florence-2 (transformers' native classes). "tiny": DaViT with four stages at 96 px, windows of
+    `window` (several windows per stage, padded where they do not divide), BART 2+2 layers;
+    "base": Florence-2-base's architecture (DaViT-base, BART 6+6 layers, 768 px). Generation as
+    the checkpoints ship it: beam 3, no 3-gram repeated, </s> then a forced <s>."""
+    from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor, Florence2VisionConfig)
+
+    init = 0.3 if conditioned else 0.02
+    torch.manual_seed(seed)
+    tok = florence_tokenizer(400 if size == "tiny" else 50265)
+    if size == "tiny":
+        image, vision = 96, Florence2VisionConfig(depths=[1, 1, 2, 1], embed_dim=[16, 32, 32, 32], num_heads=[1, 2, 2, 2],
+                                                  num_groups=[1, 2, 2, 2], window_size=window, projection_dim=32,
+                                                  drop_path_rate=0.0, initializer_range=init)
+        text = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                    encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128)
+    else:
+        image, vision = 768, Florence2VisionConfig(depths=[1, 1, 9, 1], embed_dim=[128, 256, 512, 1024],
+                                                   num_heads=[4, 8, 16, 32], num_groups=[4, 8, 16, 32], window_size=12,
+                                                   projection_dim=768, drop_path_rate=0.0)
+        text = dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                    decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024)
+    # "base" has the real checkpoint's vocabulary (51,289: an output head of 158 MB, ~4 ms of every
+    # step); its tokenizer, trained here on little text, has fewer tokens: ids beyond it decode to nothing.
+    text = BartConfig(vocab_size=len(tok) if size == "tiny" else FLORENCE2_BASE_VOCAB, **text, init_std=init, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                      decoder_start_token_id=2, forced_bos_token_id=0, forced_eos_token_id=2,
+                      tie_word_embeddings=not conditioned)
+    config = Florence2Config(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=tok.image_token_id,
+                             tie_word_embeddings=not conditioned)
+    model = Florence2ForConditionalGeneration(config).eval()
+    if conditioned:  # words between the boxes (untouched, random weights write <loc_N> tokens mostly)
+        with torch.no_grad():
+            model.lm_head.weight[tok.convert_tokens_to_ids("<loc_0>"):] *= 0.9
+    model.generation_config.update(num_beams=3, no_repeat_ngram_size=3, early_stopping=False, forced_bos_token_id=0,
+                                   max_length=20 if size == "tiny" else 1025)
+    model.save_pretrained(out)
+    with torch.inference_mode():
+        tokens = model.model.get_image_features(torch.zeros(1, 3, image, image)).pooler_output.shape[1]
+    processor = Florence2Processor(
+        image_processor=CLIPImageProcessor(size={"height": image, "width": image}, do_center_crop=False,
+                                           image_seq_length=tokens, image_mean=[0.485, 0.456, 0.406],
+                                           image_std=[0.229, 0.224, 0.225]),
+        tokenizer=tok, post_processor_config=FLORENCE_PARSE)
+    processor.save_pretrained(out)
+    return out

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..check import ExportError
+from ..hf_random import BASE, TINY, wordpiece_tokenizer
 from ..kv import cached_attention, pick, window
 from ..model import merge_heads, split_heads
 from .common import Family, HFCaptioner
@@ -98,3 +99,33 @@ class Git(Family):
 
 
 FAMILY = Git()
+
+
+# The random-weight folder of this family, built offline (tests, benchmarks: python -m export random-hf;
+# export.hf_random holds the tools the families share).
+def build_git(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0) -> Path:
+    """GIT (microsoft/git-base's shape at "base": CLIP ViT-B/16, 6 text layers): a BERT tokenizer,
+    CLIP's image processor (shortest edge, then a centre crop)."""
+    from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM
+
+    s, init = (TINY if size == "tiny" else BASE), (0.3 if conditioned else 0.02)
+    torch.manual_seed(seed)
+    tok = wordpiece_tokenizer(s.get("blip_vocab", s["vocab"]))
+    vision = {"hidden_size": s["hidden"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
+              "intermediate_size": 4 * s["hidden"], "image_size": s["image"], "patch_size": s["patch"],
+              "initializer_range": init}
+    config = GitConfig(vision_config=vision, vocab_size=max(len(tok), s.get("blip_vocab", 0)), hidden_size=s["hidden"],
+                       num_hidden_layers=s["layers"] if size == "tiny" else 6, num_attention_heads=s["heads"],
+                       intermediate_size=4 * s["hidden"], max_position_embeddings=64 if size == "tiny" else 1024,
+                       initializer_range=init, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                       pad_token_id=tok.pad_token_id)
+    model = GitForCausalLM(config).eval()
+    if conditioned:
+        with torch.no_grad():
+            model.output.bias[tok.sep_token_id] += 3.5
+    model.generation_config.update(max_length=16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": s["image"]},
+                       crop_size={"height": s["image"], "width": s["image"]}).save_pretrained(out)
+    return out

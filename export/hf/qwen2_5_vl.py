@@ -20,10 +20,12 @@ a grid crosses the contract:
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
 from runtime.manifest import Grid
 
+from ..hf_random import MASSIVE, boost_eos, corpus, realistic_llm
 from ..kv import attend, rotary
 from .common import pixel_settings
 from .llm import ChatCaptioner, ChatFamily, norm
@@ -117,3 +119,88 @@ class Qwen2_5_VL(ChatFamily):
 
 
 FAMILY = Qwen2_5_VL()
+
+
+# The random-weight folder of this family, built offline (tests, benchmarks: python -m export random-hf;
+# export.hf_random holds the tools the families share).
+# Qwen2.5-VL's chat template (Qwen/Qwen2.5-VL-3B-Instruct's chat_template.json): each image as
+# <|vision_start|><|image_pad|><|vision_end|>, the processor then repeats <|image_pad|> once per feature.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content "
+    "or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' "
+    "or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+
+QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+# Qwen/Qwen2.5-VL-3B-Instruct: a 32-block ViT (1,280 wide, windows of 112 pixels, full attention in
+# blocks 7, 15, 23, 31) whose 2x2 patch merger feeds Qwen2.5-3B (36 layers, 2,048 wide, 16 heads,
+# 2 for keys and values, M-RoPE sections 16/24/24). "3b": those widths, heads, windows, vocabulary
+# and rotary sections with 8 vision blocks (full attention in 3 and 7) and 6 language-model layers,
+# so that export and its checks fit this 24 GiB machine; "tiny": the same structure, narrow, with
+# at most 64 image tokens.
+QWEN2_5_VL = {"tiny": {"vision": dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1, 3]),
+                       "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=1024),
+                       "mrope": [2, 3, 3], "pixels": (56 * 56, 28 * 28 * 64), "vocab": None},
+              "3b": {"vision": dict(depth=8, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                    fullatt_block_indexes=[3, 7]),
+                     "text": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=6, num_attention_heads=16,
+                                  num_key_value_heads=2, max_position_embeddings=128000),
+                     "mrope": [16, 24, 24], "pixels": (56 * 56, 28 * 28 * 1280), "vocab": 151936}}
+
+
+def build_qwen2_5_vl(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0,
+                     realistic: bool = False) -> Path:
+    """Qwen2.5-VL (transformers' native classes, its processor and chat template): a ViT over 14-pixel
+    patches of the photo at its own aspect ratio (smart_resize between min and max pixels), windowed
+    attention, a 2x2 merger; a Qwen2 language model with 3-D rotary positions (M-RoPE). Sizes: see
+    QWEN2_5_VL. Ends at <|im_end|> or <|endoftext|>. `realistic`: a trained checkpoint's magnitudes."""
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor)
+
+    s, init = QWEN2_5_VL[size], (0.3 if conditioned else 0.02)
+    torch.manual_seed(seed)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=400 if size == "tiny" else 50000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                                                     *QWEN_VISION_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", *QWEN_VISION_TOKENS)}
+    eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    text = dict(**s["text"], vocab_size=s["vocab"] or len(tok), initializer_range=init,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": s["mrope"]},
+                bos_token_id=None, eos_token_id=eos[0], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(**s["vision"], out_hidden_size=s["text"]["hidden_size"], window_size=112, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, initializer_range=init)
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=not conditioned)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    if conditioned:
+        boost_eos(model, eos[0])
+    if realistic:
+        realistic_llm(model.model.language_model, model.lm_head, [tok.convert_tokens_to_ids("<|im_start|>")])
+        with torch.no_grad():  # image features carry the outlier dimensions as token embeddings do (else
+            # their RMSNorm, with those dimensions' gain at zero, divides by almost nothing)
+            model.model.visual.merger.mlp[2].bias[list(MASSIVE)] += torch.tensor(list(MASSIVE.values()))
+    model.generation_config.update(max_new_tokens=16, eos_token_id=eos, pad_token_id=ids["<|endoftext|>"],
+                                   bos_token_id=None)
+    model.save_pretrained(out)
+    low, high = s["pixels"]
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(min_pixels=low, max_pixels=high),
+                                    tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                                    chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    return out

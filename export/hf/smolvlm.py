@@ -14,10 +14,13 @@ is all ones and the vision graph takes whole tiles."""
 
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
 from runtime.manifest import Tiles
 
+from ..hf_random import boost_eos, corpus, realistic_llm
 from .common import pixel_settings
 from .llm import ChatCaptioner, ChatFamily
 
@@ -73,3 +76,83 @@ class SmolVLM(ChatFamily):
 
 
 FAMILY = SmolVLM()
+
+
+# The random-weight folder of this family, built offline (tests, benchmarks: python -m export random-hf;
+# export.hf_random holds the tools the families share).
+# SmolVLM's added tokens: the chat turns, and how an image is laid out in the prompt.
+SMOLVLM_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>",
+                  *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)), "<end_of_utterance>"]
+
+
+# HuggingFaceTB/SmolVLM-256M-Instruct and -500M-Instruct: SigLIP-base over 512-pixel tiles (64 features
+# each after the 4x4 pixel shuffle), SmolLM2-135M / -360M as the language model.
+SMOLVLM = {"tiny": {"vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=32, patch_size=8),
+                    "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=512),
+                    "scale_factor": 2, "tile": 32, "vocab": None},
+           "256m": {"vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                   image_size=512, patch_size=16),
+                    "text": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                 num_key_value_heads=3, max_position_embeddings=8192),
+                    "scale_factor": 4, "tile": 512, "vocab": 49280},
+           "500m": {"vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                   image_size=512, patch_size=16),
+                    "text": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                                 num_key_value_heads=5, max_position_embeddings=8192),
+                    "scale_factor": 4, "tile": 512, "vocab": 49280}}
+
+
+def smolvlm_tokenizer(vocab: int):
+    """SmolLM2's scheme: byte-level BPE, no BOS added; SmolVLM's chat and image tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>",
+                                   extra_special_tokens={"image_token": "<image>"})
+    fast.add_special_tokens({"additional_special_tokens": SMOLVLM_TOKENS})
+    return fast
+
+
+def build_smolvlm(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0, realistic: bool = False) -> Path:
+    """SmolVLM (transformers' native classes, the real processor and chat template). "tiny": 32-pixel
+    tiles, 4 features each, a 2-layer language model with grouped-query attention (4 heads, 2 for keys
+    and values); "256m" and "500m": those checkpoints' whole architectures, vocabulary included (the
+    tokenizer trained here has fewer tokens: ids beyond it decode to nothing). Generation ends at
+    <end_of_utterance> or <|im_end|> (two EOS ids). `realistic`: a trained checkpoint's magnitudes."""
+    from transformers import (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor,
+                              SmolVLMVideoProcessor)
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    s, init = SMOLVLM[size], (0.3 if conditioned else 0.02)
+    torch.manual_seed(seed)
+    tok = smolvlm_tokenizer(400 if size == "tiny" else 50000)
+    eos = [tok.convert_tokens_to_ids("<end_of_utterance>"), tok.convert_tokens_to_ids("<|im_end|>")]
+    text = dict(**s["text"], vocab_size=s["vocab"] or len(tok), rope_theta=100000.0, initializer_range=init,
+                tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=eos[0], pad_token_id=tok.pad_token_id)
+    config = SmolVLMConfig(vision_config={**s["vision"], "initializer_range": init}, text_config=text,
+                           scale_factor=s["scale_factor"], image_token_id=tok.convert_tokens_to_ids("<image>"),
+                           tie_word_embeddings=False)
+    model = SmolVLMForConditionalGeneration(config).eval()
+    if conditioned:
+        boost_eos(model, eos[0])
+    if realistic:
+        realistic_llm(model.model.text_model, model.lm_head, [tok.convert_tokens_to_ids("<|im_start|>")])
+    model.generation_config.update(max_new_tokens=16, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                                   bos_token_id=tok.bos_token_id)
+    model.save_pretrained(out)
+    tile = s["tile"]
+    tokens = (s["vision"]["image_size"] // s["vision"]["patch_size"]) ** 2 // s["scale_factor"] ** 2
+    processor = SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(do_image_splitting=True, max_image_size={"longest_edge": tile},
+                                              size={"longest_edge": 4 * tile}, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tokenizer=tok, video_processor=SmolVLMVideoProcessor(), image_seq_len=tokens, chat_template=DEFAULT_CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    return out
