@@ -4,8 +4,9 @@ Where a decoder step's time goes, by ONNX op type: ONNX Runtime's own profiler o
 steps of greedy answers (the prefills excluded; EOS off, so every answer is N tokens), for
 several packages of one model side by side (its FP32, INT8 and INT4 packages), taking turns. For each package:
 the step's median wall time, its weight-read floor (decoder weight bytes / this machine's read
-bandwidth, as benchmarks.latency measures it) and each op type's ms per step. What is not the
-weights' MatMul is the per-node cost of the step's small ops. Writes
+bandwidth, as benchmarks.latency measures it) and each op type's ms per step; beside it, the step
+unprofiled (the profiler's per-node records add to the step). What is not the weights' MatMul is
+the per-node cost of the step's small ops. Writes
 benchmarks/results/step-profile-<model>.{md,json} (or --out DIR).
 """
 
@@ -15,6 +16,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -59,15 +61,37 @@ def steps_by_op(cap: Captioner, package: Path, tokens: int, prompt_tokens: int) 
             "ops_ms": {op: round(ms, 3) for op, ms in ops.most_common()}}
 
 
+def unprofiled_step_ms(packages: list[Path], image: Path, tokens: int, threads: int, rounds: int) -> list[float]:
+    """Each package's decode ms per token without the profiler (whose per-node records add to the
+    step): answers of `tokens` and of a quarter as many, differenced, the packages and lengths taking
+    turns, medians."""
+    caps, short = [Captioner(p, provider="cpu", threads=threads) for p in packages], max(1, tokens // 4)
+    times = {(i, n): [] for i in range(len(caps)) for n in (short, tokens)}
+    for r in range(rounds + 1):  # the first round warms up
+        for n in (short, tokens):
+            for i, cap in enumerate(caps):
+                cap.eos = NO_EOS
+                start = time.perf_counter()
+                cap.caption(image, max_new_tokens=n, num_beams=1)
+                if r:
+                    times[i, n].append(time.perf_counter() - start)
+    return [round((statistics.median(times[i, tokens]) - statistics.median(times[i, short])) / (tokens - short) * 1e3, 2)
+            for i in range(len(caps))]
+
+
 def profile(packages: list[Path], image: Path, tokens: int, threads: int, rounds: int, traces: Path) -> list[dict]:
     """Each package answers once to warm up, then `rounds` times, the packages taking turns (a
-    machine's drift falls on all of them alike)."""
+    machine's drift falls on all of them alike); then the same unprofiled."""
     caps = [profiled(p, threads, traces / f"trace{i}") for i, p in enumerate(packages)]
     prompt_tokens = {}
     for _ in range(rounds + 1):
         for cap in caps:
             prompt_tokens[id(cap)] = cap.caption(image, max_new_tokens=tokens, num_beams=1).prompt_tokens
-    return [steps_by_op(cap, p, tokens, prompt_tokens[id(cap)]) for cap, p in zip(caps, packages)]
+    results = [steps_by_op(cap, p, tokens, prompt_tokens[id(cap)]) for cap, p in zip(caps, packages)]
+    del caps
+    for result, ms in zip(results, unprofiled_step_ms(packages, image, tokens, threads, rounds)):
+        result["unprofiled_step_ms"] = ms
+    return results
 
 
 def report(results: list[dict], meta: dict) -> str:
@@ -81,7 +105,8 @@ def report(results: list[dict], meta: dict) -> str:
              f"{meta['cpu']}, {meta['threads']} threads, onnxruntime {meta['onnxruntime']}; {results[0]['prompt_tokens']}-token "
              f"prompt, {results[0]['steps']} decode steps in {meta['rounds']} interleaved answers; read bandwidth {meta['read_gb_s']:.1f} GB/s", "",
              "| ms per step | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    rows = {"step (wall, median)": [r["step_ms"] for r in results],
+    rows = {"step, unprofiled (ms per token)": [r["unprofiled_step_ms"] for r in results],
+            "step, profiled (wall, median)": [r["step_ms"] for r in results],
             "weight-read floor": [r["decoder_weight_mib"] * 2**20 / (meta["read_gb_s"] * 1e9) * 1e3 for r in results],
             "MatMuls (the weights'; attention's A.V)": [r["weights_ms"] for r in results],
             "every other node": [r["nodes_ms"] - r["weights_ms"] for r in results],
