@@ -29,18 +29,24 @@ def corpus() -> list[str]:
     return [f"a photo of a {name}" for name in class_names()]
 
 
-def byte_level_tokenizer(vocab: int):
-    """GPT-2's scheme: byte-level BPE, <|endoftext|> as BOS, EOS and pad."""
-    from transformers import PreTrainedTokenizerFast
-
+def byte_level_bpe(vocab: int, special: list[str]) -> Tokenizer:
+    """A byte-level BPE (the scheme of GPT-2, BART, SmolLM2 and Qwen2) trained on the caption corpus,
+    its `special` tokens first."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    return tok
+
+
+def byte_level_tokenizer(vocab: int):
+    """GPT-2's scheme: byte-level BPE, <|endoftext|> as BOS, EOS and pad."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(vocab, ["<|endoftext|>"]), bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
 
 
 def wordpiece_tokenizer(vocab: int):
@@ -144,11 +150,6 @@ def qwen_tokenizer(vocab: int):
     """Qwen2's scheme: byte-level BPE, no BOS; chat turns and the LLaVA image placeholder."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = byte_level_bpe(vocab, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    extra_special_tokens={"image_token": "<image>"})

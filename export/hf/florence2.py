@@ -9,11 +9,11 @@ import copy
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 from torch import nn
 
 from ..check import ExportError
-from ..hf_random import corpus
+from ..hf_random import byte_level_bpe
 from ..kv import attend, cached_attention, pick, window
 from ..model import merge_heads, split_heads
 from .common import Family, HFCaptioner
@@ -190,12 +190,7 @@ def florence_tokenizer(vocab: int):
     <image> placeholder, box, polygon and OCR tokens."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = byte_level_bpe(vocab, ["<s>", "<pad>", "</s>", "<unk>"])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     tok.add_special_tokens(["<image>", *FLORENCE_TOKENS])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",

@@ -20,12 +20,11 @@ a grid crosses the contract:
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
 from runtime.manifest import Grid
 
-from ..hf_random import MASSIVE, boost_eos, corpus, realistic_llm
+from ..hf_random import MASSIVE, boost_eos, byte_level_bpe, realistic_llm
 from ..kv import attend, rotary
 from .common import pixel_settings
 from .llm import ChatCaptioner, ChatFamily, norm
@@ -169,13 +168,8 @@ def build_qwen2_5_vl(out: Path, size: str = "tiny", conditioned: bool = True, se
 
     s, init = QWEN2_5_VL[size], (0.3 if conditioned else 0.02)
     torch.manual_seed(seed)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=400 if size == "tiny" else 50000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                                                                     *QWEN_VISION_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = byte_level_bpe(400 if size == "tiny" else 50000,
+                         ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *QWEN_VISION_TOKENS])
     tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", *QWEN_VISION_TOKENS)}
     eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]

@@ -15,12 +15,11 @@ is all ones and the vision graph takes whole tiles."""
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
 from runtime.manifest import Tiles
 
-from ..hf_random import boost_eos, corpus, realistic_llm
+from ..hf_random import boost_eos, byte_level_bpe, realistic_llm
 from .common import pixel_settings
 from .llm import ChatCaptioner, ChatFamily
 
@@ -108,12 +107,7 @@ def smolvlm_tokenizer(vocab: int):
     """SmolLM2's scheme: byte-level BPE, no BOS added; SmolVLM's chat and image tokens."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = byte_level_bpe(vocab, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
                                    pad_token="<|im_end|>", unk_token="<|endoftext|>",
                                    extra_special_tokens={"image_token": "<image>"})
