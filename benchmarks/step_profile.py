@@ -1,13 +1,13 @@
 """python -m benchmarks.step_profile PKG [PKG ...] [--image IMG] [--tokens N] [--threads N]
 
 Where a decoder step's time goes, by ONNX op type: ONNX Runtime's own profiler over the decode
-steps of greedy answers (the prefills excluded; EOS off, so every answer is N tokens), for
-several packages of one model side by side (its FP32, INT8 and INT4 packages), taking turns. For each package:
-the step's median wall time, its weight-read floor (decoder weight bytes / this machine's read
-bandwidth, as benchmarks.latency measures it) and each op type's ms per step; beside it, the step
-unprofiled (the profiler's per-node records add to the step). What is not the weights' MatMul is
-the per-node cost of the step's small ops. Writes
-benchmarks/results/step-profile-<model>.{md,json} (or --out DIR).
+steps of greedy answers (the prefills excluded; EOS off, so every answer is N tokens), for several
+packages of one model side by side (its FP32, INT8 and INT4 packages), taking turns. For each
+package: the step's median wall time, its weight-read floor (decoder weight bytes / this machine's
+read bandwidth, as benchmarks.latency measures it) and each op type's ms per step; beside it, the
+step unprofiled, as benchmarks.latency measures decode ms per token (the profiler's per-node
+records add to the step). What is not the weights' MatMul is the per-node cost of the step's small
+ops. Writes benchmarks/results/step-profile-<model>.{md,json} (or --out DIR).
 """
 
 import argparse
@@ -16,7 +16,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import onnxruntime as ort
 from runtime import Captioner, ImageError, PackageError
 from runtime.graphs import Graphs, session_options
 
-from .latency import NO_EOS, decoder_weight_bytes, read_bandwidth_gb_s
+from .latency import NO_EOS, chat_variant, decoder_weight_bytes, measure, read_bandwidth_gb_s, runtime_variant
 
 RESULTS = Path(__file__).parent / "results"
 SAMPLE = Path(__file__).parent.parent / "runtime" / "samples" / "chelsea.jpg"
@@ -63,20 +62,16 @@ def steps_by_op(cap: Captioner, package: Path, tokens: int, prompt_tokens: int) 
 
 def unprofiled_step_ms(packages: list[Path], image: Path, tokens: int, threads: int, rounds: int) -> list[float]:
     """Each package's decode ms per token without the profiler (whose per-node records add to the
-    step): answers of `tokens` and of a quarter as many, differenced, the packages and lengths taking
-    turns, medians."""
-    caps, short = [Captioner(p, provider="cpu", threads=threads) for p in packages], max(1, tokens // 4)
-    times = {(i, n): [] for i in range(len(caps)) for n in (short, tokens)}
-    for r in range(rounds + 1):  # the first round warms up
-        for n in (short, tokens):
-            for i, cap in enumerate(caps):
-                cap.eos = NO_EOS
-                start = time.perf_counter()
-                cap.caption(image, max_new_tokens=n, num_beams=1)
-                if r:
-                    times[i, n].append(time.perf_counter() - start)
-    return [round((statistics.median(times[i, tokens]) - statistics.median(times[i, short])) / (tokens - short) * 1e3, 2)
-            for i in range(len(caps))]
+    step), as benchmarks.latency measures it (an answer's time after its first token, per later
+    step), the packages taking turns, medians."""
+    variants = {}
+    for i, package in enumerate(packages):
+        cap = Captioner(package, provider="cpu", threads=threads)
+        cap.eos = NO_EOS
+        chat = cap.manifest.prompting.input == "chat"
+        variants[str(i)] = chat_variant(cap, tokens) if chat else runtime_variant(cap, 1, max_new_tokens=tokens)
+    measured = measure(variants, [[image]], rounds)
+    return [measured[str(i)]["decode_ms_per_token"]["median"] for i in range(len(packages))]
 
 
 def profile(packages: list[Path], image: Path, tokens: int, threads: int, rounds: int, traces: Path) -> list[dict]:

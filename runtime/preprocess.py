@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-
-from .manifest import FixedSize, Grid, Pixels, Tiles
 # The allowed decoders, registered now rather than lazily at the first open: a process
 # that later drops privileges or is sandboxed must still be able to decode.
 from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, PpmImagePlugin  # noqa: F401
 from PIL import TiffImagePlugin, WebPImagePlugin  # noqa: F401
+
+from .manifest import FixedSize, Grid, Pixels, Tiles
 
 # Pillow opens only these; anything else (PDF, SVG, EPS, FITS...) is refused up front.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
