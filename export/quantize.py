@@ -463,14 +463,14 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
     with tempfile.TemporaryDirectory() as tmp:
         scratch, package = Path(tmp), Path(tmp) / "package"
         package.mkdir()
-        vision, decoder = (manifest["graphs"][role]["file"] for role in GRAPHS)
+        vision, decoder = (loaded.graph(role)["file"] for role in GRAPHS)
         if precision == "fp16":
             for i, name in enumerate((vision, decoder), 1):
                 to_fp16(src / name, package / name)
                 progress.update(i, f"{name} converted and checked")
             method = {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
                       "fp32_ops": FP32_OPS}
-        elif manifest["prompting"]["input"] == "chat":  # an LLM-based model: its language model is what a step reads
+        elif loaded.prompting.input == "chat":  # an LLM-based model: its language model is what a step reads
             model = onnx.load(str(src / vision))
             computing = int8_matmuls(model) if vision_compute == "int8" else 0
             save_graph(model, package / vision)
@@ -507,7 +507,7 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
                                 + ("; vision MatMuls -> per-token dynamic int8 MatMulInteger" if vision_compute == "int8" else ""),
                       "vision": measured}
         check_finite(package, loaded, precision, request)
-        shutil.copy(src / manifest["tokenizer"]["file"], package / manifest["tokenizer"]["file"])
+        shutil.copy(src / loaded.tokenizer.file, package / loaded.tokenizer.file)
         fields = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files", "graphs")}
         written = write_package(package, out, {**fields, "precision": precision, "source": {
             **manifest["source"], "quantization": {"from_package": manifest.get("name"),
