@@ -105,8 +105,8 @@ class Prompter:
                 raise ValueError("this model takes a task (--task), not a question")
             return self.prefix, [self.encoder_text(self.task(task, text))]
         if task is not None or text is not None:
-            raise ValueError("this model takes " + ("a question (--question), not a task or text" if where == "chat" else
-                                                    "no task or text" + ("; ask with --question" if where != "none" else "")))
+            takes = {"chat": "a question (--question), not a task or text", "none": "no task or text"}
+            raise ValueError("this model takes " + takes.get(where, "no task or text; ask with --question"))
         if question is None:
             if where == "encoder":
                 raise ValueError("this model answers questions: give it one (--question)")
