@@ -5,8 +5,7 @@ steps of greedy answers (the prefills excluded; EOS off, so every answer is N to
 packages of one model side by side (its FP32, INT8 and INT4 packages), taking turns. For each
 package: the step's median wall time, its weight-read floor (decoder weight bytes / this machine's
 read bandwidth, as benchmarks.latency measures it) and each op type's ms per step; beside it, the
-step unprofiled, as benchmarks.latency measures decode ms per token (the profiler's per-node
-records add to the step). What is not the weights' MatMul is the per-node cost of the step's small
+step unprofiled, each decoder run timed (the profiler's per-node records add to the step). What is not the weights' MatMul is the per-node cost of the step's small
 ops. Writes benchmarks/results/step-profile-<model>.{md,json} (or --out DIR).
 """
 
@@ -16,6 +15,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import onnxruntime as ort
 from runtime import Captioner, ImageError, PackageError
 from runtime.graphs import Graphs, session_options
 
-from .latency import NO_EOS, chat_variant, decoder_weight_bytes, measure, read_bandwidth_gb_s, runtime_variant
+from .latency import NO_EOS, decoder_weight_bytes, read_bandwidth_gb_s
 
 RESULTS = Path(__file__).parent / "results"
 SAMPLE = Path(__file__).parent.parent / "runtime" / "samples" / "chelsea.jpg"
@@ -61,17 +61,29 @@ def steps_by_op(cap: Captioner, package: Path, tokens: int, prompt_tokens: int) 
 
 
 def unprofiled_step_ms(packages: list[Path], image: Path, tokens: int, threads: int, rounds: int) -> list[float]:
-    """Each package's decode ms per token without the profiler (whose per-node records add to the
-    step), as benchmarks.latency measures it (an answer's time after its first token, per later
-    step), the packages taking turns, medians."""
-    variants = {}
-    for i, package in enumerate(packages):
-        cap = Captioner(package, provider="cpu", threads=threads)
-        cap.eos = NO_EOS
-        chat = cap.manifest.prompting.input == "chat"
-        variants[str(i)] = chat_variant(cap, tokens) if chat else runtime_variant(cap, 1, max_new_tokens=tokens)
-    measured = measure(variants, [[image]], rounds)
-    return [measured[str(i)]["decode_ms_per_token"]["median"] for i in range(len(packages))]
+    """Each package's decode step without the profiler (whose per-node records add to the step):
+    the wall time of every decoder run after an answer's prefill, the packages answering in turns,
+    medians. Timed run by run: an answer's time less its first token's, measured apart, carries the
+    vision graph's run-to-run spread (a second over SmolVLM's 13 tiles is 30 ms per token)."""
+    caps, times = [Captioner(package, provider="cpu", threads=threads) for package in packages], []
+    for cap in caps:
+        cap.eos, graph_step, ms = NO_EOS, cap.graphs.step, []
+
+        def timed_step(ids, positions, cache, *args, graph_step=graph_step, ms=ms):
+            start = time.perf_counter()
+            logits = graph_step(ids, positions, cache, *args)
+            if (cache.lengths > cache.start).all():  # a decode step: the prompt is in the cache
+                ms.append((time.perf_counter() - start) * 1e3)
+            return logits
+
+        cap.graphs.step = timed_step
+        times.append(ms)
+    for round_ in range(rounds + 1):
+        for cap, ms in zip(caps, times):
+            cap.caption(image, max_new_tokens=tokens, num_beams=1)
+            if not round_:  # the warm-up answer's steps are left out
+                ms.clear()
+    return [round(statistics.median(ms), 2) for ms in times]
 
 
 def profile(packages: list[Path], image: Path, tokens: int, threads: int, rounds: int, traces: Path) -> list[dict]:
@@ -92,6 +104,8 @@ def profile(packages: list[Path], image: Path, tokens: int, threads: int, rounds
 def report(results: list[dict], meta: dict) -> str:
     """A markdown table: op types (the 12 costliest over all packages, then the rest) by package."""
     names = [r["precision"] for r in results]
+    if len(set(names)) < len(names):  # two packages of one precision (two exports compared): their folders
+        names = [Path(r["package"]).name for r in results]
     total = Counter()
     for r in results:
         total.update(r["ops_ms"])
@@ -100,7 +114,7 @@ def report(results: list[dict], meta: dict) -> str:
              f"{meta['cpu']}, {meta['threads']} threads, onnxruntime {meta['onnxruntime']}; {results[0]['prompt_tokens']}-token "
              f"prompt, {results[0]['steps']} decode steps in {meta['rounds']} interleaved answers; read bandwidth {meta['read_gb_s']:.1f} GB/s", "",
              "| ms per step | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    rows = {"step, unprofiled (ms per token)": [r["unprofiled_step_ms"] for r in results],
+    rows = {"step, unprofiled (median)": [r["unprofiled_step_ms"] for r in results],
             "step, profiled (wall, median)": [r["step_ms"] for r in results],
             "weight-read floor": [r["decoder_weight_mib"] * 2**20 / (meta["read_gb_s"] * 1e9) * 1e3 for r in results],
             "MatMuls (the weights'; attention's A.V)": [r["weights_ms"] for r in results],

@@ -15,11 +15,15 @@ standard Attention op over the whole buffer with TensorScatter 7.3 -> 8.5 and 9.
 GroupQueryAttention reads the cache without the Slice (10% faster at a 1,000-token prefix with
 SmolVLM-256M's decoder), but its CUDA kernel takes only fp16/bf16 and it refuses several rows of
 several tokens over a non-empty cache; TensorScatter is standard ONNX, on the CPU and CUDA
-providers alike (README "The two graphs").
+providers alike (README "The two graphs"). The decoder-only language models' step, whose cost at
+batch 1 is mostly its many small nodes, takes it all the same (grouped_attention, with the
+residual sums and norms as add_rms_norm, as onnxruntime-genai's graphs do): its manifest says so
+(decoder.attention "grouped") and the runtime steps such rows one at a time.
 """
 
 from typing import NamedTuple
 
+import onnx
 import torch
 from onnxscript.values import Op, Opset
 
@@ -27,6 +31,26 @@ from onnxscript.values import Op, Opset
 # (export.package.to_decoder_opset).
 TENSOR_SCATTER, RMS_NORMALIZATION, ROTARY_EMBEDDING = (Op(Opset("", 24), name) for name in
                                                       ("TensorScatter", "RMSNormalization", "RotaryEmbedding"))
+
+
+def contrib_schema(name: str, inputs: str, outputs: str, ints: str, floats: str) -> onnx.defs.OpSchema:
+    """The part of an ONNX Runtime contrib op's schema that a translation uses (onnx does not ship
+    them): inputs of type T, or M where the name ends in "_k" or "_length" (int32), and attributes."""
+    def param(p):
+        return onnx.defs.OpSchema.FormalParameter(p, "M" if p.endswith(("_k", "_length")) else "T")
+    attr = onnx.defs.OpSchema.AttrType
+    return onnx.defs.OpSchema(
+        name, "com.microsoft", 1, inputs=[param(p) for p in inputs.split()], outputs=[param(p) for p in outputs.split()],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[onnx.defs.OpSchema.Attribute(a, attr.INT) for a in ints.split()]
+        + [onnx.defs.OpSchema.Attribute(a, attr.FLOAT, required=False) for a in floats.split()])
+
+
+GROUP_QUERY_ATTENTION = Op(Opset("com.microsoft", 1), "GroupQueryAttention", contrib_schema(
+    "GroupQueryAttention", "query key value past_key past_value seqlens_k total_sequence_length",
+    "output present_key present_value", "num_heads kv_num_heads", "scale"))
+SKIP_SIMPLIFIED_LAYER_NORMALIZATION = Op(Opset("com.microsoft", 1), "SkipSimplifiedLayerNormalization", contrib_schema(
+    "SkipSimplifiedLayerNormalization", "input skip gamma", "output mean inv_std_var input_skip_bias_sum", "", "epsilon"))
 
 
 @torch.library.custom_op("edgecap::cache_write", mutates_args=())
@@ -78,27 +102,92 @@ def rms_norm_onnx(x, weight, eps: float):
     return RMS_NORMALIZATION(x, weight, axis=-1, epsilon=eps)
 
 
+@torch.library.custom_op("edgecap::add_rms_norm", mutates_args=())
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + delta), x + delta): a residual connection and the norm after it, exported as
+    ONNX Runtime's SkipSimplifiedLayerNormalization, one node where they took two."""
+    total = x + delta
+    return rms_norm(total, weight, eps), total
+
+
+@add_rms_norm.register_fake
+def _(x, delta, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def add_rms_norm_onnx(x, delta, weight, eps: float):
+    normed, _, _, total = SKIP_SIMPLIFIED_LAYER_NORMALIZATION(x, delta, weight, epsilon=eps)
+    return normed, total
+
+
 @torch.library.custom_op("edgecap::rotary", mutates_args=())
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (N, H, T, Dh) rotated by its positions' angles, cos and sin (N, T, Dh / 2) (the first half of
-    transformers' duplicated ones), as apply_rotary_pos_emb rotates halves; exported as ONNX's
-    RotaryEmbedding (opset 23), one node where rotate_half took seven."""
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int = 0) -> torch.Tensor:
+    """x (N, H, T, Dh), or (N, T, heads * Dh) given `heads`, rotated by its positions' angles, cos
+    and sin (N, T, Dh / 2) (the first half of transformers' duplicated ones), as
+    apply_rotary_pos_emb rotates halves; exported as ONNX's RotaryEmbedding (opset 23), one node
+    where rotate_half took seven. The (N, T, heads * Dh) form is the projection's own layout: the
+    language model's step rotates q and k without reshaping them into heads."""
+    if heads:
+        n, t, _ = x.shape
+        return rotary(x.view(n, t, heads, -1).transpose(1, 2), cos, sin).transpose(1, 2).reshape(n, t, -1)
     half = x.shape[-1] // 2
     cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 @rotary.register_fake
-def _(x, cos, sin):
+def _(x, cos, sin, heads=0):
     return torch.empty_like(x)
 
 
-def rotary_onnx(x, cos, sin):
-    return ROTARY_EMBEDDING(x, cos, sin)
+def rotary_onnx(x, cos, sin, heads: int = 0):
+    return ROTARY_EMBEDDING(x, cos, sin, num_heads=heads) if heads else ROTARY_EMBEDDING(x, cos, sin)
+
+
+class Written(NamedTuple):
+    """The cache's extent after a step, as GroupQueryAttention takes it (int32), computed once per
+    step: each row's written slots less one, and the longest row's."""
+
+    last: torch.Tensor  # (N,)
+    total: torch.Tensor  # ()
+
+
+def written(cache_lengths: torch.Tensor, t: int) -> Written:
+    return Written((cache_lengths + t - 1).to(torch.int32), (cache_lengths.max() + t).to(torch.int32))
+
+
+@torch.library.custom_op("edgecap::grouped_attention", mutates_args=())
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
+                      past_value: torch.Tensor, last: torch.Tensor, total: torch.Tensor, heads: int, kv_heads: int,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder-only language model's attention as one node: the new tokens' q (N, T, heads * Dh),
+    k and v (N, T, kv_heads * Dh), in the projections' layout, written into the cache after each
+    row's slots (`written`: `last` is the last slot the step writes) and attended causally:
+    (output (N, T, heads * Dh), present key, present value). Computed here as cached_attention;
+    exported as ONNX Runtime's GroupQueryAttention, which writes the cache in place and reads it
+    up to each row's length, so the step keeps no Reshape, Transpose, Slice, mask or softmax nodes
+    of its own (16 fewer per layer)."""
+    n, t, _ = q.shape
+    heads_of = lambda x, h: x.view(n, t, h, -1).transpose(1, 2)
+    out, present_key, present_value = cached_attention(heads_of(q, heads), heads_of(k, kv_heads), heads_of(v, kv_heads),
+                                                       past_key, past_value, window(last.long() + 1 - t, t), scale)
+    return out.transpose(1, 2).reshape(n, t, -1), present_key, present_value
+
+
+@grouped_attention.register_fake
+def _(q, k, v, past_key, past_value, last, total, heads, kv_heads, scale):
+    return torch.empty_like(q), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+def grouped_attention_onnx(q, k, v, past_key, past_value, last, total, heads: int, kv_heads: int, scale: float):
+    return GROUP_QUERY_ATTENTION(q, k, v, past_key, past_value, last, total, num_heads=heads, kv_num_heads=kv_heads,
+                                 scale=scale)
 
 
 TRANSLATIONS = {torch.ops.edgecap.cache_write.default: cache_write_onnx,
-                torch.ops.edgecap.rms_norm.default: rms_norm_onnx, torch.ops.edgecap.rotary.default: rotary_onnx}
+                torch.ops.edgecap.rms_norm.default: rms_norm_onnx, torch.ops.edgecap.rotary.default: rotary_onnx,
+                torch.ops.edgecap.grouped_attention.default: grouped_attention_onnx,
+                torch.ops.edgecap.add_rms_norm.default: add_rms_norm_onnx}
 
 
 def slots(lengths: torch.Tensor, t: int) -> torch.Tensor:

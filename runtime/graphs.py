@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from .manifest import WEIGHT_ONLY, Decoder, memory_roles
 from .search import (Cache, GenerationConfig, State, cached, capacity, generate, initial_state, memory_feeds,
-                     prefix_logits, start, text_logprobs, uncached)
+                     prefix_logits, start, take_rows, text_logprobs, uncached)
 
 CPU = ["CPUExecutionProvider"]
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -92,6 +92,14 @@ def ort_value(x) -> ort.OrtValue:
     return x.value if isinstance(x, DeviceTensor) else ort.OrtValue.ortvalue_from_numpy(x)
 
 
+def row_of(cache: Cache, r: int) -> Cache:
+    """Row r of a host cache, its buffers views of the whole's (a device cache's rows are copies)."""
+    if isinstance(cache, DeviceCache):
+        raise ValueError("a step of several rows of several tokens over a written device cache")
+    return replace(cache, keys=[k[r : r + 1] for k in cache.keys], values=[v[r : r + 1] for v in cache.values],
+                   lengths=cache.lengths[r : r + 1], start=cache.start[r : r + 1])
+
+
 class Graphs:
     """vision: pixels [+ text ids] -> the decoder's memory, per layer (cross-attention keys and
     values, or a prefix of the cache); decoder: one step over the cache (runtime.search).
@@ -140,6 +148,12 @@ class Graphs:
 
     def step(self, ids: np.ndarray, positions: np.ndarray, cache: Cache, memory: tuple, logit_index: np.ndarray):
         """The decoder-step graph as a `GraphStep`: writes the cache in place, returns the logits."""
+        if self.spec.attention == "grouped" and ids.shape[0] > 1 and ids.shape[1] > 1 and cache.lengths.any():
+            # GroupQueryAttention takes several tokens over a written cache one row at a time; a
+            # row of the cache is a view of its buffers, written in place as the whole is.
+            return np.concatenate([self.step(ids[r : r + 1], positions[r : r + 1], row_of(cache, r),
+                                             tuple([take_rows(x, [r]) for x in layers] for layers in memory),
+                                             logit_index[r : r + 1]) for r in range(len(ids))])
         binding = self.decoder.io_binding()
         binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in the order bound
         for name, value in (("input_ids", ids), ("position_ids", positions), ("cache_lengths", cache.lengths),

@@ -28,7 +28,7 @@ WEIGHT_ONLY = ("int8", "int4")  # precisions whose weights alone are quantized, 
 REQUIRED = ("format", "format_version", "name", "precision", "files", "graphs", "dims", "decoder", "preprocess",
             "tokenizer", "generation", "prompting")
 GRAPHS = ("vision", "decoder")
-MEMORY_KINDS, ROPES = ("cross", "prefix", "embeddings"), ("1d", "mrope")
+MEMORY_KINDS, ROPES, ATTENTIONS = ("cross", "prefix", "embeddings"), ("1d", "mrope"), ("onnx", "grouped")
 PROMPT_INPUTS = ("none", "prompt", "encoder", "task", "chat")
 
 
@@ -55,12 +55,18 @@ class Decoder:
     # "1d": one position per token; "mrope": Qwen2-VL's 3-D rotary positions, which the step
     # computes from the 1-D ones and an `image_grid` input (runtime.search.image_grid)
     rope: str = "1d"
+    # "onnx": attention in standard ONNX ops; "grouped": ONNX Runtime's GroupQueryAttention (one
+    # node per layer), which takes several tokens over a written cache one row at a time
+    # (runtime.graphs.Graphs.step runs such a step row by row)
+    attention: str = "onnx"
 
     def __post_init__(self):
         if self.memory not in MEMORY_KINDS:
             raise ValueError(f"manifest field decoder.memory must be one of {', '.join(MEMORY_KINDS)}")
         if self.rope not in ROPES or (self.rope == "mrope" and self.memory != "embeddings"):
             raise ValueError(f"manifest field decoder.rope must be one of {', '.join(ROPES)} (mrope with embeddings memory)")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"manifest field decoder.attention must be one of {', '.join(ATTENTIONS)}")
         if min(self.layers, self.heads, self.kv_heads, self.head_dim, self.vocab_size, self.max_positions) < 1 \
                 or self.heads % self.kv_heads or (self.memory == "embeddings") != (self.image_token is not None):
             raise ValueError("manifest field decoder is malformed")
@@ -404,6 +410,9 @@ def check_graphs(root: Path, data: dict) -> None:
             if location not in data["files"] or Path(location).name != location:
                 raise PackageError(f"{root}: {graph['file']} reads external data from {location!r}, "
                                    "which is not a file of the package")
+        if role == "decoder" and ("com.microsoft::GroupQueryAttention" in facts.ops) != (data["decoder"].get("attention") == "grouped"):
+            raise PackageError(f"{root}: manifest field decoder.attention does not fit {graph['file']} "
+                               "(\"grouped\" exactly when it has GroupQueryAttention nodes)")
 
 
 def read_sections(root: Path, data: dict) -> Manifest:

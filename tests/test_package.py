@@ -175,9 +175,11 @@ def test_declared_io_must_be_the_graphs_own(package, kind):
     (lambda d: d["decoder"].update(kv_heads=3), "decoder is malformed"),
     (lambda d: d["decoder"].update(vocab_size=1000), "logits .* does not fit the manifest's decoder"),
     (lambda d: d["decoder"].update(heads=2, kv_heads=2), "cross_key.0 .* does not fit the manifest's decoder"),
+    (lambda d: d["decoder"].update(attention="flash"), "decoder.attention must be one of onnx, grouped"),
+    (lambda d: d["decoder"].update(attention="grouped"), "decoder.attention does not fit decoder.onnx"),
 ], ids=["eos-type", "eos-bool", "old-field", "missing", "early-stopping", "input", "chat-without-template",
         "input-without-graph-input", "unknown", "resample", "kind", "crop", "tiles-fields", "kv-heads", "vocabulary",
-        "heads"])
+        "heads", "attention", "attention-graph"])
 def test_malformed_manifest_values_are_one_line_errors(package, change, match):
     rewrite_manifest(package, change)
     refused(package, match)

@@ -124,11 +124,11 @@ def test_streamed_pieces_join_into_the_answer(smolvlm, images):
 def test_weight_only_packages_quantize_the_language_models_weights(quantized, precision):
     """4- and 8-bit language-model weights (MatMulNBits, the output head included; the embedding
     table GatherBlockQuantized at 4 bits, int8 + DequantizeLinear at 8, which ORT's Gather
-    quantizer refuses); attention over the cache stays FP32. That these packages keep cache = no
+    quantizer refuses); attention over the cache stays FP32, one GroupQueryAttention node per layer. That these packages keep cache = no
     cache and batched = one by one is test_matrix's; how close the answers stay to FP32 is measured
     on the held-out photos in benchmarks.parity (README)."""
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(quantized("smolvlm-real", precision) / "decoder.onnx")).graph.node}
-    assert "MatMulNBits" in ops and "MatMul" in ops
+    assert "MatMulNBits" in ops and "GroupQueryAttention" in ops and "MatMul" not in ops
     assert ("GatherBlockQuantized" in ops) == (precision == "int4")

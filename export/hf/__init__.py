@@ -74,7 +74,7 @@ def graph_shape(family, model, captioner: HFCaptioner, image_size: tuple[int, in
     layers, heads, kv_heads, head_dim, width, positions = decoders.dims(text)
     image_token = model.config.image_token_id if family.MEMORY == "embeddings" else None
     decoder = Decoder(layers, heads, kv_heads, head_dim, text.vocab_size, positions, family.MEMORY, image_token,
-                      family.ROPE)
+                      family.ROPE, family.ATTENTION)
     shape = GraphShape(decoder, 0, image_size, positions if family.INPUT in ("encoder", "task") else 0, tiles, width,
                        grid_factor)
     inputs = shape.vision_inputs(1, torch.Generator())

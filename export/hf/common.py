@@ -48,6 +48,7 @@ class Family:
     MEMORY = "cross"  # how the decoder reads the vision graph: runtime.manifest.Decoder.memory
     INPUT = "none"  # where the text a request asks goes: runtime.manifest.Prompting.input
     ROPE = "1d"  # runtime.manifest.Decoder.rope
+    ATTENTION = "onnx"  # runtime.manifest.Decoder.attention
 
     def unsupported(self, config: dict) -> str | None:
         """Why a folder of this architecture cannot be exported (read from config.json alone), or None."""

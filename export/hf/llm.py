@@ -1,6 +1,10 @@
 """The decoder step of a decoder-only language model (the Llama and Qwen2 layouts: pre-norm RMSNorm
 layers, rotary positions, grouped-query attention, a gated MLP) over transformers' own submodules
 (same weights, nothing copied), with the cache as per-layer buffers written in place (export.kv).
+At batch 1 such a step costs its nodes more than its weights (SmolVLM-256M at 4 bits reads 14 MB
+a step), so it is written in as few as the model allows: per layer one norm, one q/k/v product,
+two rotations, one attention node over the cache (GroupQueryAttention), one residual-sum-and-norm
+node after each half, and the MLP's three products.
 
 Image features enter the prompt as the processor lays it out: the k-th image placeholder of a
 sequence fed from its start takes row k of `image_features` (`feature_index` says which token takes
@@ -16,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..kv import cached_attention, pick, rms_norm, rotary, window
+from ..kv import add_rms_norm, grouped_attention, pick, rms_norm, rotary, written
 from ..check import ExportError
 from .common import Family
 
@@ -24,6 +28,11 @@ from .common import Family
 def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A Llama RMSNorm module's computation, as export.kv.rms_norm (one ONNX node)."""
     return rms_norm(x, module.weight, module.variance_epsilon)
+
+
+def add_norm(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the RMSNorm module's computation on x + delta, x + delta), as export.kv.add_rms_norm (one ONNX node)."""
+    return add_rms_norm(x, delta, module.weight, module.variance_epsilon)
 
 
 def fused(*linears: nn.Linear) -> nn.Linear:
@@ -73,29 +82,25 @@ class CausalLM(nn.Module):
         self.qkv = nn.ModuleList(fused(a.q_proj, a.k_proj, a.v_proj) for a in (layer.self_attn for layer in model.layers))
         self.gate_up = nn.ModuleList(fused(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in model.layers)
 
-    def split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        n, t, _ = x.shape
-        return x.view(n, t, heads, self.head_dim).transpose(1, 2)
-
     def forward(self, input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values, image_features,
                 feature_index, image_grid=None):
         m, sizes = self.model, [self.heads * self.head_dim, *[self.kv_heads * self.head_dim] * 2]
         x = with_features(m.embed_tokens(input_ids), image_features, feature_index)
         positions = position_ids if image_grid is None else mrope_positions(position_ids, image_grid)
-        (cos, sin), w = m.rotary_emb(x, positions), window(cache_lengths, input_ids.shape[1])
+        (cos, sin), w = m.rotary_emb(x, positions), written(cache_lengths, input_ids.shape[1])
         cos, sin = cos[..., : self.head_dim // 2], sin[..., : self.head_dim // 2]  # the halves are the same
-        keys, values = [], []
-        for i, layer in enumerate(m.layers):
-            q, k, v = self.qkv[i](norm(layer.input_layernorm, x)).split(sizes, dim=-1)
-            q, k = rotary(self.split(q, self.heads), cos, sin), rotary(self.split(k, self.kv_heads), cos, sin)
-            a, k, v = cached_attention(q, k, self.split(v, self.kv_heads), past_keys[i], past_values[i], w, self.scaling)
-            n, _, t, _ = a.shape
-            x = x + layer.self_attn.o_proj(a.transpose(1, 2).reshape(n, t, -1))
-            gate, up = self.gate_up[i](norm(layer.post_attention_layernorm, x)).chunk(2, dim=-1)
-            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        keys, values, h = [], [], norm(m.layers[0].input_layernorm, x)
+        for i, layer in enumerate(m.layers):  # each residual sum and the norm after it: one node (add_norm)
+            q, k, v = self.qkv[i](h).split(sizes, dim=-1)
+            q, k = rotary(q, cos, sin, self.heads), rotary(k, cos, sin, self.kv_heads)
+            a, k, v = grouped_attention(q, k, v, past_keys[i], past_values[i], *w, self.heads, self.kv_heads, self.scaling)
+            h, x = add_norm(layer.post_attention_layernorm, x, layer.self_attn.o_proj(a))
+            gate, up = self.gate_up[i](h).chunk(2, dim=-1)
+            after = m.layers[i + 1].input_layernorm if i + 1 < len(m.layers) else m.norm
+            h, x = add_norm(after, x, layer.mlp.down_proj(layer.mlp.act_fn(gate) * up))
             keys.append(k)
             values.append(v)
-        return self.lm_head(norm(m.norm, pick(x, logit_index))), keys, values
+        return self.lm_head(pick(h, logit_index)), keys, values
 
 
 class ChatCaptioner(nn.Module):
@@ -121,7 +126,7 @@ class ChatFamily(Family):
     memory), a chat template, transformers' processor as the reference. NAME is the processor's
     family name in messages; a family says how an image is laid out in the prompt (image_layout)."""
 
-    MEMORY, INPUT = "embeddings", "chat"
+    MEMORY, INPUT, ATTENTION = "embeddings", "chat", "grouped"  # CausalLM's attention: export.kv.grouped_attention
     NAME = ""
     DEFAULT_QUESTION = ""  # what the package asks when a request asks nothing (its model card's)
 
