@@ -29,13 +29,13 @@ def corpus() -> list[str]:
     return [f"a photo of a {name}" for name in class_names()]
 
 
-def byte_level_bpe(vocab: int, special: list[str]) -> Tokenizer:
-    """A byte-level BPE (the scheme of GPT-2, BART, SmolLM2 and Qwen2) trained on the caption corpus,
-    its `special` tokens first."""
+def byte_level_bpe(vocab: int, special: list[str], texts: list[str] = ()) -> Tokenizer:
+    """A byte-level BPE (the scheme of GPT-2, BART, SmolLM2 and Qwen2) trained on the caption corpus
+    and `texts`, its `special` tokens first."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
+    tok.train_from_iterator(corpus() + list(texts), trainers.BpeTrainer(
         vocab_size=vocab, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     return tok

@@ -19,7 +19,7 @@ from torch import nn
 
 from runtime.manifest import Tiles
 
-from ..hf_random import boost_eos, byte_level_bpe, realistic_llm
+from ..hf_random import boost_eos, byte_level_bpe, corpus, realistic_llm
 from .common import pixel_settings
 from .llm import ChatCaptioner, ChatFamily
 
@@ -107,7 +107,9 @@ def smolvlm_tokenizer(vocab: int):
     """SmolLM2's scheme: byte-level BPE, no BOS added; SmolVLM's chat and image tokens."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = byte_level_bpe(vocab, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    # Paragraphs teach it "\n\n" as one token, as SmolLM2's has it: the processor writes it before the
+    # global image, and llama.cpp's SmolVLM support looks that token up (a peer run needs it).
+    tok = byte_level_bpe(vocab, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], [f"{line}.\n\n" for line in corpus()])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
                                    pad_token="<|im_end|>", unk_token="<|endoftext|>",
                                    extra_special_tokens={"image_token": "<image>"})
