@@ -7,6 +7,7 @@ step always runs with IO binding: each layer's cache buffer is bound as both its
 and its `present_` output, so the step's TensorScatter writes the new tokens' keys and values
 in place and nothing of the cache is copied (export/kv.py)."""
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,15 +20,24 @@ from .search import (Cache, GenerationConfig, State, cached, capacity, generate,
 
 CPU = ["CPUExecutionProvider"]
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Idle pool threads spin this long for more work before they sleep. Each of a decode step's hundreds of
+# small kernels hands work to the pool, and waking sleeping threads for each cost SmolVLM-256M's INT4
+# step 20% (11.4 -> 9 ms); onnxruntime's unbounded default spin let one session's idle threads take the
+# cores the other session's next run needs (the bundled model 2x slower per caption on 2 cores). Bounded,
+# both gain: the bundled INT8 caption 27 -> 23 ms (same run, interleaved processes). The bound needs
+# onnxruntime 1.26 (session.intra_op.spin_duration_us); older ones do not spin at all.
+SPIN_US = "500"
+BOUNDED_SPIN = tuple(int(part) for part in ort.__version__.split(".")[:2]) >= (1, 26)
 
 
 def session_options(precision: str, threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    # Two sessions run alternately; idle pool threads spinning after one session's run
-    # steal the cores the next one needs (2x slower per caption on a 2-core box).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if BOUNDED_SPIN:
+        opts.add_session_config_entry("session.intra_op.spin_duration_us", SPIN_US)
+    else:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if precision in WEIGHT_ONLY:
         # Conv weights are stored int8 + DequantizeLinear: fold them to FP32 at load
         # rather than dequantize at every run (ORT's int8 convolutions ran the bundled CNN 2.6x slower).
@@ -112,6 +122,8 @@ class Graphs:
         self.vision_io, self.memory = io_names(vision), memory_roles(spec)
         inputs = {i.name: i for i in decoder.get_inputs()}
         self.dtype = DTYPES[inputs["past_key.0"].type]  # the cache's: fp16 packages keep it in fp16
+        self.logits_dtype = DTYPES[next(o.type for o in decoder.get_outputs() if o.name == "logits")]
+        self.held = threading.local()  # cache_binding's
 
     @classmethod
     def open(cls, vision: Path, decoder: Path, spec: Decoder, precision: str = "fp32") -> "Graphs":
@@ -146,6 +158,23 @@ class Graphs:
                               for buffers in (state.cache.keys, state.cache.values)), state.cache.lengths, state.cache.start)
         return initial_state(cache, () if self.spec.memory == "prefix" else outputs)
 
+    def cache_binding(self, cache: Cache) -> ort.IOBinding:
+        """A binding of the decoder step with `cache`'s buffers bound as both past and present, made
+        once per cache and kept for its steps, one per thread: binding a step's 2 x layers buffers
+        anew took SmolVLM-256M's INT4 step ~0.4 of the 1 ms it spent outside the graph. A cache keeps
+        its buffer lists while it advances and reorders (in place); a selected one has new lists."""
+        held = self.held.__dict__
+        if held.get("keys") is not cache.keys or held.get("values") is not cache.values:
+            binding = self.decoder.io_binding()
+            for kind, buffers in (("key", cache.keys), ("value", cache.values)):
+                for i, buffer in enumerate(buffers):
+                    value = ort_value(buffer)
+                    binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
+                    binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
+            # Holding the lists keeps their buffers alive while bound (and no new list reuses their id).
+            held.update(keys=cache.keys, values=cache.values, binding=binding)
+        return held["binding"]
+
     def step(self, ids: np.ndarray, positions: np.ndarray, cache: Cache, memory: tuple, logit_index: np.ndarray):
         """The decoder-step graph as a `GraphStep`: writes the cache in place, returns the logits."""
         if self.spec.attention == "grouped" and ids.shape[0] > 1 and ids.shape[1] > 1 and cache.lengths.any():
@@ -154,23 +183,20 @@ class Graphs:
             return np.concatenate([self.step(ids[r : r + 1], positions[r : r + 1], row_of(cache, r),
                                              tuple([take_rows(x, [r]) for x in layers] for layers in memory),
                                              logit_index[r : r + 1]) for r in range(len(ids))])
-        binding = self.decoder.io_binding()
-        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in the order bound
+        binding = self.cache_binding(cache)
         for name, value in (("input_ids", ids), ("position_ids", positions), ("cache_lengths", cache.lengths),
                             ("logit_index", logit_index)):
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
-        for kind, buffers in (("key", cache.keys), ("value", cache.values)):
-            for i, buffer in enumerate(buffers):
-                value = ort_value(buffer)
-                binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
-                binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
         for name, value in memory_feeds(self.spec, memory, ids, cache).items():
             if isinstance(value, np.ndarray) and value.dtype == np.int64:
                 binding.bind_cpu_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, ort_value(value))
+        # Into an array of ours: get_outputs() would wrap every bound output, the caches' too.
+        logits = np.empty((*logit_index.shape, self.spec.vocab_size), self.logits_dtype)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.decoder.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return logits
 
     def generate(self, pixels: np.ndarray, prompt: np.ndarray, eos_id: int, cfg: GenerationConfig,
                  cache: bool = True, inputs: list[np.ndarray] = ()) -> list[list[int]]:
