@@ -53,6 +53,61 @@ class Variant:
     vision: Callable | None = None
     first_token: Callable | None = None
     weight_bytes: int | None = None  # decoder weights read per step, for the floor
+    clock: "StepClock | None" = None  # marks each decoder step of `caption`
+
+
+class StepClock:
+    """The start and end of each decoder step of an answer, marked from inside the engine (a wrapper
+    on the runtime's step; hooks on a torch model's language model and output head). Decode ms per
+    token is the time from the first step's end (the first token) to the last's over the steps
+    between, and the first step's own time is the prompt's prefill (with whatever an engine runs
+    inside its first step: GIT's image encoder), inside one answer: subtracting a separately timed
+    first token, or vision, would carry the vision's run-to-run spread, which for a 16 s vision
+    tower is more than a 10 ms step (measured: +-10 ms per token) or a 1 s prefill."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def start(self, *_):
+        self.starts.append(time.perf_counter())
+
+    def end(self, *_):
+        self.ends.append(time.perf_counter())
+
+    def around(self, step: Callable) -> Callable:
+        def timed_step(*args, **kwargs):
+            self.start()
+            out = step(*args, **kwargs)
+            self.end()
+            return out
+        return timed_step
+
+    def read(self) -> tuple[float | None, float | None]:
+        """(the first step's ms, ms per later step) of the answer since the last read, or None."""
+        (starts, ends), self.starts, self.ends = (self.starts, self.ends), [], []
+        first = (ends[0] - starts[0]) * 1000 if starts and ends else None
+        return first, (ends[-1] - ends[0]) * 1000 / (len(ends) - 1) if len(ends) > 1 else None
+
+
+_CLOCKS: dict[int, StepClock] = {}
+
+
+def step_clock(engine) -> StepClock:
+    """An engine's one clock (scenarios share engines), on what runs once per decoder step: a runtime
+    Captioner's graph step, an eager Reference's step, a transformers model's language model (its
+    start) and output head (its end)."""
+    if id(engine) not in _CLOCKS:
+        clock = _CLOCKS[id(engine)] = StepClock()
+        if hasattr(engine, "graphs"):
+            engine.graphs.step = clock.around(engine.graphs.step)
+        elif hasattr(engine, "graph_step"):
+            engine.graph_step = clock.around(engine.graph_step)
+        else:  # BLIP keeps its output head in its text decoder
+            model = engine.model
+            model.get_decoder().register_forward_pre_hook(clock.start)
+            (model.get_output_embeddings() or model.text_decoder.get_output_embeddings()).register_forward_hook(clock.end)
+    return _CLOCKS[id(engine)]
 
 
 def timed(fn, *args):
@@ -67,10 +122,11 @@ def summary(values) -> dict:
 
 def measure(variants: dict[str, Variant], batches: list[list], rounds: int) -> dict:
     """Per variant: ms per caption (per batch / batch size), ms per generated token (every
-    step is a graph run, EOS included), vision ms, time to first token, decode ms per token
-    (the caption's time after its first token, per later step), images/s."""
+    step is a graph run, EOS included), vision ms, time to first token, the first decoder step's
+    ms and decode ms per token (StepClock: inside each answer, where the engine's steps can be
+    marked), images/s."""
     samples = {name: {"caption_ms": [], "ms_per_token": [], "vision_ms": [], "first_token_ms": [],
-                      "decode_ms_per_token": [], "images_s": []} for name in variants}
+                      "first_step_ms": [], "decode_ms_per_token": [], "images_s": []} for name in variants}
     same = dict.fromkeys(variants, 0)
     for v in variants.values():  # warm-up: allocations, thread pools, lazy init
         v.caption(batches[0])
@@ -79,7 +135,10 @@ def measure(variants: dict[str, Variant], batches: list[list], rounds: int) -> d
             first = None
             for name, v in variants.items():
                 s = samples[name]
+                if v.clock:
+                    v.clock.read()  # forgets the warm-up's and the other timings' steps
                 ms, tokens = timed(v.caption, batch)
+                first_step, decode = v.clock.read() if v.clock else (None, None)
                 first = tokens if first is None else first
                 same[name] += tokens == first
                 s["caption_ms"].append(ms / len(batch))
@@ -89,8 +148,10 @@ def measure(variants: dict[str, Variant], batches: list[list], rounds: int) -> d
                     s["vision_ms"].append(timed(v.vision, batch)[0])
                 if v.first_token:
                     s["first_token_ms"].append(timed(v.first_token, batch)[0])
-                    later_steps = max(len(t) for t in tokens)  # steps after the first, the EOS one included
-                    s["decode_ms_per_token"].append((ms - s["first_token_ms"][-1]) / max(later_steps, 1))
+                if first_step is not None:
+                    s["first_step_ms"].append(first_step)
+                if decode is not None:
+                    s["decode_ms_per_token"].append(decode)
     return {name: {k: summary(vals) for k, vals in s.items() if vals}
             | {"same_tokens_as_first": same[name] / (rounds * len(batches))} for name, s in samples.items()}
 
@@ -143,7 +204,7 @@ def runtime_variant(cap, beams: int, task: str | None = None, max_new_tokens: in
 
     return Variant(lambda b: [c.tokens for c in cap.caption(b, num_beams=beams, batch_size=8, task=task,
                                                             max_new_tokens=max_new_tokens)],
-                   encode, first_token, decoder_weight_bytes(cap.manifest.root))
+                   encode, first_token, decoder_weight_bytes(cap.manifest.root), step_clock(cap))
 
 
 def bundled_scenarios(args, threads: int) -> dict:
@@ -175,7 +236,7 @@ def bundled_scenarios(args, threads: int) -> dict:
             return prefill(cached(ref.graph_step), state, np.tile(ref.prompt, (len(batch), 1)))
 
         out = {"eager PyTorch": Variant(eager(lambda b: ref.generate(b, cfg)), eager(lambda b: ref.cross(ref.pixels(b))),
-                                        eager(eager_first), decoder_weight_bytes(package)),
+                                        eager(eager_first), decoder_weight_bytes(package), step_clock(ref)),
                "runtime FP32": runtime_variant(cap, beams)}
         if int8:
             out["runtime INT8"] = runtime_variant(int8[n_threads], beams)
@@ -192,19 +253,22 @@ def bundled_scenarios(args, threads: int) -> dict:
 
 class Peer:
     """optimum-onnx in its own interpreter (benchmarks/peer_optimum.py), driven over a pipe:
-    one JSON line per caption call (the round trip adds about 0.1 ms to calls of ~1 s)."""
+    one JSON line per caption call (the round trip adds about 0.1 ms to calls of ~1 s); the ends of
+    its decoder steps, on the clock this process reads, go to `clock`."""
 
     def __init__(self, python: str, folder: Path, cache: Path, threads: int):
         self.proc = subprocess.Popen([python, str(Path(__file__).parent / "peer_optimum.py"), str(folder), str(cache),
                                       str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready = json.loads(self.proc.stdout.readline())
-        self.version = ready["optimum"]
+        self.version, self.clock = ready["optimum"], StepClock()
 
     def caption(self, batch, max_new_tokens: int, num_beams: int) -> list[list[int]]:
         self.proc.stdin.write(json.dumps({"images": [str(i) for i in batch], "max_new_tokens": max_new_tokens,
                                           "num_beams": num_beams}) + "\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())["tokens"]
+        reply = json.loads(self.proc.stdout.readline())
+        self.clock.ends += reply["marks"]
+        return reply["tokens"]
 
     def close(self):
         self.proc.stdin.close()
@@ -243,12 +307,13 @@ def hf_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
         cfg = GenerationConfig(max_new_tokens=cap.defaults.max_new_tokens, num_beams=beams)
         first = replace(cfg, max_new_tokens=1)  # transformers: image processor, encoder, one decoder step
         variants = {"transformers generate": Variant(eager(lambda b, cfg=cfg: ref.generate(b, cfg)), eager(eager_vision),
-                                                     eager(lambda b, first=first: ref.generate(b, first)), weights),
+                                                     eager(lambda b, first=first: ref.generate(b, first)), weights,
+                                                     step_clock(ref)),
                     "runtime FP32": runtime_variant(cap, beams), "runtime INT8": runtime_variant(cap_int8, beams)}
         if peer:
             variants["optimum ORTModelForVision2Seq"] = Variant(
                 lambda b, cfg=cfg: peer.caption(b, cfg.max_new_tokens, cfg.num_beams),
-                first_token=lambda b, beams=beams: peer.caption(b, 1, beams), weight_bytes=weights)
+                first_token=lambda b, beams=beams: peer.caption(b, 1, beams), weight_bytes=weights, clock=peer.clock)
         scenarios[f"{args.hf.name}, batch 1, {'greedy' if beams == 1 else 'beam 4'}, {threads} threads"] = (
             variants, [[i] for i in images])
     notes["peer"] = peer
@@ -379,7 +444,7 @@ def florence2_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
                             in_torch(lambda b, cfg=cfg, task=task: ref.generate(b, cfg, task=task), threads),
                             in_torch(eager_vision, threads),
                             in_torch(lambda b, first=first, task=task: ref.generate(b, first, task=task), threads),
-                            weights),
+                            weights, step_clock(ref)),
                         "runtime FP32": runtime_variant(cap, beams, task, args.max_tokens),
                         "runtime INT8": runtime_variant(cap_int8, beams, task, args.max_tokens)}
             scenarios[f"Florence-2, {task}, batch 1, {'greedy' if beams == 1 else 'beam 3'}, at most "
@@ -417,7 +482,7 @@ def chat_variant(cap, max_new_tokens: int) -> Variant:
         return prefill(cached(cap.graphs.step), state, prompt[None])
 
     return Variant(lambda b: [c.tokens for c in cap.caption(b, max_new_tokens=max_new_tokens)], encode, first_token,
-                   decoder_weight_bytes(cap.manifest.root))
+                   decoder_weight_bytes(cap.manifest.root), step_clock(cap))
 
 
 def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
@@ -470,7 +535,7 @@ def chat_scenarios(args, threads: int, work: Path) -> tuple[dict, dict]:
 
     variants = {"transformers generate": Variant(in_torch(lambda b: ref.generate(b, cfg), threads), in_torch(hf_vision, threads),
                                                  in_torch(lambda b: ref.generate(b, first), threads),
-                                                 decoder_weight_bytes(package)),
+                                                 decoder_weight_bytes(package), step_clock(ref)),
                 **{f"runtime {name}": chat_variant(c, tokens) for name, c in caps.items()}}
     scenarios = {f"{args.chat.name}, one photo ({seen}, {len(prompt)}-token prompt), {tokens} tokens, "
                  f"greedy, {threads} threads": (variants, [[image]])}
@@ -638,10 +703,9 @@ def report(scenarios: dict, meta: dict) -> str:
                   + "; ".join(f"{name} {ms:.0f} ms" for name, ms in meta["text_encoder_ms"].items()) + "."]
     if "prompt_tokens" in meta:  # a chat model: prefill rate, and the cache a step reads beside its weights
         results = next(iter(scenarios.values()))
-        rates = {name: meta["prompt_tokens"] / (r["first_token_ms"]["median"] - r["vision_ms"]["median"]) * 1000
-                 for name, r in results.items()}
-        lines += ["", f"Prompt: {meta['tiles']}, {meta['prompt_tokens']} tokens. Prefill (time to first token less the "
-                  "vision column): " + "; ".join(f"{name} {rate:.0f} tokens/s" for name, rate in rates.items())
+        rates = {name: meta["prompt_tokens"] / r["first_step_ms"]["median"] * 1000 for name, r in results.items()}
+        lines += ["", f"Prompt: {meta['tiles']}, {meta['prompt_tokens']} tokens. Prefill (the first decoder step, "
+                  "timed inside each answer): " + "; ".join(f"{name} {rate:.0f} tokens/s" for name, rate in rates.items())
                   + f". The floor counts the decoder's weights only; a step mid-answer also reads "
                   f"{meta['cache_mib_mid_answer']:.0f} MiB of FP32 cache."]
     if "llama_cpp" in meta:

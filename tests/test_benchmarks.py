@@ -23,6 +23,9 @@ def test_latency_quick_reports_both_variants(tmp_path):
     for r in results.values():
         assert r["same_tokens_as_first"] == 1.0  # the engines agree on what they timed
         assert r["vision_ms"]["median"] > 0 and r["first_token_ms"]["median"] > 0
+        # marked inside each answer: its first step, and its first token to its last, within its time
+        assert 0 < r["first_step_ms"]["median"] < r["caption_ms"]["median"]
+        assert 0 < r["decode_ms_per_token"]["median"] < r["caption_ms"]["median"]
         assert 0 < r["floor_ms"] < r["ms_per_token"]["median"] < r["caption_ms"]["median"]
         assert r["caption_ms"]["median"] <= r["caption_ms"]["p90"]
 
