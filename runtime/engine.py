@@ -239,9 +239,10 @@ class Captioner:
         return to_pixels(rgb, spec)[None], (0, 0)
 
     def chat_features(self, tiles: np.ndarray) -> np.ndarray:
-        """One image's tiles through the vision graph in one pass: its features (K, D) in prompt order."""
-        (features,), = self.graphs.encode(tiles)
-        features = host(features)
+        """One image's tiles through the vision graph one tile per run: its features (K, D) in prompt
+        order. SmolVLM-256M's 13 tiles of a photo in one run took 3.6 GiB and 19.7-22 s, one by one
+        830 MiB and 15.4-16.3 s (the activations of a tile stay in cache; the same features)."""
+        features = np.concatenate([host(self.graphs.encode(tiles[i : i + 1])[0][0]) for i in range(len(tiles))])
         return features.reshape(-1, features.shape[-1])
 
     def chat_input(self, image, question: str | None, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray, tuple]:
