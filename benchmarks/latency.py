@@ -13,7 +13,8 @@ Engines side by side in one process: each scenario's rounds interleave the varia
 - With --chat DIR (alone; an LLM-based model's folder): transformers' processor + `generate` vs the
   runtime FP32, INT8 and INT4, one photo and its default question, every answer --max-tokens long
   (EOS off), and whole processes; with --llama-mtmd BIN --gguf MMPROJ MODEL..., llama.cpp's
-  llama-mtmd-cli on the same folder converted to GGUF, as a peer. Into latency-chat-<model_type>-cpu.*.
+  llama-mtmd-cli on the same folder converted to GGUF (benchmarks.gguf_peer), as a peer. Into
+  latency-chat-<model_type>-cpu.*.
 - With --florence2 DIR (alone): transformers' Florence-2 processor + `generate` vs the runtime FP32
   and INT8 (`--vision-compute int8`), <CAPTION> and <OD>, greedy and beam 3, and whole processes'
   cold start and peak RSS, into latency-florence2-cpu.*.

@@ -63,3 +63,20 @@ def test_step_profile_splits_the_bundled_steps_by_op_type(tmp_path):
     assert "MatMulNBits" in int8["ops_ms"] and "MatMulNBits" not in fp32["ops_ms"]
     assert 0 < fp32["weights_ms"] <= fp32["nodes_ms"] and "unprofiled_step_ms" in int8
     assert next(tmp_path.glob("step-profile-*.md")).read_text().startswith("# Decoder step profile")
+
+
+def test_gguf_peer_prepares_a_copy_the_converter_reads(hf_model, tmp_path):
+    """What llama.cpp's converter needs of a folder transformers 5 wrote, on a copy; other families refused."""
+    import pytest
+
+    from benchmarks.gguf_peer import prepared
+
+    src, _ = hf_model("smolvlm")
+    before = (src / "config.json").read_text()
+    hf, pre = prepared(src, tmp_path)
+    config, tokenizer = (json.loads((hf / name).read_text()) for name in ("config.json", "tokenizer_config.json"))
+    assert pre == "smollm" and config["text_config"]["architectures"] == ["VLlama3ForCausalLM"]
+    assert "<image>" in tokenizer["additional_special_tokens"] and "extra_special_tokens" not in tokenizer
+    assert (src / "config.json").read_text() == before
+    with pytest.raises(SystemExit, match="converts smolvlm folders"):
+        prepared(hf_model("git")[0], tmp_path)

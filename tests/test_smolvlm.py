@@ -47,6 +47,14 @@ def test_tiles_and_prompt_ids_equal_the_processors(smolvlm, images):
     assert {(4, 4), (3, 4), (2, 4)} <= set(grids)
 
 
+def test_the_tokenizer_writes_a_paragraph_break_as_one_token_as_smollm2s_does(smolvlm):
+    """The processor writes "\n\n" before the global image; SmolLM2's tokenizer has it as one token,
+    and llama.cpp's SmolVLM support looks that token up (benchmarks.gguf_peer's peer run)."""
+    captioner = Captioner(smolvlm["tiny"][1], provider="cpu")
+    paragraph = captioner.tokenizer.encode("\n\n", add_special_tokens=False).ids
+    assert len(paragraph) == 1 and paragraph[0] in captioner.prompting.chat(None, [(2, 2)]).tolist()
+
+
 def test_the_realistic_model_is_exact_and_its_logits_agree_relative_to_their_scale(smolvlm, images):
     from export.hf.smolvlm import FAMILY
     import torch
