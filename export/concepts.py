@@ -21,6 +21,7 @@ THRESHOLD_FACE = 0.7  # the detector's last stage: weaker faces are zeros (expor
 MAIN_SURE = 0.5  # the whole photo's top class (or its group's mass) at this or more is named unhedged
 REGION_SURE = 0.7  # a region's top class at this probability or more is an object in the photo
 EXTRAS = 2  # objects named besides the main one
+WORN_SURE = 0.3  # one person and nothing else named: a worn class at this probability or more is what they wear
 # What people wear: with a face in the photo, the classifier's answer is the person's clothes.
 WORN = frozenset({
     "abaya", "academic gown", "apron", "bow tie", "brassiere", "bulletproof vest", "cardigan", "cowboy hat",
@@ -185,6 +186,12 @@ def scene_objects(ids, probs, region_ids, region_probs, with_people: bool) -> li
     return named
 
 
+def wearing(ids, probs, count: int, objects: list[str]) -> bool:
+    """Whether the caption says what one person wears: the whole photo's top class, when it is worn
+    and nothing else is named."""
+    return count == 1 and not objects and ids[0] in worn_ids() and probs[0] >= WORN_SURE
+
+
 def describe_scene(ids, probs, region_ids, region_probs, faces) -> str:
     """Training target for what the vision graph sees: people first (with what they hold or wear),
     then the objects; a photo with one object and no people gets `describe`'s sentence."""
@@ -194,7 +201,7 @@ def describe_scene(ids, probs, region_ids, region_probs, faces) -> str:
     if count:
         if things:
             return f"a photo of {people(count)} with {listed(things)}"
-        if count == 1 and ids[0] in worn_ids() and probs[0] >= 0.3:
+        if wearing(ids, probs, count, objects):
             return f"a photo of a person wearing {with_article(class_names()[ids[0]])}"
         return f"a photo of {people(count)}"
     if len(things) < 2:

@@ -4,16 +4,17 @@ fixed-shape cascade that traces into the vision graph, so the runtime needs no c
 The weights are facenet-pytorch 2.6's (MIT, Copyright (c) 2019 Timothy Esler), copied from its
 wheel into export/weights/mtcnn.pt: the package itself pins torch < 2.3 and cannot be installed
 beside this project. The cascade is MTCNN's, reshaped so that no tensor's size depends on the
-image: P-Net over a fixed pyramid of the 224-pixel crop, laid side by side in one mosaic so that it
+image: P-Net over a fixed pyramid of the 224-pixel image, laid side by side in one mosaic so that it
 runs once; only local maxima count (in place of a per-scale NMS); the best CANDIDATES boxes go to
 R-Net and, after a matrix ("fast") NMS, the best REFINED to O-Net; a last fast NMS leaves distinct
 faces. Crops are bilinear samples at the net's input size. Output per image: the FACES strongest
 faces as (probability, side / 224), zeros where there are fewer.
 
-Sized toward a 2x cost budget for the vision graph (measured, 2 cores: the previous graph 7.5 ms
-per image, this one 16.5 ms, 2.2x; 3.6x at first): one P-Net pass over a mosaic instead of one per
-scale, grid_sample crops of all boxes at once instead of a copy of the image per box, 16 and 4 boxes
-for the later stages, and faces from 24 pixels (a tenth of the crop's side) up.
+Sized to a 2x cost budget for the vision graph (measured, 2 cores, interleaved: the graph before faces
+5.8 ms per image, this one 11.2 ms, 1.93x; 3.6x at first): one P-Net pass over a packed mosaic instead
+of one per scale, the smaller scales resized from the largest, PReLU in ops ONNX Runtime runs fast,
+grid_sample crops of all boxes at once instead of a copy of the image per box, 16 and 4 boxes for the
+later stages, and faces from 24 pixels (a tenth of the image's side) up.
 """
 
 import math
@@ -28,14 +29,14 @@ from .concepts import FACES
 from .encoder import IMAGE_SIZE
 
 WEIGHTS = Path(__file__).parent / "weights" / "mtcnn.pt"
-MIN_FACE = 24  # pixels of the 224-pixel crop: the smallest face looked for
+MIN_FACE = 24  # pixels of the 224-pixel image: the smallest face looked for
 SCALE_FACTOR = 0.709  # MTCNN's pyramid step
 THRESHOLDS = (0.6, 0.7, 0.7)  # P-Net, R-Net, O-Net, as facenet-pytorch's defaults
 CANDIDATES, REFINED = 16, 4
 
 
 def pyramid(size: int = IMAGE_SIZE) -> list[float]:
-    """Scales at which P-Net's 12-pixel window sees faces from MIN_FACE pixels up to the whole crop."""
+    """Scales at which P-Net's 12-pixel window sees faces from MIN_FACE pixels up to the whole image."""
     scales, scale = [], 12 / MIN_FACE
     while size * scale >= 12:
         scales.append(scale)
@@ -43,12 +44,22 @@ def pyramid(size: int = IMAGE_SIZE) -> list[float]:
     return scales
 
 
+class PReLU(nn.PReLU):
+    """PReLU as relu(x) - a * relu(-x): the same numbers, but ONNX Runtime fuses the first Relu
+    into its convolution and runs the rest as plain elementwise ops, where its PRelu kernel over a
+    (C, 1, 1) slope is slow (O-Net alone: 10.1 -> 1.6 ms for 4 crops, P-Net 12.3 -> 8.6 ms, 2 cores)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.weight.reshape(-1, *[1] * (x.dim() - 2))
+        return F.relu(x) - a * F.relu(-x)
+
+
 def conv_stack(spec: list[tuple[int, int, int, int]]) -> nn.Sequential:
     """(in, out, kernel, pool kernel or 0) per layer -> conv, PReLU[, max pool]; attribute names as
     facenet-pytorch's (conv1, prelu1, ...) so its state dicts load unchanged."""
     layers = []
     for i, (cin, cout, k, pool) in enumerate(spec, 1):
-        layers += [(f"conv{i}", nn.Conv2d(cin, cout, k)), (f"prelu{i}", nn.PReLU(cout))]
+        layers += [(f"conv{i}", nn.Conv2d(cin, cout, k)), (f"prelu{i}", PReLU(cout))]
         if pool:
             layers.append((f"pool{i}", nn.MaxPool2d(pool, 2, ceil_mode=True)))
     return nn.Sequential(OrderedDict(layers))
@@ -93,7 +104,7 @@ class DenseNet(Stage):
     def __init__(self, convs, features: int, width: int):
         super().__init__()
         self.body = conv_stack(convs)
-        self.dense, self.prelu = nn.Linear(features, width), nn.PReLU(width)
+        self.dense, self.prelu = nn.Linear(features, width), PReLU(width)
         self.prob, self.box = nn.Linear(width, 2), nn.Linear(width, 4)
         n = len(convs) + 1
         self.heads = {f"dense{n}": "dense", f"prelu{n}": "prelu", f"dense{n + 1}_1": "prob", f"dense{n + 1}_2": "box"}
@@ -102,6 +113,20 @@ class DenseNet(Stage):
         x = self.body(x).permute(0, 3, 2, 1).flatten(1)  # facenet's (Caffe's) flattening order
         x = self.prelu(self.dense(x))
         return self.box(x), self.prob(x).softmax(dim=1)[:, 1]
+
+
+def shelves(sides: list[int]) -> list[list[int]]:
+    """Scaled images (largest first, by side) into columns as tall as the largest: each goes below
+    the images of the first column with room for it (at an even row), else starts a new column."""
+    columns, used = [], []
+    for i, side in enumerate(sides):
+        column = next((k for k, rows in enumerate(used) if rows + side <= sides[0]), len(columns))
+        if column == len(columns):
+            columns.append([])
+            used.append(0)
+        columns[column].append(i)
+        used[column] += side + side % 2
+    return columns
 
 
 def square(boxes: torch.Tensor) -> torch.Tensor:
@@ -167,29 +192,42 @@ class FaceDetector(nn.Module):
         self.pnet = PNet()
         self.rnet = DenseNet([(3, 28, 3, 3), (28, 48, 3, 3), (48, 64, 2, 0)], 576, 128)
         self.onet = DenseNet([(3, 32, 3, 3), (32, 64, 3, 3), (64, 64, 3, 2), (64, 128, 2, 0)], 1152, 256)
-        # The pyramid as one mosaic, each scaled crop at an even column (P-Net's stride), so that
-        # P-Net runs once: the windows that lie inside one scaled crop are kept, the rest masked.
+        # The pyramid as one mosaic, so that P-Net runs once: columns as wide as their largest scaled
+        # image, the smaller ones stacked below a larger where they fit, each at an even row and
+        # column (P-Net's stride). The windows that lie inside one scaled image are kept, the rest
+        # masked. Stacking took the mosaic from 113 x 360 to 113 x 274 pixels.
         scales = pyramid()
         self.sides = [int(IMAGE_SIZE * scale + 1) for scale in scales]
-        starts = [sum(side + side % 2 for side in self.sides[:i]) for i in range(len(self.sides))]
-        rows, cols = self.cells(self.sides[0]), self.cells(starts[-1] + self.sides[-1])
+        self.columns = shelves(self.sides)
+        corners, left = {}, 0
+        for column in self.columns:
+            top = 0
+            for i in column:
+                corners[i] = top, left
+                top += self.sides[i] + self.sides[i] % 2
+            left += self.sides[column[0]] + self.sides[column[0]] % 2
+        rows, cols = self.cells(self.sides[0]), self.cells(left)
         r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
         valid, windows = torch.zeros(rows, cols, dtype=torch.bool), torch.zeros(rows, cols, 4)
-        for scale, side, start in zip(scales, self.sides, starts):
-            inside = (2 * c >= start) & (2 * c + 12 <= start + side) & (2 * r + 12 <= side)
-            x = 2 * c - start
-            box = torch.stack([((x + 1) / scale).floor(), ((2 * r + 1) / scale).floor(),
-                               ((x + 12) / scale).floor(), ((2 * r + 12) / scale).floor()], dim=-1)
+        for i, (scale, side) in enumerate(zip(scales, self.sides)):
+            top, left = corners[i]
+            inside = (2 * c >= left) & (2 * c + 12 <= left + side) & (2 * r >= top) & (2 * r + 12 <= top + side)
+            x, y = 2 * c - left, 2 * r - top
+            box = torch.stack([((x + 1) / scale).floor(), ((y + 1) / scale).floor(),
+                               ((x + 12) / scale).floor(), ((y + 12) / scale).floor()], dim=-1)
             valid |= inside
             windows[inside] = box[inside]
         self.register_buffer("valid", valid.float(), persistent=False)
         self.register_buffer("window_cells", valid.flatten().nonzero()[:, 0], persistent=False)
         self.register_buffer("windows", windows.reshape(-1, 4)[self.window_cells], persistent=False)
-        # Per scale, the (side, 224) matrix of an antialiased bilinear resize (torch's, applied to the
-        # identity): two MatMuls per scale, where TensorRT's Resize has no antialiasing.
-        eye = torch.eye(IMAGE_SIZE)[None, None]
+        # Per scale, the matrix of an antialiased bilinear resize (torch's, applied to the identity): two
+        # MatMuls per scale, where TensorRT's Resize has no antialiasing. The first scale is resized
+        # from the image, the others from the first (a (side, sides[0]) matrix, not (side, 224)): 56%
+        # of the multiply-adds of resizing each from the image.
         for i, side in enumerate(self.sides):
-            resize = F.interpolate(eye, size=(side, IMAGE_SIZE), mode="bilinear", align_corners=False, antialias=True)
+            source = IMAGE_SIZE if i == 0 else self.sides[0]
+            eye = torch.eye(source)[None, None]
+            resize = F.interpolate(eye, size=(side, source), mode="bilinear", align_corners=False, antialias=True)
             self.register_buffer(f"resize{i}", resize[0, 0], persistent=False)
 
     @property
@@ -209,9 +247,17 @@ class FaceDetector(nn.Module):
     def proposals(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """P-Net over the pyramid: (B, N, 4) squared boxes and (B, N) scores, zero below threshold
         and where a window is not the best of its 3x3 neighbours."""
-        height = self.sides[0]
-        canvas = torch.cat([F.pad(resize @ image @ resize.mT, (0, side % 2, 0, height - side))
-                            for side, resize in zip(self.sides, self.resizes)], dim=3)
+        height, (first, *rest) = self.sides[0], self.resizes
+        largest = first @ image @ first.mT
+        levels = [largest] + [resize @ largest @ resize.mT for resize in rest]
+        columns = []
+        for column in self.columns:
+            width = self.sides[column[0]] + self.sides[column[0]] % 2
+            # (the last image's even-row padding may pass the column's height: cut)
+            stacked = torch.cat([F.pad(levels[i], (0, width - self.sides[i], 0, self.sides[i] % 2)) for i in column],
+                                dim=2)[:, :, :height]
+            columns.append(F.pad(stacked, (0, 0, 0, height - stacked.shape[2])))
+        canvas = torch.cat(columns, dim=3)
         offsets, prob = self.pnet((canvas - 127.5) * 0.0078125)
         prob = prob * self.valid
         keep = (prob == F.max_pool2d(prob, 3, stride=1, padding=1)) & (prob >= THRESHOLDS[0])

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from . import DEFAULT_CHECKPOINT
-from .concepts import (EXTRAS, FACES, MAIN_SURE, PERSON_P, REGION_SURE, REGION_TOP_K, REGIONS, class_groups,
+from .concepts import (EXTRAS, FACES, MAIN_SURE, PERSON_P, REGION_SURE, REGION_TOP_K, REGIONS, WORN_SURE, class_groups,
                        class_names, worn_ids)
 from .encoder import NUM_CLASSES, EfficientNetLite0, load_pretrained
 from .faces import FaceDetector
@@ -156,12 +156,22 @@ class ConceptDecoder(nn.Module):
         named = torch.zeros_like(top_p).scatter(1, order, torch.stack(flags, dim=1).to(top_p.dtype))
         return main_named.to(probs.dtype), named
 
+    def wearing(self, ids, probs, count, main, regions) -> torch.Tensor:
+        """export.concepts.wearing as tensor operations, (B,) as 0/1, given `named`'s flags. Left to
+        the decoder, this threshold was rounded: a gown at 0.29 was said to be worn."""
+        nothing_named = (main == 0) & (regions.sum(dim=1) == 0)
+        return ((count == 1) & nothing_named & self.worn[ids[:, 0]] & (probs[:, 0] >= WORN_SURE)).to(probs.dtype)
+
     def memory(self, class_ids, probs, region_ids, region_probs, faces) -> torch.Tensor:
         """Whole-photo (B, K) and regions' (B, R, Kr) ids and probabilities, faces (B, F, 2) ->
-        (B, K + R * Kr + F, D). A face's probability enters also as "counts as a person"."""
+        (B, K + R * Kr + F, D). A face's probability enters also as "counts as a person". The main
+        token's flag says that the caption names its class: as an object, or as what a person wears
+        (the two exclude each other)."""
         p, size = faces.unbind(-1)
         person = (p >= PERSON_P).to(p.dtype)
-        main, regions = self.named(class_ids, probs, region_ids, region_probs, person.amax(dim=1) > 0)
+        count = person.sum(dim=1)
+        main, regions = self.named(class_ids, probs, region_ids, region_probs, count > 0)
+        main = main + self.wearing(class_ids, probs, count, main, regions)
         tokens = [self.concept_tokens(class_ids, probs, main, 0)]
         tokens += [self.concept_tokens(region_ids[:, r], region_probs[:, r], regions[:, r], r + 1)
                    for r in range(region_ids.shape[1])]

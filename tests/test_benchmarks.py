@@ -80,3 +80,18 @@ def test_gguf_peer_prepares_a_copy_the_converter_reads(hf_model, tmp_path):
     assert (src / "config.json").read_text() == before
     with pytest.raises(SystemExit, match="converts smolvlm folders"):
         prepared(hf_model("git")[0], tmp_path)
+
+
+def test_the_caption_table_has_a_judgement_for_every_caption_the_bundled_packages_give():
+    """benchmarks.captions' table is the README's measure of the bundled model: a caption that
+    nobody judged (the model or the photos changed) would show as '?'. Re-judge by looking."""
+    from benchmarks.captions import INT8, JUDGED, photos
+    from runtime import DEFAULT_MODEL, Captioner
+
+    judged = json.loads(JUDGED.read_text())
+    images = photos()
+    assert all(p.exists() for p in images) and {p.name for p in images} <= set(judged)
+    for package in (DEFAULT_MODEL, INT8):
+        captions = Captioner(package, provider="cpu", threads=2).caption([str(p) for p in images])
+        unjudged = [(p.name, c.text) for p, c in zip(images, captions) if c.text not in judged[p.name]["verdicts"]]
+        assert not unjudged, f"{package.name}: {unjudged}"
