@@ -24,7 +24,7 @@ def test_default_package_is_complete_and_small():
         *(f"past_value.{i}" for i in layers), *(f"cross_key.{i}" for i in layers), *(f"cross_value.{i}" for i in layers)]
     assert [o["name"] for o in m.graph("decoder")["outputs"]] == [
         "logits", *(f"present_key.{i}" for i in layers), *(f"present_value.{i}" for i in layers)]
-    assert m.preprocess.crop == [224, 224]
+    assert m.preprocess.resize == [224, 224] and m.preprocess.crop is None  # the whole photo (export.preprocess)
     for key in ("torch", "onnx", "onnxruntime"):
         assert key in m.data["source"]["versions"]
 
