@@ -43,8 +43,8 @@ INT8 = DEFAULT_MODEL.parent / "default-int8"
 GOOD = ("true", "partly")
 # Held-out wallpapers with a subject to name (the rest are textures, skies and landscapes): seen by the
 # INT8 gate's agreement counts only, never by training or tuning.
-WALLPAPERS = ("colorfulcups", "dragonfly", "eveningglow", "fallenleaf", "friends", "greentock", "kite", "kleiber", "ladybird",
-              "picture-0b", "picture-1a")
+WALLPAPERS = ("colorfulcups", "dragonfly", "eveningglow", "fallenleaf", "friends", "greentock", "kite", "kleiber",
+              "ladybird", "picture-0b", "picture-1a")
 
 
 def photos() -> list[Path]:

@@ -160,7 +160,8 @@ class ConceptDecoder(nn.Module):
         """export.concepts.wearing as tensor operations, (B,) as 0/1, given `named`'s flags. Left to
         the decoder, this threshold was rounded: a gown at 0.29 was said to be worn."""
         nothing_named = (main == 0) & (regions.sum(dim=1) == 0)
-        return ((count == 1) & nothing_named & self.worn[ids[:, 0]] & (probs[:, 0] >= WORN_SURE)).to(probs.dtype)
+        wears = (count == 1) & nothing_named & self.worn[ids[:, 0]] & (probs[:, 0] >= WORN_SURE)
+        return wears.to(probs.dtype)
 
     def memory(self, class_ids, probs, region_ids, region_probs, faces) -> torch.Tensor:
         """Whole-photo (B, K) and regions' (B, R, Kr) ids and probabilities, faces (B, F, 2) ->
