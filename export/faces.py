@@ -115,6 +115,11 @@ class DenseNet(Stage):
         return self.box(x), self.prob(x).softmax(dim=1)[:, 1]
 
 
+def even(n: int) -> int:
+    """n rounded up to P-Net's stride: where the next scaled image in the mosaic may start."""
+    return n + n % 2
+
+
 def shelves(sides: list[int]) -> list[list[int]]:
     """Scaled images (largest first, by side) into columns as tall as the largest: each goes below
     the images of the first column with room for it (at an even row), else starts a new column."""
@@ -125,7 +130,7 @@ def shelves(sides: list[int]) -> list[list[int]]:
             columns.append([])
             used.append(0)
         columns[column].append(i)
-        used[column] += side + side % 2
+        used[column] += even(side)
     return columns
 
 
@@ -199,14 +204,14 @@ class FaceDetector(nn.Module):
         scales = pyramid()
         self.sides = [int(IMAGE_SIZE * scale + 1) for scale in scales]
         self.columns = shelves(self.sides)
-        corners, left = {}, 0
+        corners, width = {}, 0
         for column in self.columns:
             top = 0
             for i in column:
-                corners[i] = top, left
-                top += self.sides[i] + self.sides[i] % 2
-            left += self.sides[column[0]] + self.sides[column[0]] % 2
-        rows, cols = self.cells(self.sides[0]), self.cells(left)
+                corners[i] = top, width
+                top += even(self.sides[i])
+            width += even(self.sides[column[0]])
+        rows, cols = self.cells(self.sides[0]), self.cells(width)
         r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
         valid, windows = torch.zeros(rows, cols, dtype=torch.bool), torch.zeros(rows, cols, 4)
         for i, (scale, side) in enumerate(zip(scales, self.sides)):
@@ -251,12 +256,11 @@ class FaceDetector(nn.Module):
         largest = first @ image @ first.mT
         levels = [largest] + [resize @ largest @ resize.mT for resize in rest]
         columns = []
-        for column in self.columns:
-            width = self.sides[column[0]] + self.sides[column[0]] % 2
-            # (the last image's even-row padding may pass the column's height: cut)
-            stacked = torch.cat([F.pad(levels[i], (0, width - self.sides[i], 0, self.sides[i] % 2)) for i in column],
-                                dim=2)[:, :, :height]
-            columns.append(F.pad(stacked, (0, 0, 0, height - stacked.shape[2])))
+        for column in self.columns:  # as __init__ laid them out: each image padded to its successor's row
+            width, sides = even(self.sides[column[0]]), [self.sides[i] for i in column]
+            below = [even(side) - side for side in sides[:-1]] + [height - sum(map(even, sides[:-1])) - sides[-1]]
+            columns.append(torch.cat([F.pad(levels[i], (0, width - side, 0, pad))
+                                      for i, side, pad in zip(column, sides, below)], dim=2))
         canvas = torch.cat(columns, dim=3)
         offsets, prob = self.pnet((canvas - 127.5) * 0.0078125)
         prob = prob * self.valid

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
 
 
@@ -67,8 +69,6 @@ def test_step_profile_splits_the_bundled_steps_by_op_type(tmp_path):
 
 def test_gguf_peer_prepares_a_copy_the_converter_reads(hf_model, tmp_path):
     """What llama.cpp's converter needs of a folder transformers 5 wrote, on a copy; other families refused."""
-    import pytest
-
     from benchmarks.gguf_peer import prepared
 
     src, _ = hf_model("smolvlm")
