@@ -59,13 +59,15 @@ def summary(verdicts: list[str]) -> dict:
 
 def vision_ms(captioners: dict[str, Captioner], images: list[Path], rounds: int) -> dict[str, float]:
     """Median ms of one image through each package's vision graph, the packages interleaved."""
-    pixels = [np.stack([load_pixels(p, next(iter(captioners.values())).manifest.preprocess)]) for p in images]
+    # Each package's own preprocessing: the baseline's centre crop is not the current whole photo.
+    pixels = {name: [np.stack([load_pixels(p, cap.manifest.preprocess)]) for p in images]
+              for name, cap in captioners.items()}
     times = {name: [] for name in captioners}
     for _ in range(rounds):
-        for x in pixels:
+        for i in range(len(images)):
             for name, cap in captioners.items():
                 start = time.perf_counter()
-                cap.graphs.encode(x)
+                cap.graphs.encode(pixels[name][i])
                 times[name].append((time.perf_counter() - start) * 1000)
     return {name: round(statistics.median(t), 2) for name, t in times.items()}
 
