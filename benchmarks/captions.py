@@ -11,8 +11,10 @@ the photo, kept in benchmarks/photos/judged.json by photo and caption text:
   hedge's second choice is right;
 - wrong: the caption names something the photo does not show as its subject.
 A caption nobody has judged yet shows as "?" (the table then says so: judge it, rerun). Photos
-judged with an "added" date were first captioned after the model they test was fixed; the summary
-counts them apart (the others were read before, and weighed in that model's changes).
+judged with an "added" label (a batch: its date, and which batch of the day) were first captioned
+after the model they were added to test was fixed; the summary counts each batch apart, and the photos
+read before (weighed in the model's changes) apart from them. A batch is fresh for one model only:
+once read, it weighs in the next change.
 Also the vision graph's ms per image (current vs baseline, interleaved medians, 2 threads) and the
 packages' sizes.
 
@@ -118,10 +120,12 @@ def main(argv=None) -> int:
             text = captions[n][i].text
             row[n] = {"caption": text, "verdict": seen["verdicts"].get(text, "?")}
         result["photos"].append(row)
+    rows = result["photos"]
+    batches = {"all": rows, "read before": [r for r in rows if not r["added"]]}
+    for added in sorted({r["added"] for r in rows if r["added"]}):
+        batches[f"added {added}"] = [r for r in rows if r["added"] == added]
     for n in packages:
-        rows = result["photos"]
-        result["summary"][n] = {"all": summary([r[n]["verdict"] for r in rows]),
-                                "added later": summary([r[n]["verdict"] for r in rows if r["added"]])}
+        result["summary"][n] = {group: summary([r[n]["verdict"] for r in batch]) for group, batch in batches.items()}
     result["vision_ms"] = vision_ms(caps, images, args.rounds)
     result["mib"] = {n: round(package_bytes(p) / 2**20, 1) for n, p in packages.items()}
     RESULTS.mkdir(exist_ok=True)

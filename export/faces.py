@@ -11,10 +11,10 @@ faces. Crops are bilinear samples at the net's input size. Output per image: the
 faces as (probability, side / 224), zeros where there are fewer.
 
 Sized to a 2x cost budget for the vision graph (measured, 2 cores, interleaved: the graph before faces
-5.8 ms per image, this one 11.2 ms, 1.93x; 3.6x at first): one P-Net pass over a packed mosaic instead
-of one per scale, the smaller scales resized from the largest, PReLU in ops ONNX Runtime runs fast,
-grid_sample crops of all boxes at once instead of a copy of the image per box, 16 and 4 boxes for the
-later stages, and faces from 24 pixels (a tenth of the image's side) up.
+6.0-6.9 ms per image, this one 11.5-13.8 ms, 1.90-1.99x in two runs; 3.6x at first): one P-Net pass
+over a packed mosaic instead of one per scale, the smaller scales resized from the largest, PReLU in
+ops ONNX Runtime runs fast, grid_sample crops of all boxes at once instead of a copy of the image per
+box, 16 and 4 boxes for the later stages, and faces from 24 pixels (a tenth of the image's side) up.
 """
 
 import math

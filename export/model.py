@@ -17,8 +17,8 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from . import DEFAULT_CHECKPOINT
-from .concepts import (EXTRAS, FACES, MAIN_SURE, PERSON_P, REGION_SURE, REGION_TOP_K, REGIONS, WORN_SURE, class_groups,
-                       class_names, worn_ids)
+from .concepts import (EXTRAS, FACES, FORMS, MAIN_SURE, MAY_SHOW, PAIR_SURE, PERSON_P, REGION_SURE, REGION_TOP_K, REGIONS,
+                       SECOND_SURE, WORN_SURE, class_groups, class_names, worn_ids)
 from .encoder import NUM_CLASSES, EfficientNetLite0, load_pretrained
 from .faces import FaceDetector
 from .kv import attend, cached_attention, pick, window
@@ -95,6 +95,7 @@ class ConceptDecoder(nn.Module):
         self.rank_emb = nn.Embedding(cfg.top_k, d)
         self.prob_proj = nn.Linear(4, d)
         self.region_emb = nn.Embedding(cfg.regions + 1, d)  # 0: the whole photo
+        self.form_emb = nn.Embedding(len(FORMS), d)  # the whole photo's sentence form, on its top class
         self.face_proj = nn.Linear(4, d)
         self.face_emb = nn.Embedding(cfg.faces, d)
         self.ln_mem = nn.LayerNorm(d)
@@ -143,6 +144,7 @@ class ConceptDecoder(nn.Module):
         sure = (probs[:, 0] >= MAIN_SURE) | (mass >= MAIN_SURE)
         main_named = sure & ~(people & self.worn[ids[:, 0]])
         count, seen, flags = main_named.long(), [(main, sure)], []
+        # Without people, a region's object alone is not said (concepts.scene_objects): cleared below.
         top_p, top_c = region_probs[:, :, 0], region_ids[:, :, 0]
         order = top_p.topk(top_p.shape[1], dim=1).indices  # (ties: any order; real probabilities have none)
         for i in range(order.shape[1]):
@@ -153,8 +155,24 @@ class ConceptDecoder(nn.Module):
             seen.append((noun, new))
             count = count + new.long()
             flags.append(new)
-        named = torch.zeros_like(top_p).scatter(1, order, torch.stack(flags, dim=1).to(top_p.dtype))
+        alone = ~people & ~main_named & (count == 1)
+        flags = torch.stack(flags, dim=1) & ~alone[:, None]
+        named = torch.zeros_like(top_p).scatter(1, order, flags.to(top_p.dtype))
         return main_named.to(probs.dtype), named
+
+    def form(self, ids, probs) -> torch.Tensor:
+        """export.concepts.form as tensor operations: which of describe's sentences (B,) the whole
+        photo's classes get. Left to the decoder, its thresholds were rounded: on two photos whose top
+        class lay a hair's breadth under and over the rule's 0.2, it said "may show" and "unclear"."""
+        noun = self.nouns[ids[:, 0]]
+        grouped = noun >= self.cfg.num_classes
+        mass = (probs * (self.nouns[ids] == noun[:, None])).sum(dim=1)
+        p1, p2 = probs[:, 0], probs[:, 1]
+        either = (self.nouns[ids[:, 1]] == noun) & (p2 >= SECOND_SURE)
+        form = torch.where(p1 >= MAY_SHOW, 4, 5)
+        form = torch.where(p1 + p2 >= PAIR_SURE, 3, form)
+        form = torch.where(grouped & (mass >= MAIN_SURE), torch.where(either, 1, 2), form)
+        return torch.where(p1 >= MAIN_SURE, 0, form)
 
     def wearing(self, ids, probs, count, main, regions) -> torch.Tensor:
         """export.concepts.wearing as tensor operations, (B,) as 0/1, given `named`'s flags. Left to
@@ -167,13 +185,14 @@ class ConceptDecoder(nn.Module):
         """Whole-photo (B, K) and regions' (B, R, Kr) ids and probabilities, faces (B, F, 2) ->
         (B, K + R * Kr + F, D). A face's probability enters also as "counts as a person". The main
         token's flag says that the caption names its class: as an object, or as what a person wears
-        (the two exclude each other)."""
+        (the two exclude each other); it also carries which of describe's sentences is the photo's."""
         p, size = faces.unbind(-1)
         person = (p >= PERSON_P).to(p.dtype)
         count = person.sum(dim=1)
         main, regions = self.named(class_ids, probs, region_ids, region_probs, count > 0)
         main = main + self.wearing(class_ids, probs, count, main, regions)
-        tokens = [self.concept_tokens(class_ids, probs, main, 0)]
+        whole = self.concept_tokens(class_ids, probs, main, 0)
+        tokens = [torch.cat([whole[:, :1] + self.form_emb(self.form(class_ids, probs))[:, None], whole[:, 1:]], dim=1)]
         tokens += [self.concept_tokens(region_ids[:, r], region_probs[:, r], regions[:, r], r + 1)
                    for r in range(region_ids.shape[1])]
         face = torch.stack([p, person, size, size.sqrt()], dim=-1)

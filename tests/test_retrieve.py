@@ -13,9 +13,7 @@ from helpers import without_torch
 from runtime.retrieve import MemoryCache, search
 
 # In the bundled model's own phrasing: trained on its sentences alone, it ranks free-form text
-# ("a cup of coffee") poorly since it learned to name people and several objects, and a phrasing it
-# no longer uses for a photo as poorly ("a photo of a cat": chelsea is "a photo of an egyptian cat"
-# since the whole photo is its input, and scores -26.3 there against the cameraman's -25.1; README).
+# poorly ("a cup of coffee" puts the coffee third of these photos, behind the astronaut; README).
 QUERIES = ["a photo of an egyptian cat", "a photo of espresso", "a photo of a moped"]
 
 

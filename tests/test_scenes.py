@@ -131,6 +131,24 @@ def test_the_vision_graph_names_what_the_rule_names():
     assert several > 300
 
 
+def test_the_vision_graph_picks_the_sentence_form_the_rule_picks():
+    """ConceptDecoder.form = export.concepts.form on sampled scenes and at each threshold's two sides:
+    left to the decoder, a top class a hair under 0.2 was said to "may show" what the rule hedges as
+    unclear (and the reverse just over it)."""
+    from export.concepts import FORMS, MAY_SHOW, form, sample_scene
+    from export.model import ConceptDecoder, DecoderConfig
+
+    model = ConceptDecoder(DecoderConfig(vocab_size=10))
+    rng = np.random.default_rng(2)
+    scenes = [sample_scene(rng) for _ in range(3000)]
+    for shift in (-1e-4, 1e-4):  # a cello just under and just over "may show", the runner-up far
+        scenes.append(scene([("cello", MAY_SHOW + shift), ("bassoon", 0.11), ("stage", 0.08)]))
+    ids, probs = (torch.from_numpy(np.stack(x)) for x in list(zip(*scenes))[:2])
+    want = [form(s[0], s[1]) for s in scenes]
+    assert model.form(ids, probs).tolist() == want
+    assert set(want) == set(range(len(FORMS))) and [FORMS[f] for f in want[-2:]] == ["unclear", "may show"]
+
+
 def test_the_vision_graph_decides_what_one_person_wears():
     """ConceptDecoder.wearing = export.concepts.wearing on sampled scenes, near the threshold too:
     the decoder once said a gown at 0.29 was worn, the rule's 0.3 rounded."""
