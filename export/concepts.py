@@ -176,7 +176,8 @@ def describe(ids, probs) -> str:
     if sentence == "sure":
         return f"a photo of {a1}" + (f", a kind of {g}" if g and g not in f1 else "")
     if sentence.startswith("group"):
-        return f"a photo of {with_article(g)}, " + (f"either {a1} or {a2}" if sentence == "group, either" else f"perhaps {a1}")
+        hedge = f"either {a1} or {a2}" if sentence == "group, either" else f"perhaps {a1}"
+        return f"a photo of {with_article(g)}, {hedge}"
     return {"pair": f"a photo of {a1} or {a2}", "may show": f"a photo that may show {a1}",
             "unclear": f"an unclear photo, perhaps {a1} or {a2}"}[sentence]
 

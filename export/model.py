@@ -17,8 +17,8 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from . import DEFAULT_CHECKPOINT
-from .concepts import (EXTRAS, FACES, FORMS, MAIN_SURE, MAY_SHOW, PAIR_SURE, PERSON_P, REGION_SURE, REGION_TOP_K, REGIONS,
-                       SECOND_SURE, WORN_SURE, class_groups, class_names, worn_ids)
+from .concepts import (EXTRAS, FACES, FORMS, MAIN_SURE, MAY_SHOW, PAIR_SURE, PERSON_P, REGION_SURE, REGION_TOP_K,
+                       REGIONS, SECOND_SURE, WORN_SURE, class_groups, class_names, worn_ids)
 from .encoder import NUM_CLASSES, EfficientNetLite0, load_pretrained
 from .faces import FaceDetector
 from .kv import attend, cached_attention, pick, window
@@ -192,7 +192,8 @@ class ConceptDecoder(nn.Module):
         main, regions = self.named(class_ids, probs, region_ids, region_probs, count > 0)
         main = main + self.wearing(class_ids, probs, count, main, regions)
         whole = self.concept_tokens(class_ids, probs, main, 0)
-        tokens = [torch.cat([whole[:, :1] + self.form_emb(self.form(class_ids, probs))[:, None], whole[:, 1:]], dim=1)]
+        form = self.form_emb(self.form(class_ids, probs))[:, None]
+        tokens = [torch.cat([whole[:, :1] + form, whole[:, 1:]], dim=1)]
         tokens += [self.concept_tokens(region_ids[:, r], region_probs[:, r], regions[:, r], r + 1)
                    for r in range(region_ids.shape[1])]
         face = torch.stack([p, person, size, size.sqrt()], dim=-1)
