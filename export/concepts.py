@@ -184,14 +184,11 @@ def describe(ids, probs) -> str:
 
 def sure_of(ids, probs) -> str | None:
     """The main object when the classifier is sure of it (as `describe` names it without a hedge):
-    the class at p >= 0.5, else its group when the group holds half the mass."""
-    names, groups = class_names(), class_groups()
-    g = groups[ids[0]]
-    if probs[0] >= MAIN_SURE:
-        return names[ids[0]]
-    if g and sum(p for c, p in zip(ids, probs) if groups[c] == g) >= MAIN_SURE:
-        return g
-    return None
+    the class at p >= 0.5, else its group when the group holds half the mass (`form`'s first three)."""
+    sentence = form(ids, probs)
+    if sentence == 0:
+        return class_names()[ids[0]]
+    return class_groups()[ids[0]] if sentence <= 2 else None
 
 
 def scene_objects(ids, probs, region_ids, region_probs, with_people: bool) -> list[str]:

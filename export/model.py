@@ -135,13 +135,11 @@ class ConceptDecoder(nn.Module):
         ranks = self.rank_emb.weight[: class_ids.shape[1]]
         return self.class_emb(class_ids) + self.prob_proj(feats) + ranks + self.region_emb.weight[region]
 
-    def named(self, ids, probs, region_ids, region_probs, people) -> tuple[torch.Tensor, torch.Tensor]:
-        """export.concepts.scene_objects as tensor operations: whether the caption names the main
-        object (B,) and each region's top class (B, R), as 0/1. Objects are compared by noun (their
-        group, else their class); regions are taken most sure first."""
-        main = self.nouns[ids[:, 0]]
-        mass = (probs * (self.nouns[ids] == main[:, None])).sum(dim=1)
-        sure = (probs[:, 0] >= MAIN_SURE) | (mass >= MAIN_SURE)
+    def named(self, ids, region_ids, region_probs, people, form) -> tuple[torch.Tensor, torch.Tensor]:
+        """export.concepts.scene_objects as tensor operations, given `form`'s sentence forms: whether
+        the caption names the main object (B,) and each region's top class (B, R), as 0/1. Objects are
+        compared by noun (their group, else their class); regions are taken most sure first."""
+        main, sure = self.nouns[ids[:, 0]], form <= 2  # sure of the class, or of its group (concepts.sure_of)
         main_named = sure & ~(people & self.worn[ids[:, 0]])
         count, seen, flags = main_named.long(), [(main, sure)], []
         # Without people, a region's object alone is not said (concepts.scene_objects): cleared below.
@@ -158,7 +156,7 @@ class ConceptDecoder(nn.Module):
         alone = ~people & ~main_named & (count == 1)
         flags = torch.stack(flags, dim=1) & ~alone[:, None]
         named = torch.zeros_like(top_p).scatter(1, order, flags.to(top_p.dtype))
-        return main_named.to(probs.dtype), named
+        return main_named.to(top_p.dtype), named
 
     def form(self, ids, probs) -> torch.Tensor:
         """export.concepts.form as tensor operations: which of describe's sentences (B,) the whole
@@ -189,11 +187,11 @@ class ConceptDecoder(nn.Module):
         p, size = faces.unbind(-1)
         person = (p >= PERSON_P).to(p.dtype)
         count = person.sum(dim=1)
-        main, regions = self.named(class_ids, probs, region_ids, region_probs, count > 0)
+        form = self.form(class_ids, probs)
+        main, regions = self.named(class_ids, region_ids, region_probs, count > 0, form)
         main = main + self.wearing(class_ids, probs, count, main, regions)
         whole = self.concept_tokens(class_ids, probs, main, 0)
-        form = self.form_emb(self.form(class_ids, probs))[:, None]
-        tokens = [torch.cat([whole[:, :1] + form, whole[:, 1:]], dim=1)]
+        tokens = [torch.cat([whole[:, :1] + self.form_emb(form)[:, None], whole[:, 1:]], dim=1)]
         tokens += [self.concept_tokens(region_ids[:, r], region_probs[:, r], regions[:, r], r + 1)
                    for r in range(region_ids.shape[1])]
         face = torch.stack([p, person, size, size.sqrt()], dim=-1)

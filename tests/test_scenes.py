@@ -120,7 +120,8 @@ def test_the_vision_graph_names_what_the_rule_names():
     rng = np.random.default_rng(0)
     scenes = [sample_scene(rng) for _ in range(3000)]
     ids, probs, region_ids, region_probs, faces = (torch.from_numpy(np.stack(x)) for x in zip(*scenes))
-    main, regions = model.named(ids, probs, region_ids, region_probs, (faces[:, :, 0] >= PERSON_P).any(dim=1))
+    people = (faces[:, :, 0] >= PERSON_P).any(dim=1)
+    main, regions = model.named(ids, region_ids, region_probs, people, model.form(ids, probs))
     several = 0
     for i, (ids_, probs_, rids, rprobs, faces_) in enumerate(scenes):
         objects = scene_objects(ids_, probs_, rids, rprobs, bool((faces_[:, 0] >= PERSON_P).any()))
@@ -163,7 +164,7 @@ def test_the_vision_graph_decides_what_one_person_wears():
         scenes.append(scene([("academic gown", WORN_SURE + shift), ("mortarboard", 0.2)], faces=[(0.99, 0.3)]))
     ids, probs, region_ids, region_probs, faces = (torch.from_numpy(np.stack(x)) for x in zip(*scenes))
     count = (faces[:, :, 0] >= PERSON_P).sum(dim=1)
-    main, regions = model.named(ids, probs, region_ids, region_probs, count > 0)
+    main, regions = model.named(ids, region_ids, region_probs, count > 0, model.form(ids, probs))
     wears = model.wearing(ids, probs, count, main, regions)
     said = 0
     for i, (ids_, probs_, rids, rprobs, faces_) in enumerate(scenes):
