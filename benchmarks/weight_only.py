@@ -1,4 +1,4 @@
-"""python -m benchmarks.weight_only --model PKG --reference FP32_PKG [--photos N] [--max-tokens N] [--json OUT]
+"""python -m benchmarks.weight_only --model PKG --reference FP32_PKG [--photos N] [--max-tokens N] [--json OUT] [--label WORD]
 
 The gate of a chat model's weight-only package (`python -m export quantize FP32_PKG --precision
 int8|int4`): the package against the FP32 package it was made from, on the held-out photos
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.distill import QUESTIONS as DISTILLED
 from export.evaluation import heldout_images
 from runtime import Captioner, PackageError
 from runtime.search import cached, capacity, generate, prefix_logits
@@ -31,8 +32,9 @@ from runtime.search import cached, capacity, generate, prefix_logits
 from .parity import wilson
 
 RESULTS = Path(__file__).parent / "results"
-# The package's own default question comes first; these two ask for a count and for colours.
-QUESTIONS = (None, "How many objects are in this image?", "What colours do you see?")
+# The package's own default question (None) first, then a count and colours: what export.distill
+# teaches a trained test model to answer.
+QUESTIONS = (None, *DISTILLED)
 
 
 def answer_and_logits(cap: Captioner, features: np.ndarray, grid: tuple[int, int], question: str | None,
@@ -115,6 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--photos", type=int, default=12, help="held-out photos, whole (default 12 of 39)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--label", default=None, help="a word for the results' file names: which model (e.g. distilled)")
     args = parser.parse_args(argv)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +129,8 @@ def main(argv=None) -> int:
     print(table)
     RESULTS.mkdir(exist_ok=True)
     family = result["model"].split()[0].removesuffix("ForConditionalGeneration").lower()  # not its " (parts)"
-    name = f"weight-only-{family}-{result['precision']}" + ("-vision-int8" if result["vision_compute"] == "int8" else "")
+    name = "-".join(["weight-only", family, *([args.label] if args.label else []), result["precision"]])
+    name += "-vision-int8" if result["vision_compute"] == "int8" else ""
     (RESULTS / f"{name}.md").write_text(table)
     (RESULTS / f"{name}.json").write_text(payload)
     if args.json:

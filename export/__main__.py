@@ -1,4 +1,4 @@
-"""python -m export {train,package,quantize,hf,random-hf} ... : the heavy side (torch, torchvision,
+"""python -m export {train,package,quantize,hf,random-hf,distill} ... : the heavy side (torch, torchvision,
 transformers, onnx)."""
 
 import argparse
@@ -37,6 +37,18 @@ def run(args) -> str:
         summary = train(TrainConfig(**{k: v for k, v in given.items() if v is not None}), args.out)
         return (f"trained {summary['steps']} steps: loss {summary['final_loss']:.4f}, held-out exact caption match "
                 f"{summary['heldout_exact_match']:.1%} ({summary['heldout']} unseen distributions) -> {args.out}")
+    if args.command == "distill":
+        from .distill import DistillConfig, distill
+        from .progress import Progress
+
+        if not args.photos.is_dir():
+            raise UsageError(f"--photos {args.photos}: not a folder")
+        photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+        cfg = DistillConfig(**({"steps": args.steps} if args.steps else {}))
+        s = distill(args.src, photos, cfg, Progress("distill", cfg.steps))
+        return (f"distilled {s['steps']} steps on {s['photos']} photos ({s['answers']} answers): "
+                f"loss {s['final_loss']:.4f}, teacher-forced top-1 {s['teacher_forced_top1']:.1%} "
+                f"on {s['evaluated']} answers -> {args.src}")
     if args.command == "package":
         from .bundled import export_package
 
@@ -63,7 +75,7 @@ def run(args) -> str:
     # Tiny models are conditioned for parity tests; base ones keep transformers' own init
     # (tied embeddings, std 0.02): captions run to the length limit, a fixed workload to time.
     conditioned = args.size == "tiny"
-    sizes = {"smolvlm": ("tiny", "256m", "500m"), "fastvlm": ("tiny", "0.5b"),
+    sizes = {"smolvlm": ("tiny", "small", "256m", "500m"), "fastvlm": ("tiny", "0.5b"),
              "qwen2_5_vl": ("tiny", "3b")}.get(args.encoder, ("tiny", "base"))
     if args.size not in sizes:
         raise UsageError(f"--size {args.size} is not a size of {args.encoder}: it has {', '.join(sizes)}")
@@ -118,13 +130,20 @@ def main(argv=None) -> int:
                     default="vit", help="the vision encoder of a VisionEncoderDecoderModel, or a whole family "
                                         "(blip, blip-vqa, git, florence2, smolvlm, fastvlm, qwen2_5_vl)")
     rh.add_argument("--decoder", choices=["gpt2", "bert"], default="gpt2")
-    rh.add_argument("--size", choices=["tiny", "base", "256m", "500m", "0.5b", "3b"], default="tiny",
-                    help="base: the family's base checkpoint's architecture; 256m, 500m: SmolVLM-256M / -500M's; "
+    rh.add_argument("--size", choices=["tiny", "small", "base", "256m", "500m", "0.5b", "3b"], default="tiny",
+                    help="base: the family's base checkpoint's architecture; small: SmolVLM-256M's language-model "
+                         "widths at 3 layers, to train with `distill`; 256m, 500m: SmolVLM-256M / -500M's; "
                          "0.5b: FastVLM-0.5B's; 3b: Qwen2.5-VL-3B's widths, heads and vocabulary with 8 vision "
                          "blocks and 6 language-model layers")
     rh.add_argument("--realistic", action="store_true",
                     help="a trained checkpoint's magnitudes: logits in the tens to hundreds, two residual "
                                          "dimensions at +-400")
+    ds = sub.add_parser("distill", help="train a random-weight chat folder (random-hf) on the bundled captioner's "
+                                        "answers about photos: trained weights for the weight-only gate")
+    ds.add_argument("src", type=Path, help="a SmolVLM, FastVLM or Qwen2.5-VL folder, trained in place")
+    ds.add_argument("--photos", type=Path, required=True,
+                    help="a folder of training photos (e.g. python -m benchmarks.gcompris's), never the held-out set")
+    ds.add_argument("--steps", type=int, default=None, help="default: export.distill.DistillConfig.steps")
     args = parser.parse_args(argv)
 
     try:

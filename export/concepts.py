@@ -135,11 +135,15 @@ def _class_pattern() -> re.Pattern:
     return re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
 
 
+def named_classes(caption: str) -> list[str]:
+    """The ImageNet classes a caption names, in order ("perhaps a malamute or a husky" -> malamute, husky)."""
+    return _class_pattern().findall(caption.lower())
+
+
 def primary_concept(caption: str) -> str | None:
     """The first ImageNet class a caption names ("perhaps a malamute or a husky" -> "malamute"):
     what two captions that differ in wording must share to say the same thing."""
-    found = _class_pattern().search(caption.lower())
-    return found.group(1) if found else None
+    return next(iter(named_classes(caption)), None)
 
 
 def with_article(noun: str) -> str:

@@ -95,3 +95,40 @@ def test_the_caption_table_has_a_judgement_for_every_caption_the_bundled_package
         captions = Captioner(package, provider="cpu", threads=2).caption([str(p) for p in images])
         unjudged = [(p.name, c.text) for p, c in zip(images, captions) if c.text not in judged[p.name]["verdicts"]]
         assert not unjudged, f"{package.name}: {unjudged}"
+
+
+def qres(tree: list, files: dict[int, tuple[bytes, bool]], names: list[str]) -> bytes:
+    """A Qt resource file (format version 1): tree rows (name index, is_dir, count, first child),
+    file contents by row (bytes, zlib-compressed), names by index."""
+    import struct
+    import zlib
+
+    name_blob, name_at = b"", []
+    for n in names:
+        name_at.append(len(name_blob))
+        name_blob += struct.pack(">HI", len(n), 0) + n.encode("utf-16-be")
+    data_blob, rows = b"", b""
+    for row, (name, is_dir, count, first) in enumerate(tree):
+        if is_dir:
+            rows += struct.pack(">IHII", name_at[name], 2, count, first)
+            continue
+        content, packed = files[row]
+        stored = struct.pack(">I", len(content)) + zlib.compress(content) if packed else content
+        rows += struct.pack(">IHHHI", name_at[name], int(packed), 0, 0, len(data_blob))
+        data_blob += struct.pack(">I", len(stored)) + stored
+    tree_at = 20
+    return (b"qres" + struct.pack(">IIII", 1, tree_at, tree_at + len(rows), tree_at + len(rows) + len(data_blob))
+            + rows + data_blob + name_blob)
+
+
+def test_gcompris_reads_qt_resources_and_knows_the_table_s_photos():
+    from benchmarks.gcompris import in_table, rcc_files
+
+    # root -> [dir "a" -> [x.webp], y.jpg (zlib)]
+    blob = qres([(0, True, 2, 1), (1, True, 1, 3), (2, False, 0, 0), (3, False, 0, 0)],
+                {2: (b"jpeg bytes", True), 3: (b"webp bytes", False)}, ["", "a", "y.jpg", "x.webp"])
+    assert sorted(rcc_files(blob)) == [("a/x.webp", b"webp bytes"), ("y.jpg", b"jpeg bytes")]
+    with pytest.raises(ValueError, match="not a Qt resource"):
+        list(rcc_files(b"PK\x03\x04"))
+    assert ("categorization.rcc: gcompris/src/activities/categorization/resource/images/tools/wrench.webp"
+            in in_table())

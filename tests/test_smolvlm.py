@@ -140,3 +140,29 @@ def test_weight_only_packages_quantize_the_language_models_weights(quantized, pr
     ops = {n.op_type for n in onnx.load(str(quantized("smolvlm-real", precision) / "decoder.onnx")).graph.node}
     assert "MatMulNBits" in ops and "GroupQueryAttention" in ops and "MatMul" not in ops
     assert ("GatherBlockQuantized" in ops) == (precision == "int4")
+
+
+def test_distill_teaches_a_random_model_the_teachers_answers(tmp_path, photo_paths):
+    """export.distill: a random-weight SmolVLM (transformers' own init, flat logits) trained on the
+    bundled captioner's answers about two photos picks the teacher's next token almost everywhere on
+    them, where before it picked almost nowhere; the folder it writes still exports."""
+    from transformers import AutoProcessor
+
+    from export.distill import DistillConfig, answer_end, distill, teacher_answers, teacher_forced_top1
+    from export.hf import export_hf, load_model
+    from export.hf.smolvlm import FAMILY, build_smolvlm
+
+    folder = build_smolvlm(tmp_path / "smolvlm", conditioned=False)
+    photos = [photo_paths["chelsea"], photo_paths["coffee"]]
+    examples = teacher_answers([Image.open(p).convert("RGB") for p in photos], FAMILY.DEFAULT_QUESTION)
+    assert [a for _, q, a in examples if q == FAMILY.DEFAULT_QUESTION] == [
+        "A photo of an egyptian cat.", "A photo of espresso, a kind of drink."]
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "right"
+    _, model = load_model(folder)
+    assert answer_end(processor, model) == "<end_of_utterance>"
+    before = teacher_forced_top1(model, processor, examples)
+    summary = distill(folder, photos, DistillConfig(steps=150, crops=0, lr=3e-3, batch_size=6))
+    assert before < 0.2 and summary["teacher_forced_top1"] > 0.9, (before, summary)
+    export_hf(folder, tmp_path / "pkg")
+    assert Captioner(tmp_path / "pkg", provider="cpu").caption(str(photos[0]), max_new_tokens=4).text

@@ -91,6 +91,14 @@ SMOLVLM = {"tiny": {"vision": dict(hidden_size=32, intermediate_size=64, num_hid
                     "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, max_position_embeddings=512),
                     "scale_factor": 2, "tile": 32, "vocab": None},
+           # SmolVLM-256M's language-model widths (576, 9 heads over 3 KV heads, 1536) at 3 layers, a 2-layer
+           # vision tower over 64-pixel tiles, photos resized to 128 (at most 2x2 tiles): small enough to train
+           # here (export.distill), for a weight-only gate on trained weights.
+           "small": {"vision": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=64, patch_size=8),
+                     "text": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3, num_attention_heads=9,
+                                  num_key_value_heads=3, max_position_embeddings=2048),
+                     "scale_factor": 2, "tile": 64, "longest": 128, "vocab": None},
            "256m": {"vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                                    image_size=512, patch_size=16),
                     "text": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -120,7 +128,7 @@ def smolvlm_tokenizer(vocab: int):
 def build_smolvlm(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0, realistic: bool = False) -> Path:
     """SmolVLM (transformers' native classes, the real processor and chat template). "tiny": 32-pixel
     tiles, 4 features each, a 2-layer language model with grouped-query attention (4 heads, 2 for keys
-    and values); "256m" and "500m": those checkpoints' whole architectures, vocabulary included (the
+    and values); "small": see SMOLVLM; "256m" and "500m": those checkpoints' whole architectures, vocabulary included (the
     tokenizer trained here has fewer tokens: ids beyond it decode to nothing). Generation ends at
     <end_of_utterance> or <|im_end|> (two EOS ids). `realistic`: a trained checkpoint's magnitudes."""
     from transformers import (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor,
@@ -148,7 +156,7 @@ def build_smolvlm(out: Path, size: str = "tiny", conditioned: bool = True, seed:
     tokens = (s["vision"]["image_size"] // s["vision"]["patch_size"]) ** 2 // s["scale_factor"] ** 2
     processor = SmolVLMProcessor(
         image_processor=SmolVLMImageProcessor(do_image_splitting=True, max_image_size={"longest_edge": tile},
-                                              size={"longest_edge": 4 * tile}, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+                                              size={"longest_edge": s.get("longest", 4 * tile)}, image_mean=[0.5] * 3, image_std=[0.5] * 3),
         tokenizer=tok, video_processor=SmolVLMVideoProcessor(), image_seq_len=tokens, chat_template=DEFAULT_CHAT_TEMPLATE)
     processor.save_pretrained(out)
     return out
