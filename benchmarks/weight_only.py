@@ -24,17 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from export.distill import QUESTIONS as DISTILLED
-from export.evaluation import heldout_images
+from export.evaluation import QUESTIONS as ASKED, heldout_images
 from runtime import Captioner, PackageError
 from runtime.search import cached, capacity, generate, prefix_logits
 
 from .parity import wilson
 
 RESULTS = Path(__file__).parent / "results"
-# The package's own default question (None) first, then a count and colours: what export.distill
-# teaches a trained test model to answer.
-QUESTIONS = (None, *DISTILLED)
+QUESTIONS = (None, *ASKED)  # None: the package's own default question
 
 
 def answer_and_logits(cap: Captioner, features: np.ndarray, grid: tuple[int, int], question: str | None,

@@ -38,12 +38,14 @@ def run(args) -> str:
         return (f"trained {summary['steps']} steps: loss {summary['final_loss']:.4f}, held-out exact caption match "
                 f"{summary['heldout_exact_match']:.1%} ({summary['heldout']} unseen distributions) -> {args.out}")
     if args.command == "distill":
+        from runtime.cli import IMAGE_SUFFIXES
+
         from .distill import DistillConfig, distill
         from .progress import Progress
 
         if not args.photos.is_dir():
             raise UsageError(f"--photos {args.photos}: not a folder")
-        photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+        photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         cfg = DistillConfig(**({"steps": args.steps} if args.steps else {}))
         s = distill(args.src, photos, cfg, Progress("distill", cfg.steps))
         return (f"distilled {s['steps']} steps on {s['photos']} photos ({s['answers']} answers): "

@@ -22,10 +22,9 @@ from runtime import DEFAULT_MODEL, Captioner
 
 from .check import ExportError
 from .concepts import named_classes
-from .evaluation import random_crop
+from .evaluation import QUESTIONS, random_crop
 from .hf import family_of, load_model
 
-QUESTIONS = ("How many objects are in this image?", "What colours do you see?")  # after the family's default
 COLOURS = {"black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128), "red": (200, 30, 30),
            "orange": (240, 140, 20), "yellow": (240, 220, 40), "green": (40, 150, 50), "blue": (40, 80, 200),
            "purple": (130, 50, 150), "pink": (240, 150, 180), "brown": (120, 80, 40)}

@@ -12,6 +12,10 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
+# What a chat package is asked about each held-out photo besides its family's default question (the
+# weight-only gate, benchmarks.weight_only), and what export.distill teaches a trained test model to answer.
+QUESTIONS = ("How many objects are in this image?", "What colours do you see?")
+
 
 def evaluation_images(n: int, folder: Path, seed: int = 0) -> list[str]:
     """The fidelity set: 3/4 random crops (with flips) of scikit-image's photos, 1/4
