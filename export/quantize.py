@@ -52,6 +52,14 @@ from .progress import Progress
 
 FP32_OPS = ["LayerNormalization", "Softmax", "TopK"]
 BLOCK = 32
+# At 4 bits the output head stays 8-bit, as llama.cpp's q4_0 keeps its output tensor at 6 (Q6_K,
+# which MatMulNBits lacks): the head decides between near-tied tokens. Measured on the distilled
+# SmolVLM gate (README "The gate on weights trained here"): a 4-bit head 95.7% same answers and
+# 99.65% teacher-forced top-1, an 8-bit one 98.3% and 99.86%; SmolVLM-256M's package 455 -> 468 MiB
+# and its decode step 0.4 ms more in the 4-bit products (of ~6 ms). Data-free alternatives measured
+# there: asymmetric blocks 94.0%; HQQ 100%, but its float zero points leave ORT's int8 kernel (a
+# 10x slower step); k-quant 99.1% at a further 0.35 ms.
+HEAD_BITS = 8
 # Fraction of the encoder's Conv/Gemm weights kept FP32, chosen from the size/fidelity curve
 # measured on the held-out photos (benchmarks/results/int8-curve.md): 0.08 -> 34% of the FP32
 # package, 94.9% identical captions; 0.32 -> 43%, 98.1%; 0.5 -> 50%, 96.8% (not monotonic:
@@ -193,8 +201,9 @@ def store_int8(model: onnx.ModelProto, axes: dict[str, int]) -> dict[str, np.nda
     return dequantized
 
 
-def embedding_tables(model: onnx.ModelProto) -> dict[str, int]:
-    """Large 2-D tables read by Gather (and by a Transpose, for a tied LM head): one row per token."""
+def embedding_tables(model: onnx.ModelProto, smallest: int = 1 << 16) -> dict[str, int]:
+    """2-D tables of at least `smallest` values read by Gather (and by a Transpose, for a tied LM
+    head): one row per token."""
     sizes = {i.name: np.prod(i.dims) for i in model.graph.initializer if len(i.dims) == 2}
     users = {}
     for node in model.graph.node:
@@ -202,7 +211,36 @@ def embedding_tables(model: onnx.ModelProto) -> dict[str, int]:
             if name in sizes:
                 users.setdefault(name, set()).add((node.op_type, j))
     return {name: 0 for name, use in users.items()
-            if sizes[name] >= 1 << 16 and ("Gather", 0) in use and use <= {("Gather", 0), ("Transpose", 0)}}
+            if sizes[name] >= smallest and ("Gather", 0) in use and use <= {("Gather", 0), ("Transpose", 0)}}
+
+
+def gather_8bit(model: onnx.ModelProto) -> None:
+    """Gathers from embedding tables, whatever their size (as onnxruntime's quantizer takes them at 4
+    bits) -> GatherBlockQuantized at 8 bits: uint8 blocks of BLOCK along each row with their scales
+    (zero point 128, the op's default for 8-bit data), read in place. A table stored int8 +
+    DequantizeLinear (store_int8) is to be folded to FP32 at load, but ONNX Runtime left Qwen2.5-VL's
+    1.2 GB one unfolded: its DequantizeLinear ran every step, 50.7 ms of a 67.5 ms step."""
+    tables = embedding_tables(model, smallest=0)
+    inits = []
+    for init in model.graph.initializer:
+        if init.name in tables:
+            w = onnx.numpy_helper.to_array(init)
+            if w.shape[1] % BLOCK:
+                raise ExportError(f"embedding table {init.name} {w.shape}: rows are not whole blocks of {BLOCK}")
+            q, scale = quantize_rows(w.reshape(-1, BLOCK))
+            data = (q.astype(np.int16) + 128).astype(np.uint8).reshape(w.shape)
+            inits += [onnx.numpy_helper.from_array(data, f"{init.name}.uint8"),
+                      onnx.numpy_helper.from_array(scale.reshape(w.shape[0], -1), f"{init.name}.scales")]
+    nodes = [onnx.helper.make_node("GatherBlockQuantized", [f"{n.input[0]}.uint8", n.input[1], f"{n.input[0]}.scales"],
+                                   n.output, name=n.name, domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                                   block_size=BLOCK, bits=8)
+             if n.op_type == "Gather" and n.input[0] in tables else n for n in model.graph.node]
+    used = {i for n in nodes for i in n.input}  # a tied head's Transpose still reads the FP32 table
+    kept = [i for i in model.graph.initializer if i.name not in tables or i.name in used]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(kept + inits)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> None:
@@ -304,17 +342,36 @@ def int8_matmuls(model: onnx.ModelProto) -> int:
     return count
 
 
+def output_head(model: onnx.ModelProto) -> onnx.NodeProto:
+    """The MatMul (or, quantized, MatMulNBits) the decoder's logits come from, through any nodes
+    after it, such as a bias."""
+    made = {o: n for n in model.graph.node for o in n.output}
+    node = made["logits"]
+    while node.op_type not in ("MatMul", "MatMulNBits"):
+        node = next(made[i] for i in node.input if i in made)  # the computed input, not a constant
+    return node
+
+
 def to_matmul_nbits(model: onnx.ModelProto, bits: int = 8, embeddings: bool = False) -> onnx.ModelProto:
-    """MatMul weights -> onnxruntime's MatMulNBits: `bits` (8 or 4), blocks of 32, int8 compute;
-    with `embeddings`, the token embedding table's Gather too -> GatherBlockQuantized (the table
-    stays `bits` wide in memory, not folded back to FP32)."""
+    """MatMul weights -> onnxruntime's MatMulNBits: `bits` (8 or 4; the output head HEAD_BITS at
+    4), symmetric blocks of 32, int8 compute; with `embeddings`, the token embedding table's Gather
+    too -> GatherBlockQuantized (the table stays `bits` wide in memory, not folded back to FP32)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, logger
+
+    def quantize(model: onnx.ModelProto, bits: int, **kwargs) -> onnx.ModelProto:
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True, accuracy_level=4,
+                                         **kwargs)
+        quantizer.process()
+        return quantizer.model.model
 
     logger.setLevel("WARNING")  # one INFO line per node it skips
     ops = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))} if embeddings else {}
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True, accuracy_level=4, **ops)
-    quantizer.process()
-    return quantizer.model.model
+    if bits >= HEAD_BITS:
+        return quantize(model, bits, **ops)
+    head = output_head(model)
+    head.name = head.name or "output_head"  # the quantizer excludes by name: an empty one would be every unnamed node
+    # the second pass finds the head the only MatMul left over a constant weight
+    return quantize(quantize(model, bits, nodes_to_exclude=[head.name], **ops), HEAD_BITS)
 
 
 @dataclass(frozen=True)
@@ -478,14 +535,14 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
             bits = 4 if precision == "int4" else 8
             model = onnx.load(str(src / decoder))
             untie_lm_head(model)
-            # GatherBlockQuantized takes 4 bits only: an int8 table is stored int8 and folded at load
+            # onnxruntime's quantizer makes 4-bit GatherBlockQuantized only: the 8-bit one is built here
             if bits == 8:
-                store_int8(model, embedding_tables(model))
+                gather_8bit(model)
             save_graph(to_matmul_nbits(model, bits, embeddings=bits == 4), package / decoder)
             progress.update(2, f"{decoder}: MatMul and embedding weights {bits}-bit")
-            table = "GatherBlockQuantized (bits 4)" if bits == 4 else "int8 + DequantizeLinear folded at load"
-            method = {"method": f"weights only, blocks of {BLOCK}: the language model's MatMuls (output head included) "
-                                f"-> MatMulNBits (bits {bits}, accuracy_level 4), its embedding table -> {table}; vision "
+            table = f"GatherBlockQuantized (bits {bits})"
+            method = {"method": f"weights only, blocks of {BLOCK}: the language model's MatMuls -> MatMulNBits (bits "
+                                f"{bits}, the output head {max(bits, HEAD_BITS)}, accuracy_level 4), its embedding table -> {table}; vision "
                                 + ("MatMuls -> per-token dynamic int8 MatMulInteger" if computing else "FP32"),
                       "vision": {"compute": vision_compute, "int8_compute_matmuls": computing}}
         else:
@@ -501,7 +558,8 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
             store_int8(model, embedding_tables(model))
             save_graph(to_matmul_nbits(model, bits), package / decoder)
             progress.update(2, f"{decoder}: MatMul weights {bits}-bit")
-            method = {"method": f"weights only, blocks of {BLOCK}: MatMul -> MatMulNBits (bits {bits}, accuracy_level 4); "
+            method = {"method": f"weights only, blocks of {BLOCK}: MatMul -> MatMulNBits (bits {bits}, the output head "
+                                f"{max(bits, HEAD_BITS)}, accuracy_level 4); "
                                 "Conv/Gemm -> int8 + DequantizeLinear folded at load, bias-corrected; "
                                 "embedding tables -> int8 + DequantizeLinear"
                                 + ("; vision MatMuls -> per-token dynamic int8 MatMulInteger" if vision_compute == "int8" else ""),

@@ -136,3 +136,31 @@ def test_primary_concept_is_the_first_class_a_caption_names():
     assert primary_concept("a photo of espresso, a kind of drink") == "espresso"
     assert primary_concept("") is None
 
+
+
+def test_gather_8bit_reads_each_tables_rows_within_half_a_step():
+    """An embedding table as 8-bit GatherBlockQuantized (what INT8 chat packages read their tables
+    with) gives each row within half a quantization step of the FP32 table: each block of 32 within
+    its largest |value| / 254, which holds only if the uint8 data and the op's implied zero point
+    (128) agree."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from export.quantize import gather_8bit
+
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((1000, 96)) * rng.uniform(0.1, 50, (1000, 1))).astype(np.float32)
+    make = onnx.helper
+    graph = make.make_graph([make.make_node("Gather", ["table", "ids"], ["rows"], name="embed")], "g",
+                            [make.make_tensor_value_info("ids", onnx.TensorProto.INT64, [None])],
+                            [make.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, [None, 96])],
+                            [onnx.numpy_helper.from_array(table, "table")])
+    model = make.make_model(graph, opset_imports=[make.make_opsetid("", 18), make.make_opsetid("com.microsoft", 1)])
+    gather_8bit(model)
+    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized"]
+    ids = np.array([0, 999, 17, 17])
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    want = table[ids].reshape(len(ids), -1, 32)
+    step = np.abs(want).max(-1, keepdims=True) / 127
+    assert (np.abs(got.reshape(want.shape) - want) <= step / 2 * 1.001).all()
