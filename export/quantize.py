@@ -26,6 +26,11 @@ that the calibration agreement and benchmarks.parity measure, so it is asked for
 
 Models whose vision graph also reads text are calibrated with it: the default task prompt
 (Florence-2), or CALIBRATION_QUESTION (BLIP VQA).
+
+int8 and int4 of an LLM-based (chat) model: its language model only, the weights a decode step
+reads. MatMuls at the package's bits with the output head at HEAD_BITS, the token table as
+GatherBlockQuantized at the package's bits (read in place, never folded to FP32), the vision
+tower FP32 unless `vision_compute="int8"`; no calibration, the weights alone decide.
 """
 
 import shutil
