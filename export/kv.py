@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import onnx
 import torch
+from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
 # onnxscript ships opsets up to 23 and onnx knows 24; the decoder step is converted to 24 afterwards
@@ -35,20 +36,22 @@ TENSOR_SCATTER, RMS_NORMALIZATION, ROTARY_EMBEDDING = (Op(Opset("", 24), name) f
 
 def contrib_schema(name: str, inputs: str, outputs: str, ints: str, floats: str) -> onnx.defs.OpSchema:
     """The part of an ONNX Runtime contrib op's schema that a translation uses (onnx does not ship
-    them): inputs of type T, or M where the name ends in "_k" or "_length" (int32), and attributes."""
+    them): inputs of type T, or M where the name ends in "_k" or "_length" (int32), or I where it
+    ends in "_ids" (int64), and attributes."""
     def param(p):
-        return onnx.defs.OpSchema.FormalParameter(p, "M" if p.endswith(("_k", "_length")) else "T")
+        return onnx.defs.OpSchema.FormalParameter(p, "M" if p.endswith(("_k", "_length")) else "I" if p.endswith("_ids") else "T")
     attr = onnx.defs.OpSchema.AttrType
     return onnx.defs.OpSchema(
         name, "com.microsoft", 1, inputs=[param(p) for p in inputs.split()], outputs=[param(p) for p in outputs.split()],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], ""),
+                          ("I", ["tensor(int64)"], "")],
         attributes=[onnx.defs.OpSchema.Attribute(a, attr.INT) for a in ints.split()]
         + [onnx.defs.OpSchema.Attribute(a, attr.FLOAT, required=False) for a in floats.split()])
 
 
 GROUP_QUERY_ATTENTION = Op(Opset("com.microsoft", 1), "GroupQueryAttention", contrib_schema(
-    "GroupQueryAttention", "query key value past_key past_value seqlens_k total_sequence_length",
-    "output present_key present_value", "num_heads kv_num_heads", "scale"))
+    "GroupQueryAttention", "query key value past_key past_value seqlens_k total_sequence_length cos_cache sin_cache position_ids",
+    "output present_key present_value", "num_heads kv_num_heads do_rotary", "scale"))
 SKIP_SIMPLIFIED_LAYER_NORMALIZATION = Op(Opset("com.microsoft", 1), "SkipSimplifiedLayerNormalization", contrib_schema(
     "SkipSimplifiedLayerNormalization", "input skip gamma", "output mean inv_std_var input_skip_bias_sum", "", "epsilon"))
 
@@ -121,27 +124,22 @@ def add_rms_norm_onnx(x, delta, weight, eps: float):
 
 
 @torch.library.custom_op("edgecap::rotary", mutates_args=())
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int = 0) -> torch.Tensor:
-    """x (N, H, T, Dh), or (N, T, heads * Dh) given `heads`, rotated by its positions' angles, cos
-    and sin (N, T, Dh / 2) (the first half of transformers' duplicated ones), as
-    apply_rotary_pos_emb rotates halves; exported as ONNX's RotaryEmbedding (opset 23), one node
-    where rotate_half took seven. The (N, T, heads * Dh) form is the projection's own layout: the
-    language model's step rotates q and k without reshaping them into heads."""
-    if heads:
-        n, t, _ = x.shape
-        return rotary(x.view(n, t, heads, -1).transpose(1, 2), cos, sin).transpose(1, 2).reshape(n, t, -1)
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (N, H, T, Dh) rotated by its positions' angles, cos and sin (N, T, Dh / 2) (the first half
+    of transformers' duplicated ones), as apply_rotary_pos_emb rotates halves; exported as ONNX's
+    RotaryEmbedding (opset 23), one node where rotate_half took seven."""
     half = x.shape[-1] // 2
     cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 @rotary.register_fake
-def _(x, cos, sin, heads=0):
+def _(x, cos, sin):
     return torch.empty_like(x)
 
 
-def rotary_onnx(x, cos, sin, heads: int = 0):
-    return ROTARY_EMBEDDING(x, cos, sin, num_heads=heads) if heads else ROTARY_EMBEDDING(x, cos, sin)
+def rotary_onnx(x, cos, sin):
+    return ROTARY_EMBEDDING(x, cos, sin)
 
 
 class Written(NamedTuple):
@@ -156,35 +154,77 @@ def written(cache_lengths: torch.Tensor, t: int) -> Written:
     return Written((cache_lengths + t - 1).to(torch.int32), (cache_lengths.max() + t).to(torch.int32))
 
 
+class Angles(NamedTuple):
+    """The step's rotary angles as GroupQueryAttention reads them, computed once per step: cos and
+    sin tables whose row r is the angles of the step's r-th token (rows of N x T tokens, padded
+    with zeros: the op wants a table of at least the cache's written length, as if indexed by
+    slot), and each token's row (N, T). Tables of the step's own tokens rather than of every
+    position serve 3-D positions (Qwen2-VL's M-RoPE) as they serve 1-D ones."""
+
+    cos: torch.Tensor  # (R, Dh / 2), R >= total
+    sin: torch.Tensor
+    rows: torch.Tensor  # (N, T) int64
+
+
+@torch.library.custom_op("edgecap::angle_table", mutates_args=())
+def angle_table(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """x (N, T, Dh / 2) as (max(N T, total), Dh / 2): its tokens' rows, then zeros."""
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.cat([rows, rows.new_zeros(max(int(total) - len(rows), 0), x.shape[-1])])
+
+
+@angle_table.register_fake
+def _(x, total):
+    return x.new_empty(torch.library.get_ctx().new_dynamic_size(), x.shape[-1])
+
+
+def angle_table_onnx(x, total):
+    ints = lambda *v: op.Constant(value_ints=list(v))
+    rows = op.Flatten(x, axis=2)
+    missing = op.Max(op.Sub(op.Cast(op.Reshape(total, ints(1)), to=onnx.TensorProto.INT64), op.Shape(rows, start=0, end=1)),
+                     ints(0))
+    return op.Pad(rows, op.Concat(ints(0, 0), missing, ints(0), axis=0))
+
+
+def angles(cos: torch.Tensor, sin: torch.Tensor, w: Written) -> Angles:
+    """cos and sin (N, T, Dh / 2), the step's tokens' angles, as GroupQueryAttention reads them."""
+    n, t, _ = cos.shape
+    return Angles(angle_table(cos, w.total), angle_table(sin, w.total), torch.arange(n * t, device=cos.device).view(n, t))
+
+
 @torch.library.custom_op("edgecap::grouped_attention", mutates_args=())
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
-                      past_value: torch.Tensor, last: torch.Tensor, total: torch.Tensor, heads: int, kv_heads: int,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decoder-only language model's attention as one node: the new tokens' q (N, T, heads * Dh),
-    k and v (N, T, kv_heads * Dh), in the projections' layout, written into the cache after each
-    row's slots (`written`: `last` is the last slot the step writes) and attended causally:
-    (output (N, T, heads * Dh), present key, present value). Computed here as cached_attention;
-    exported as ONNX Runtime's GroupQueryAttention, which writes the cache in place and reads it
-    up to each row's length, so the step keeps no Reshape, Transpose, Slice, mask or softmax nodes
-    of its own (16 fewer per layer)."""
-    n, t, _ = q.shape
-    heads_of = lambda x, h: x.view(n, t, h, -1).transpose(1, 2)
-    out, present_key, present_value = cached_attention(heads_of(q, heads), heads_of(k, kv_heads), heads_of(v, kv_heads),
-                                                       past_key, past_value, window(last.long() + 1 - t, t), scale)
+def grouped_attention(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, last: torch.Tensor,
+                      total: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, heads: int,
+                      kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder-only language model's attention as one node: the new tokens' q, k and v side by
+    side (N, T, (heads + 2 kv_heads) * Dh), the fused projection's output, q and k rotated by
+    their angles (`angles`), k and v written into the cache after each row's slots (`written`:
+    `last` is the last slot the step writes) and attended causally: (output (N, T, heads * Dh),
+    present key, present value). Computed here as rotary and cached_attention; exported as ONNX
+    Runtime's GroupQueryAttention, which splits, rotates, writes the cache in place and reads it
+    up to each row's length, so the step keeps no Split, rotation, Reshape, Transpose, Slice,
+    mask or softmax nodes of its own (19 fewer per layer)."""
+    n, t, _ = qkv.shape
+    q, k, v = (x.reshape(n, t, h, -1).transpose(1, 2) for x, h in zip(
+        qkv.split([heads * past_key.shape[-1], *[kv_heads * past_key.shape[-1]] * 2], dim=-1), (heads, kv_heads, kv_heads)))
+    q, k = rotary(q, cos[rows], sin[rows]), rotary(k, cos[rows], sin[rows])
+    out, present_key, present_value = cached_attention(q, k, v, past_key, past_value, window(last.long() + 1 - t, t), scale)
     return out.transpose(1, 2).reshape(n, t, -1), present_key, present_value
 
 
 @grouped_attention.register_fake
-def _(q, k, v, past_key, past_value, last, total, heads, kv_heads, scale):
-    return torch.empty_like(q), torch.empty_like(past_key), torch.empty_like(past_value)
+def _(qkv, past_key, past_value, last, total, cos, sin, rows, heads, kv_heads, scale):
+    n, t, _ = qkv.shape
+    return qkv.new_empty(n, t, heads * past_key.shape[-1]), torch.empty_like(past_key), torch.empty_like(past_value)
 
 
-def grouped_attention_onnx(q, k, v, past_key, past_value, last, total, heads: int, kv_heads: int, scale: float):
-    return GROUP_QUERY_ATTENTION(q, k, v, past_key, past_value, last, total, num_heads=heads, kv_num_heads=kv_heads,
-                                 scale=scale)
+def grouped_attention_onnx(qkv, past_key, past_value, last, total, cos, sin, rows, heads: int, kv_heads: int,
+                           scale: float):
+    return GROUP_QUERY_ATTENTION(qkv, None, None, past_key, past_value, last, total, cos, sin, rows, num_heads=heads,
+                                 kv_num_heads=kv_heads, scale=scale, do_rotary=1)
 
 
-TRANSLATIONS = {torch.ops.edgecap.cache_write.default: cache_write_onnx,
+TRANSLATIONS = {torch.ops.edgecap.cache_write.default: cache_write_onnx, torch.ops.edgecap.angle_table.default: angle_table_onnx,
                 torch.ops.edgecap.rms_norm.default: rms_norm_onnx, torch.ops.edgecap.rotary.default: rotary_onnx,
                 torch.ops.edgecap.grouped_attention.default: grouped_attention_onnx,
                 torch.ops.edgecap.add_rms_norm.default: add_rms_norm_onnx}

@@ -113,6 +113,20 @@ def test_refusals_are_one_line_and_lose_no_other_image(smolvlm, images, tmp_path
     assert results[1].error is None and results[2].error is None and "not an image" in results[3].error
 
 
+def test_heads_narrower_than_16_values_are_refused_at_export():
+    """GroupQueryAttention rotates q and k itself only in heads a multiple of 16 values wide (every
+    released checkpoint's are 64 or 128): the export says so, not ONNX Runtime at the first answer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from export.check import ExportError
+    from export.hf.llm import CausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=50))
+    with pytest.raises(ExportError, match=r"^heads of 8 values: .* a multiple of 16$"):
+        CausalLM(lm.model, lm.lm_head)
+
+
 def test_streamed_pieces_join_into_the_answer(smolvlm, images):
     """The Python iterator and `--stream`: pieces as the tokens come, joined the same text."""
     _, pkg = smolvlm["tiny"]

@@ -79,8 +79,8 @@ QWEN_CHAT_TEMPLATE = (
 # apple/FastVLM-0.5B: FastViTHD (timm's fastvit_mci3, 3,072 features of a 16 x 16 map at 1,024 pixels)
 # and Qwen2-0.5B. "tiny": the same stages, 8 to 128 wide, at 128 pixels (2 x 2 features).
 FASTVLM = {"tiny": {"vision": {"layers": (1, 1, 1, 1, 1), "embed_dims": (8, 16, 32, 64, 128)}, "image": 128,
-                    "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=512), "vocab": None},
+                    "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1, max_position_embeddings=512), "vocab": None},
            "0.5b": {"vision": {}, "image": 1024,
                     "text": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                                  num_key_value_heads=2, max_position_embeddings=32768), "vocab": 151936}}

@@ -2,9 +2,9 @@
 layers, rotary positions, grouped-query attention, a gated MLP) over transformers' own submodules
 (same weights, nothing copied), with the cache as per-layer buffers written in place (export.kv).
 At batch 1 such a step costs its nodes more than its weights (SmolVLM-256M at 4 bits reads 14 MB
-a step), so it is written in as few as the model allows: per layer one norm, one q/k/v product,
-two rotations, one attention node over the cache (GroupQueryAttention), one residual-sum-and-norm
-node after each half, and the MLP's three products.
+a step), so it is written in as few as the model allows: per layer one q/k/v product, one
+attention node that rotates q and k, writes the cache and reads it (GroupQueryAttention), one
+residual-sum-and-norm node after each half, and the MLP's three products.
 
 Image features enter the prompt as the processor lays it out: the k-th image placeholder of a
 sequence fed from its start takes row k of `image_features` (`feature_index` says which token takes
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..kv import add_rms_norm, grouped_attention, pick, rms_norm, rotary, written
+from ..kv import add_rms_norm, angles, grouped_attention, pick, rms_norm, written
 from ..check import ExportError
 from .common import Family
 
@@ -79,21 +79,24 @@ class CausalLM(nn.Module):
         attention = model.layers[0].self_attn
         self.heads, self.kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
+        if self.head_dim % 16:  # every released checkpoint's are 64 or 128 wide
+            raise ExportError(f"heads of {self.head_dim} values: ONNX Runtime's GroupQueryAttention rotates heads "
+                              "whose width is a multiple of 16")
         self.qkv = nn.ModuleList(fused(a.q_proj, a.k_proj, a.v_proj) for a in (layer.self_attn for layer in model.layers))
         self.gate_up = nn.ModuleList(fused(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in model.layers)
 
     def forward(self, input_ids, position_ids, cache_lengths, logit_index, past_keys, past_values, image_features,
                 feature_index, image_grid=None):
-        m, sizes = self.model, [self.heads * self.head_dim, *[self.kv_heads * self.head_dim] * 2]
+        m = self.model
         x = with_features(m.embed_tokens(input_ids), image_features, feature_index)
         positions = position_ids if image_grid is None else mrope_positions(position_ids, image_grid)
         (cos, sin), w = m.rotary_emb(x, positions), written(cache_lengths, input_ids.shape[1])
-        cos, sin = cos[..., : self.head_dim // 2], sin[..., : self.head_dim // 2]  # the halves are the same
+        half = self.head_dim // 2  # the halves of transformers' angles are the same
+        rope = angles(cos[..., :half], sin[..., :half], w)
         keys, values, h = [], [], norm(m.layers[0].input_layernorm, x)
         for i, layer in enumerate(m.layers):  # each residual sum and the norm after it: one node (add_norm)
-            q, k, v = self.qkv[i](h).split(sizes, dim=-1)
-            q, k = rotary(q, cos, sin, self.heads), rotary(k, cos, sin, self.kv_heads)
-            a, k, v = grouped_attention(q, k, v, past_keys[i], past_values[i], *w, self.heads, self.kv_heads, self.scaling)
+            a, k, v = grouped_attention(self.qkv[i](h), past_keys[i], past_values[i], *w, *rope, self.heads, self.kv_heads,
+                                        self.scaling)
             h, x = add_norm(layer.post_attention_layernorm, x, layer.self_attn.o_proj(a))
             gate, up = self.gate_up[i](h).chunk(2, dim=-1)
             after = m.layers[i + 1].input_layernorm if i + 1 < len(m.layers) else m.norm

@@ -88,8 +88,8 @@ SMOLVLM_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>",
 # each after the 4x4 pixel shuffle), SmolLM2-135M / -360M as the language model.
 SMOLVLM = {"tiny": {"vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                    image_size=32, patch_size=8),
-                    "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=512),
+                    "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1, max_position_embeddings=512),
                     "scale_factor": 2, "tile": 32, "vocab": None},
            # SmolVLM-256M's language-model widths (576, 9 heads over 3 KV heads, 1536) at 3 layers, a 2-layer
            # vision tower over 64-pixel tiles, photos resized to 128 (at most 2x2 tiles): small enough to train
@@ -127,8 +127,8 @@ def smolvlm_tokenizer(vocab: int):
 
 def build_smolvlm(out: Path, size: str = "tiny", conditioned: bool = True, seed: int = 0, realistic: bool = False) -> Path:
     """SmolVLM (transformers' native classes, the real processor and chat template). "tiny": 32-pixel
-    tiles, 4 features each, a 2-layer language model with grouped-query attention (4 heads, 2 for keys
-    and values); "small": see SMOLVLM; "256m" and "500m": those checkpoints' whole architectures, vocabulary included (the
+    tiles, 4 features each, a 2-layer language model with grouped-query attention (2 heads of 16 values
+    over 1 for keys and values); "small": see SMOLVLM; "256m" and "500m": those checkpoints' whole architectures, vocabulary included (the
     tokenizer trained here has fewer tokens: ids beyond it decode to nothing). Generation ends at
     <end_of_utterance> or <|im_end|> (two EOS ids). `realistic`: a trained checkpoint's magnitudes."""
     from transformers import (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor,
