@@ -158,22 +158,43 @@ def measure(variants: dict[str, Variant], batches: list[list], rounds: int) -> d
 
 
 def read_bandwidth_gb_s(threads: int, mib: int = 256, repeats: int = 5) -> float:
-    """Read-only bandwidth at the run's thread count: bytes summed per second by `threads` threads
-    (numpy releases the GIL in reductions), best of `repeats`. A decode step only reads its weights,
-    so this is its floor; a copy's bytes read + written is another quantity (measured here: copy
-    28-35 GB/s, read 25.5 GB/s with 1 thread and 35.9 GB/s with 2)."""
+    """Read-only bandwidth at the run's thread count: bytes read per second by `threads` threads each
+    taking a part's dot product with itself (BLAS's vectorised sdot, one pass; numpy releases the
+    GIL), best of `repeats`. A decode step only reads its weights, so this is its floor. np.sum, the
+    probe before, is slower than the memory on some CPUs (an EPYC: 40.6 GB/s against sdot's 51.4,
+    and Qwen2.5-VL's INT8 step read its weights at 51): the floor it gave was not one. A copy's
+    bytes read + written is another quantity."""
     from concurrent.futures import ThreadPoolExecutor
 
     parts = np.array_split(np.ones(mib << 18, dtype=np.float32), threads)
     with ThreadPoolExecutor(threads) as pool:
-        best = min(timed(lambda: list(pool.map(np.sum, parts)))[0] for _ in range(repeats))
+        best = min(timed(lambda: list(pool.map(lambda p: np.dot(p, p), parts)))[0] for _ in range(repeats))
     return sum(p.nbytes for p in parts) / best / 1e6
 
 
 def decoder_weight_bytes(package: Path) -> int:
+    """The weight bytes a decoder step reads: its graph's initializers, less those only gathered
+    from, an embedding table and its scales, of which a step reads a row per token (Qwen2.5-VL's
+    151,936-row table is a quarter of its INT4 decoder file); a head tied to its table reads it whole."""
+    import onnx
+
     manifest = json.loads((package / "manifest.json").read_text())
-    graph = manifest["graphs"]["decoder"]["file"]
-    return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith(graph))
+    model = onnx.load(str(package / manifest["graphs"]["decoder"]["file"]), load_external_data=False)
+    gathered = {}  # per initializer: whether each read is a gather's of rows (not of its indices)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            gathered.setdefault(name, set()).add(node.op_type in ("Gather", "GatherBlockQuantized") and i != 1)
+    return sum(tensor_bytes(t) for t in model.graph.initializer if False in gathered.get(t.name, ()))
+
+
+def tensor_bytes(tensor) -> int:
+    """An initializer's stored bytes, in its graph file or in external data."""
+    external = {e.key: e.value for e in tensor.external_data}
+    if "length" in external:
+        return int(external["length"])
+    import onnx
+
+    return len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
 
 
 def in_torch(fn: Callable, threads: int) -> Callable:
@@ -670,7 +691,7 @@ def fmt(stat: dict | None, digits: int = 1) -> str:
 
 def report(scenarios: dict, meta: dict) -> str:
     lines = [f"{meta['machine']}; {meta['rounds']} interleaved rounds per scenario, medians (p90 in brackets). "
-             f"Read bandwidth measured in this run: {meta['bandwidth_gb_s']:.1f} GB/s ({meta['threads']} threads summing "
+             f"Read bandwidth measured in this run: {meta['bandwidth_gb_s']:.1f} GB/s ({meta['threads']} threads reading "
              "a 256 MiB array); the floor is the decoder's weight bytes read per step over it.", ""]
     for title, results in scenarios.items():
         base = next(iter(results.values()))["caption_ms"]["median"]
@@ -707,7 +728,8 @@ def report(scenarios: dict, meta: dict) -> str:
         rates = {name: meta["prompt_tokens"] / r["first_step_ms"]["median"] * 1000 for name, r in results.items()}
         lines += ["", f"Prompt: {meta['tiles']}, {meta['prompt_tokens']} tokens. Prefill (the first decoder step, "
                   "timed inside each answer): " + "; ".join(f"{name} {rate:.0f} tokens/s" for name, rate in rates.items())
-                  + f". The floor counts the decoder's weights only; a step mid-answer also reads "
+                  + f". The floor counts the weights a step reads (not an embedding table it only gathers a row from); "
+                  f"a step mid-answer also reads "
                   f"{meta['cache_mib_mid_answer']:.0f} MiB of FP32 cache."]
     if "llama_cpp" in meta:
         peer = meta["llama_cpp"]

@@ -32,6 +32,29 @@ def test_latency_quick_reports_both_variants(tmp_path):
         assert r["caption_ms"]["median"] <= r["caption_ms"]["p90"]
 
 
+def test_the_floor_counts_the_weights_a_step_reads(tmp_path):
+    """An embedding table only gathered from gives a step one row per token, not its whole; a head
+    tied to the table (a Transpose of it) reads it whole."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from benchmarks.latency import decoder_weight_bytes
+
+    table, head = np.ones((100, 8), np.float32), np.ones((8, 60), np.float32)
+    untied = [helper.make_node("Gather", ["table", "ids"], ["x"]), helper.make_node("MatMul", ["x", "head"], ["logits"])]
+    tied = [helper.make_node("Gather", ["table", "ids"], ["x"]), helper.make_node("Transpose", ["table"], ["t"]),
+            helper.make_node("MatMul", ["x", "t"], ["logits"])]
+    for name, nodes, inits, read in (("untied", untied, {"table": table, "head": head}, head.nbytes),
+                                     ("tied", tied, {"table": table}, table.nbytes)):
+        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 1])],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(w, n) for n, w in inits.items()])
+        (tmp_path / name).mkdir()
+        save(helper.make_model(graph), str(tmp_path / name / "decoder.onnx"))
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"graphs": {"decoder": {"file": "decoder.onnx"}}}))
+        assert decoder_weight_bytes(tmp_path / name) == read, name
+
+
 def test_parity_cli_json_interface(photo_paths):
     r = subprocess.run([sys.executable, "-m", "benchmarks.parity", "--model", "runtime/models/default",
                         str(photo_paths["chelsea"]), str(photo_paths["coffee"]), "--beams", "4", "--json"],
