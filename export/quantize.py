@@ -27,10 +27,10 @@ that the calibration agreement and benchmarks.parity measure, so it is asked for
 Models whose vision graph also reads text are calibrated with it: the default task prompt
 (Florence-2), or CALIBRATION_QUESTION (BLIP VQA).
 
-int8 and int4 of an LLM-based (chat) model: its language model, what a decode step reads. MatMuls
-at the package's bits with the output head at HEAD_BITS, the token table as GatherBlockQuantized
-at the package's bits (read in place, never folded to FP32), the KV cache int8 (int8_cache), the
-vision tower FP32 unless `vision_compute="int8"`.
+int8 and int4 of an LLM-based (chat) model: its language model only, the weights a decode step
+reads. MatMuls at the package's bits with the output head at HEAD_BITS, the token table as
+GatherBlockQuantized at the package's bits (read in place, never folded to FP32), the vision
+tower FP32 unless `vision_compute="int8"`; no calibration, the weights alone decide.
 """
 
 import shutil
@@ -48,7 +48,7 @@ from runtime import Captioner
 from runtime.graphs import Graphs, cpu_session
 from runtime.manifest import GRAPHS, WEIGHT_ONLY, Decoder, Manifest, load_manifest
 from runtime.preprocess import load_pixels, to_grid
-from runtime.search import GenerationConfig, cached, capacity, chat_memory, greedy_steps
+from runtime.search import GenerationConfig, cached, chat_memory
 
 from .check import ExportError
 from .evaluation import evaluation_images, heldout_record
@@ -74,9 +74,6 @@ HEAD_BITS = 8
 # trades fidelity for size where disk is what is short.
 FP32_BUDGET = 1.0
 VISION_COMPUTE = ("fp32", "int8")
-# A chat package's int8 cache is scaled by what its FP32 package writes answering these many
-# calibration images (evaluation_images, seed 1), each asked its default question and CALIBRATION_QUESTION.
-CACHE_CALIBRATION_IMAGES = 8
 CALIBRATION_QUESTION = "what is in the picture?"
 # Calibration captions are compared this many tokens long at most: Florence-2's limit is 1024.
 CALIBRATION_TOKENS = 32
@@ -484,51 +481,6 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def cache_ranges(src: Path, folder: Path, images: int = CACHE_CALIBRATION_IMAGES) -> tuple[np.ndarray, np.ndarray]:
-    """The largest |key| and |value| each channel of each layer's cache holds, (layers, kv_heads *
-    head_dim) each, over the FP32 package's greedy answers to calibration images (see
-    CACHE_CALIBRATION_IMAGES): what their prompts and answers wrote."""
-    cap = Captioner(src, provider="cpu")
-    d = cap.manifest.decoder
-    ranges = np.zeros((2, d.layers, d.kv_heads, d.head_dim), np.float32)
-    for image in evaluation_images(images, folder, seed=1):
-        for question in (None, CALIBRATION_QUESTION):
-            cfg = cap.generation_config(num_beams=1, question=question)
-            cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, CALIBRATION_TOKENS))
-            prompt, features, grid = cap.chat_input(image, question, cfg)
-            state = cap.graphs.start(cap.chat_memory(features[None], prompt, grid), capacity(len(prompt), cfg.max_new_tokens))
-            for _ in greedy_steps(cached(cap.graphs.step), state, prompt[None], cap.eos, cfg):
-                pass
-            # the steps wrote the buffers in place; the slots left unwritten hold zeros
-            for kind, buffers in enumerate((state.cache.keys, state.cache.values)):
-                ranges[kind] = np.maximum(ranges[kind], np.abs(np.stack(buffers)[:, 0]).max(axis=2))
-    return ranges[0].reshape(d.layers, -1), ranges[1].reshape(d.layers, -1)
-
-
-def int8_cache(model: onnx.ModelProto, keys: np.ndarray, values: np.ndarray) -> None:
-    """Each layer's GroupQueryAttention keeps its cache in int8, a scale per channel (per KV head and
-    dimension, the channel's calibrated max |value| / 127: keys (layers, channels), values the same),
-    quantized as the node writes it (rounded, saturating) and read dequantized: a decode step
-    reads a quarter of the FP32 cache's bytes, which at SmolVLM-256M's 890-token prompt were 40 MiB
-    a step against 94 MiB of 4-bit weights. The cache's inputs and outputs become int8; the
-    runtime allocates the cache in the graph's type."""
-    for value in (*model.graph.input, *model.graph.output):
-        if value.name.startswith(("past_key.", "past_value.", "present_key.", "present_value.")):
-            value.type.tensor_type.elem_type = onnx.TensorProto.INT8
-    for node in model.graph.node:
-        if node.op_type == "GroupQueryAttention":
-            layer = int(node.input[3].rsplit(".", 1)[1])
-            scales = [f"{kind}_scale.{layer}" for kind in ("k", "v")]
-            for name, ranges in zip(scales, (keys, values)):
-                model.graph.initializer.append(onnx.numpy_helper.from_array(
-                    np.maximum(ranges[layer] / 127, np.finfo(np.float32).tiny).astype(np.float32), name))
-            # inputs 12 and 13 (k_scale, v_scale), after the optional ones this graph leaves out
-            node.input.extend([""] * (12 - len(node.input)) + scales)
-            node.attribute.extend([onnx.helper.make_attribute("kv_cache_bit_width", 8),
-                                   onnx.helper.make_attribute("k_quant_type", "PER_CHANNEL"),
-                                   onnx.helper.make_attribute("v_quant_type", "PER_CHANNEL")])
-
-
 def check_finite(folder: Path, manifest: Manifest, precision: str, request: Request) -> None:
     """Random images through both graphs, prefill and one cached step: no NaN or Inf."""
     graphs = Graphs.open(*(folder / manifest.graph(role)["file"] for role in GRAPHS), request.decoder, precision)
@@ -591,16 +543,11 @@ def quantize_package(src: Path, precision: str, out: Path, calibration: int = 96
             # onnxruntime's quantizer makes 4-bit GatherBlockQuantized only: the 8-bit one is built here
             if bits == 8:
                 gather_8bit(model)
-            model = to_matmul_nbits(model, bits, embeddings=bits == 4)
-            (scratch / "calibration").mkdir()
-            int8_cache(model, *cache_ranges(src, scratch / "calibration"))
-            save_graph(model, package / decoder)
-            progress.update(2, f"{decoder}: MatMul and embedding weights {bits}-bit, cache int8")
+            save_graph(to_matmul_nbits(model, bits, embeddings=bits == 4), package / decoder)
+            progress.update(2, f"{decoder}: MatMul and embedding weights {bits}-bit")
             table = f"GatherBlockQuantized (bits {bits})"
-            method = {"method": f"blocks of {BLOCK}: the language model's MatMuls -> MatMulNBits (bits {bits}, the output "
-                                f"head {max(bits, HEAD_BITS)}, accuracy_level 4), its embedding table -> {table}; its KV "
-                                f"cache int8 per channel, scaled by its FP32 answers to {CACHE_CALIBRATION_IMAGES} "
-                                "calibration images; vision "
+            method = {"method": f"weights only, blocks of {BLOCK}: the language model's MatMuls -> MatMulNBits (bits "
+                                f"{bits}, the output head {max(bits, HEAD_BITS)}, accuracy_level 4), its embedding table -> {table}; vision "
                                 + ("MatMuls -> per-token dynamic int8 MatMulInteger" if computing else "FP32"),
                       "vision": {"compute": vision_compute, "int8_compute_matmuls": computing}}
         else:

@@ -19,7 +19,7 @@ from .search import (Cache, GenerationConfig, State, cached, capacity, generate,
                      prefix_logits, start, take_rows, text_logprobs, uncached)
 
 CPU = ["CPUExecutionProvider"]
-DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Idle pool threads spin this long for more work before they sleep. Each of a decode step's hundreds of
 # small kernels hands work to the pool, and waking sleeping threads for each cost SmolVLM-256M's INT4
 # step 20% (11.4 -> 9 ms); onnxruntime's unbounded default spin let one session's idle threads take the
@@ -121,7 +121,7 @@ class Graphs:
         self.vision, self.decoder, self.spec, self.device = vision, decoder, spec, device
         self.vision_io, self.memory = io_names(vision), memory_roles(spec)
         inputs = {i.name: i for i in decoder.get_inputs()}
-        self.dtype = DTYPES[inputs["past_key.0"].type]  # the cache's: fp16 in fp16 packages, int8 in chat int8/int4 ones
+        self.dtype = DTYPES[inputs["past_key.0"].type]  # the cache's: fp16 packages keep it in fp16
         self.logits_dtype = DTYPES[next(o.type for o in decoder.get_outputs() if o.name == "logits")]
         self.held = threading.local()  # cache_binding's
 
