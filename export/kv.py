@@ -166,30 +166,34 @@ class Angles(NamedTuple):
     rows: torch.Tensor  # (N, T) int64
 
 
-@torch.library.custom_op("edgecap::angle_table", mutates_args=())
-def angle_table(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """x (N, T, Dh / 2) as (max(N T, total), Dh / 2): its tokens' rows, then zeros."""
-    rows = x.reshape(-1, x.shape[-1])
-    return torch.cat([rows, rows.new_zeros(max(int(total) - len(rows), 0), x.shape[-1])])
+@torch.library.custom_op("edgecap::angle_tables", mutates_args=())
+def angle_tables(cos: torch.Tensor, sin: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (N, T, Dh / 2) each as (max(N T, total), Dh / 2): their tokens' rows, then zeros."""
+    def table(x):
+        rows = x.reshape(-1, x.shape[-1])
+        return torch.cat([rows, rows.new_zeros(max(int(total) - len(rows), 0), x.shape[-1])])
+    return table(cos), table(sin)
 
 
-@angle_table.register_fake
-def _(x, total):
-    return x.new_empty(torch.library.get_ctx().new_dynamic_size(), x.shape[-1])
+@angle_tables.register_fake
+def _(cos, sin, total):
+    rows = torch.library.get_ctx().new_dynamic_size()
+    return cos.new_empty(rows, cos.shape[-1]), sin.new_empty(rows, sin.shape[-1])
 
 
-def angle_table_onnx(x, total):
+def angle_tables_onnx(cos, sin, total):
     ints = lambda *v: op.Constant(value_ints=list(v))
-    rows = op.Flatten(x, axis=2)
-    missing = op.Max(op.Sub(op.Cast(op.Reshape(total, ints(1)), to=onnx.TensorProto.INT64), op.Shape(rows, start=0, end=1)),
+    cos, sin = op.Flatten(cos, axis=2), op.Flatten(sin, axis=2)
+    missing = op.Max(op.Sub(op.Cast(op.Reshape(total, ints(1)), to=onnx.TensorProto.INT64), op.Shape(cos, start=0, end=1)),
                      ints(0))
-    return op.Pad(rows, op.Concat(ints(0, 0), missing, ints(0), axis=0))
+    pads = op.Concat(ints(0, 0), missing, ints(0), axis=0)  # the two tables' rows padded alike, computed once
+    return op.Pad(cos, pads), op.Pad(sin, pads)
 
 
 def angles(cos: torch.Tensor, sin: torch.Tensor, w: Written) -> Angles:
     """cos and sin (N, T, Dh / 2), the step's tokens' angles, as GroupQueryAttention reads them."""
     n, t, _ = cos.shape
-    return Angles(angle_table(cos, w.total), angle_table(sin, w.total), torch.arange(n * t, device=cos.device).view(n, t))
+    return Angles(*angle_tables(cos, sin, w.total), torch.arange(n * t, device=cos.device).view(n, t))
 
 
 @torch.library.custom_op("edgecap::grouped_attention", mutates_args=())
@@ -207,7 +211,8 @@ def grouped_attention(qkv: torch.Tensor, past_key: torch.Tensor, past_value: tor
     n, t, _ = qkv.shape
     q, k, v = (x.reshape(n, t, h, -1).transpose(1, 2) for x, h in zip(
         qkv.split([heads * past_key.shape[-1], *[kv_heads * past_key.shape[-1]] * 2], dim=-1), (heads, kv_heads, kv_heads)))
-    q, k = rotary(q, cos[rows], sin[rows]), rotary(k, cos[rows], sin[rows])
+    cos, sin = cos[rows], sin[rows]
+    q, k = rotary(q, cos, sin), rotary(k, cos, sin)
     out, present_key, present_value = cached_attention(q, k, v, past_key, past_value, window(last.long() + 1 - t, t), scale)
     return out.transpose(1, 2).reshape(n, t, -1), present_key, present_value
 
@@ -224,7 +229,7 @@ def grouped_attention_onnx(qkv, past_key, past_value, last, total, cos, sin, row
                                  kv_num_heads=kv_heads, scale=scale, do_rotary=1)
 
 
-TRANSLATIONS = {torch.ops.edgecap.cache_write.default: cache_write_onnx, torch.ops.edgecap.angle_table.default: angle_table_onnx,
+TRANSLATIONS = {torch.ops.edgecap.cache_write.default: cache_write_onnx, torch.ops.edgecap.angle_tables.default: angle_tables_onnx,
                 torch.ops.edgecap.rms_norm.default: rms_norm_onnx, torch.ops.edgecap.rotary.default: rotary_onnx,
                 torch.ops.edgecap.grouped_attention.default: grouped_attention_onnx,
                 torch.ops.edgecap.add_rms_norm.default: add_rms_norm_onnx}

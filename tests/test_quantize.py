@@ -137,7 +137,6 @@ def test_primary_concept_is_the_first_class_a_caption_names():
     assert primary_concept("") is None
 
 
-
 def test_gather_8bit_reads_each_tables_rows_within_half_a_step():
     """An embedding table as 8-bit GatherBlockQuantized (what INT8 chat packages read their tables
     with) gives each row within half a quantization step of the FP32 table: each block of 32 within
